@@ -1,0 +1,1 @@
+"""Prefect flows of the sDPO pipeline, and the ``sdpo`` command."""

@@ -1,0 +1,125 @@
+"""The ``sdpo`` command: ``sdpo run --config RECIPE key.sub=value ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flows.workspace import configure_environment
+
+if TYPE_CHECKING:
+    from sdpo_core.config import RunConfig
+    from sdpo_core.data import SourceReport
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _options_help() -> str:
+    from sdpo_core.config import describe
+
+    lines = ["recipe options (set in the YAML recipe or as key.sub=value overrides):", ""]
+    for key, default, doc in describe():
+        lines.append(f"  {key} (default {default})")
+        lines.extend(textwrap.wrap(doc, width=88, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdpo",
+        description="Stepwise DPO (sDPO) as a Prefect pipeline with MLflow tracking and registry.",
+        epilog="Workspace: everything a run writes goes under .sdpo/ (set SDPO_HOME to move it).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run the sDPO pipeline on a recipe",
+        description=(
+            "Split the preference data into steps and train step t with DPO from, and against, "
+            "the model of step t-1; every step is tracked and registered in MLflow."
+        ),
+        epilog=_options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", "-c", default="recipes/default.yaml", help="YAML recipe (default: %(default)s)")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings on top of the recipe")
+    run.add_argument("--dry-run", action="store_true", help="check the config and data, print the resolved config, stop")
+    convert = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("tokenizer_model", type=Path)
+    convert.add_argument("out_dir", type=Path)
+    return parser
+
+
+def preflight(cfg: RunConfig) -> list[SourceReport]:
+    """Check the model folder and read every data source before starting Prefect.
+
+    Bad input then fails in a second, with one message, before anything is tracked.
+    Returns what was read of each source.
+    """
+    from sdpo_core.data import load_source
+    from sdpo_core.model_io import check_model_source
+
+    check_model_source(cfg.model)
+    return [load_source(s)[1] for s in cfg.data.sources]
+
+
+def _run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sdpo_core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    reports = preflight(cfg)
+    if args.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        for r in reports:
+            print(f"source {r.name}: {r.rows} rows ({r.format}), {r.kept} kept, dropped {r.dropped or 'none'}")
+        return 0
+    from flows.pipeline import sdpo_pipeline
+
+    result = sdpo_pipeline(recipe=args.config, overrides=list(args.overrides))
+    root = configure_environment()
+    print()
+    print(f"sDPO run {cfg.run_name!r}: {len(result.rows)} step(s), files in {result.run_dir}")
+    print()
+    print(result.table)
+    print()
+    print(f"Registered model {result.model_name!r}: aliases step-0 .. step-{len(result.rows)} and final.")
+    if result.tracking_uri.startswith("sqlite:"):
+        print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
+    else:
+        print(f"MLflow:     {result.tracking_uri} (parent run {result.parent_run_id})")
+    print(f"Prefect UI: PREFECT_HOME={root / 'prefect'} .venv/bin/prefect server start")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_environment()
+    from sdpo_core.config import ConfigError
+    from sdpo_core.data import DataError
+    from sdpo_core.model_io import ModelError
+    from sdpo_core.train import TrainingError
+
+    try:
+        if args.command == "run":
+            return _run(args)
+        from sdpo_core.convert_llama2c import convert_llama2c
+
+        print(convert_llama2c(args.checkpoint, args.tokenizer_model, args.out_dir))
+        return 0
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
+        print(f"sdpo: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingError as exc:
+        print(f"sdpo: training failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The sDPO pipeline flow: prepare, partition, then for each step score, train, evaluate, register.
+
+At step t both the reference and the starting policy are M(t-1), loaded from the registry as
+``models:/<name>@step-<t-1>`` (sDPO, arXiv 2403.19270, section 3.2); the result is registered as
+``step-<t>``. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.workspace import workspace_root
+from sdpo_core.config import RunConfig, load_config
+from sdpo_core.model_io import check_model_source
+from tasks import tracking
+from tasks.data import partition, prepare_data
+from tasks.registry import open_tracking, register_base, register_step
+from tasks.report import report
+from tasks.tracking import model_uri
+from tasks.training import evaluate_step, reference_logps, train_step
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What a pipeline run returns: the per-step rows, the table and where things are."""
+
+    rows: list[dict]
+    table: str
+    run_dir: str
+    tracking_uri: str
+    parent_run_id: str
+    model_name: str
+
+
+def _flow_run_name() -> str:
+    params = flow_run.get_parameters()
+    try:
+        name = load_config(params.get("recipe"), params.get("overrides") or []).run_name
+    except ValueError:
+        name = "invalid-config"
+    return f"sdpo-{name}"
+
+
+def run_folder(root: Path, run_name: str) -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    return root / "runs" / f"{run_name}-{stamp}"
+
+
+def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
+    """The steps of the pipeline for a resolved config (called inside the flow)."""
+    run_dir = run_folder(root, cfg.run_name)
+    prepared = prepare_data(cfg, str(run_dir))
+    # Refuse an unsafe or missing model before anything is tracked or registered.
+    check_model_source(cfg.model)
+    ctx = open_tracking(cfg, str(root), str(run_dir), prepared)
+    try:
+        versions = {0: register_base(cfg, ctx)}
+        m0 = model_uri(ctx.model_name, 0)
+        chunks = partition(cfg, ctx, prepared, m0)
+        m0_eval = reference_logps(cfg, ctx, m0, prepared.eval_path, "eval")
+        prev_eval = m0_eval
+        rows = []
+        for chunk in chunks:
+            ref_uri = model_uri(ctx.model_name, chunk.step - 1)
+            ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
+            trained = train_step(cfg, ctx, chunk, ref_uri, ref_scores)
+            metrics, prev_eval = evaluate_step(
+                cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
+            )
+            final = chunk is chunks[-1]
+            versions[chunk.step] = register_step(
+                cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics, final
+            )
+            rows.append(
+                {
+                    "step": chunk.step,
+                    "chunk": chunk.label,
+                    "pairs": chunk.size,
+                    "m0_accuracy": chunk.m0_accuracy,
+                    "train_loss": trained.final_loss,
+                    "optimizer_steps": trained.optimizer_steps,
+                    "version": versions[chunk.step],
+                    "model_uri": model_uri(ctx.model_name, chunk.step),
+                    **metrics,
+                }
+            )
+        table = report(ctx, rows)
+    except BaseException:
+        tracking.client(ctx.tracking_uri).set_terminated(ctx.parent_run_id, "FAILED")
+        raise
+    tracking.client(ctx.tracking_uri).set_terminated(ctx.parent_run_id)
+    return PipelineResult(rows, table, str(run_dir), ctx.tracking_uri, ctx.parent_run_id, ctx.model_name)
+
+
+@flow(name="sdpo_pipeline", flow_run_name=_flow_run_name, validate_parameters=True)
+def sdpo_pipeline(recipe: str | None = "recipes/default.yaml", overrides: list[str] | None = None) -> PipelineResult:
+    """Stepwise DPO: split the data into steps; train step t from and against M(t-1).
+
+    Args:
+        recipe: path of a YAML recipe (relative to the worker's working directory).
+        overrides: ``key.sub=value`` settings applied on top of the recipe.
+    """
+    cfg = load_config(recipe, overrides or [])
+    return run_pipeline(cfg, workspace_root())
+
+
+if __name__ == "__main__":
+    sdpo_pipeline()

@@ -1,0 +1,110 @@
+"""Loading and saving models: safetensors only, no remote code unless asked for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdpo_core.config import ModelConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded safely, naming the folder or id."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_model_folder(path: Path) -> None:
+    """Refuse a local model folder without safetensors weights (pickle weights can run code)."""
+    if not path.is_dir():
+        raise ModelError(f"{path}: model folder not found")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path}: holds only pickle weights ({', '.join(pickles)}); sdpo loads safetensors only. "
+            "Convert them with save_pretrained(..., safe_serialization=True) in an environment you trust."
+        )
+    raise ModelError(f"{path}: no *.safetensors weights found")
+
+
+def _is_local(name_or_path: str) -> bool:
+    """A path (it exists, or is written like one) rather than a hub id ``org/name``."""
+    return (
+        Path(name_or_path).expanduser().exists()
+        or name_or_path.startswith(("/", ".", "~"))
+        or name_or_path.count("/") > 1
+    )
+
+
+def check_model_source(cfg: ModelConfig) -> None:
+    """Fail early, with the folder named, when a local model folder cannot be loaded safely."""
+    if _is_local(cfg.name_or_path):
+        check_model_folder(Path(cfg.name_or_path).expanduser())
+
+
+def load_model(cfg: ModelConfig, name_or_path: str | None = None, device: torch.device | str = "cpu") -> Any:
+    """A causal LM from a local folder or hub id, with safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    target = name_or_path or cfg.name_or_path
+    if _is_local(target):
+        check_model_folder(Path(target))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target,
+            use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=getattr(torch, cfg.dtype),
+        )
+    except OSError as exc:
+        raise ModelError(f"{target}: cannot load the model: {exc}") from None
+    return model.to(device)
+
+
+def load_tokenizer(cfg: ModelConfig, name_or_path: str | None = None) -> Any:
+    """The tokenizer of a local folder or hub id, with a pad id (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    target = name_or_path or cfg.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(target, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{target}: cannot load the tokenizer: {exc}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pad_id(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id
+    return pid if pid is not None else (tokenizer.eos_token_id or 0)
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, Any]) -> Path:
+    """Save weights (safetensors), config, tokenizer and ``meta.json``; atomic via a temp folder."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

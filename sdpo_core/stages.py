@@ -1,0 +1,251 @@
+"""The pipeline's stages as functions of files: what each Prefect task calls.
+
+Each stage reads its inputs from paths and writes its outputs under a folder, so a stage can run
+in another process or on another machine than the one before it. Models are local folders here;
+finding them in the registry is the caller's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdpo_core import data as data_mod
+from sdpo_core.config import RunConfig
+from sdpo_core.evaluate import Scores, gamma, preference_metrics, self_reward_accuracy
+from sdpo_core.logprobs import score_pairs
+from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
+from sdpo_core.partition import make_chunks
+from sdpo_core.train import MetricsCallback, TrainResult, train_dpo
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The normalised train and held-out eval pairs, written as JSON lines."""
+
+    train_path: str
+    eval_path: str
+    train_hash: str
+    eval_hash: str
+    counts: dict[str, dict]
+    """Per source: rows read, pairs kept, dropped by reason, train and eval pairs."""
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """One step's data chunk on disk."""
+
+    step: int
+    label: str
+    path: str
+    size: int
+    content_hash: str
+    m0_accuracy: float | None
+
+
+def prepare_data(cfg: RunConfig, out_dir: Path) -> PreparedData:
+    """Load every source, normalise, hold out the eval split, write train.jsonl and eval.jsonl."""
+    pairs: list[data_mod.PreferencePair] = []
+    reports = []
+    for source in cfg.data.sources:
+        loaded, report = data_mod.load_source(source)
+        reports.append(report)
+        pairs.extend(loaded)
+    train, evals = data_mod.split_eval(pairs, cfg.data)
+    counts = {
+        r.name: {
+            "format": r.format,
+            "rows": r.rows,
+            "kept": r.kept,
+            "dropped": dict(r.dropped),
+            "train": sum(p.source == r.name for p in train),
+            "eval": sum(p.source == r.name for p in evals),
+        }
+        for r in reports
+    }
+    out_dir = Path(out_dir)
+    train_hash = data_mod.write_pairs(train, out_dir / "train.jsonl")
+    eval_hash = data_mod.write_pairs(evals, out_dir / "eval.jsonl")
+    return PreparedData(str(out_dir / "train.jsonl"), str(out_dir / "eval.jsonl"), train_hash, eval_hash, counts)
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A content id of a model's weights: from its meta.json, or the sha256 of its safetensors."""
+    model_dir = Path(model_dir)
+    meta = model_dir / "meta.json"
+    if meta.is_file():
+        recorded = json.loads(meta.read_text()).get("weights_sha256")
+        if recorded:
+            return recorded
+    return weights_sha256(model_dir)
+
+
+def weights_sha256(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def scores_key(cfg: RunConfig, fingerprint: str, pairs_path: str | Path) -> str:
+    """Cache key of a model's scores of a data file: model, data and tokenization settings."""
+    parts = {
+        "model": fingerprint,
+        "data": _file_hash(Path(pairs_path)),
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "dtype": cfg.model.dtype,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _save_scores(scores: Scores, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_scores(path: str | Path) -> Scores:
+    return load_file(str(path))
+
+
+def score_file(cfg: RunConfig, model_dir: str, pairs_path: str, cache_dir: Path) -> str:
+    """Forward-only log-probs of every pair of a file under a model, cached by content.
+
+    Returns the path of a safetensors file with ``chosen``, ``rejected``, ``chosen_tokens`` and
+    ``rejected_tokens`` (N,), in the file's pair order.
+    """
+    out = Path(cache_dir) / f"{scores_key(cfg, model_fingerprint(model_dir), pairs_path)}.safetensors"
+    if out.is_file():
+        return str(out)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    model = load_model(cfg.model, model_dir, device)
+    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(pairs_path)), tokenizer, cfg.data)
+    scores = score_pairs(
+        model, pairs, pad_id(tokenizer), cfg.train.eval_batch_size, cfg.train.logprob_chunk_rows, device
+    )
+    _save_scores(scores, out)
+    return str(out)
+
+
+def partition(
+    cfg: RunConfig, prepared: PreparedData, m0_dir: str, out_dir: Path, cache_dir: Path
+) -> list[ChunkInfo]:
+    """Split the training pairs into the steps' chunks and write each as JSON lines.
+
+    For by_source, M0 scores the whole training set once; its scores of each chunk are stored
+    in the cache too, so step 1's reference log-probs are not computed again.
+    """
+    train = data_mod.read_pairs(Path(prepared.train_path))
+    accuracy = None
+    m0_scores = None
+    if cfg.partition.strategy == "by_source":
+        m0_scores = load_scores(score_file(cfg, m0_dir, prepared.train_path, cache_dir))
+        accuracy = {}
+        for source in dict.fromkeys(p.source for p in train):
+            idx = torch.tensor([i for i, p in enumerate(train) if p.source == source])
+            accuracy[source] = self_reward_accuracy(
+                {k: v[idx] for k, v in m0_scores.items()}, cfg.partition.accuracy
+            )
+    chunks = make_chunks(train, cfg.partition, accuracy)
+    position = {p.id: i for i, p in enumerate(train)}
+    fingerprint = model_fingerprint(m0_dir)
+    infos = []
+    for chunk in chunks:
+        path = Path(out_dir) / f"step-{chunk.step}.jsonl"
+        digest = data_mod.write_pairs(chunk.pairs, path)
+        if m0_scores is not None:
+            idx = torch.tensor([position[p.id] for p in chunk.pairs])
+            cached = Path(cache_dir) / f"{scores_key(cfg, fingerprint, path)}.safetensors"
+            if not cached.is_file():
+                _save_scores({k: v[idx] for k, v in m0_scores.items()}, cached)
+        infos.append(ChunkInfo(chunk.step, chunk.label, str(path), len(chunk.pairs), digest, chunk.m0_accuracy))
+    (Path(out_dir) / "partition.json").write_text(
+        json.dumps({"strategy": cfg.partition.strategy, "chunks": [asdict(i) for i in infos]}, indent=2) + "\n"
+    )
+    return infos
+
+
+def train_step(
+    cfg: RunConfig,
+    step: int,
+    ref_dir: str,
+    chunk: ChunkInfo,
+    ref_scores_path: str,
+    out_dir: Path,
+    callback: MetricsCallback | None = None,
+    meta: dict | None = None,
+) -> tuple[str, TrainResult]:
+    """Train M(step) from M(step-1) on the chunk; save it (safetensors + meta.json) to out_dir."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model, ref_dir)
+    policy = load_model(cfg.model, ref_dir, device)  # sDPO: the policy starts from M(t-1)
+    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(chunk.path)), tokenizer, cfg.data)
+    ref = load_scores(ref_scores_path)
+    result = train_dpo(policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback)
+    full_meta = {
+        "step": step,
+        "chunk": asdict(chunk),
+        "config_hash": cfg.hash(),
+        "optimizer_steps": result.optimizer_steps,
+        "final_loss": result.final_loss,
+        **(meta or {}),
+    }
+    saved = save_model(policy, tokenizer, Path(out_dir), full_meta)
+    record_fingerprint(saved)
+    return str(saved), result
+
+
+def record_fingerprint(model_dir: Path) -> str:
+    """Write the weights' sha256 into meta.json (a model folder's content id)."""
+    meta_path = Path(model_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta["weights_sha256"] = weights_sha256(Path(model_dir))
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta["weights_sha256"]
+
+
+def evaluate_step(
+    cfg: RunConfig,
+    model_eval_scores: str,
+    m0_eval_scores: str,
+    prev_eval_scores: str,
+    ref_chunk_scores: str,
+) -> dict[str, float]:
+    """Per-step metrics (all computed from cached scores).
+
+    On the held-out split: reward accuracy and mean margin of Mt with M0 as the reference, the
+    same with M(t-1) as the reference, and Mt's mean gamma. On the step's chunk: the mean gamma
+    of its reference M(t-1), the quantity of the paper's Fig. 2.
+    """
+    mt, m0, prev = load_scores(model_eval_scores), load_scores(m0_eval_scores), load_scores(prev_eval_scores)
+    beta = cfg.loss.beta
+    vs_m0 = preference_metrics(mt, m0, beta)
+    vs_prev = preference_metrics(mt, prev, beta)
+    return {
+        "eval/reward_accuracy_vs_m0": vs_m0["reward_accuracy"],
+        "eval/reward_margin_vs_m0": vs_m0["reward_margin"],
+        "eval/reward_accuracy_vs_prev": vs_prev["reward_accuracy"],
+        "eval/reward_margin_vs_prev": vs_prev["reward_margin"],
+        "eval/gamma": vs_m0["gamma"],
+        "chunk/ref_gamma": float(gamma(load_scores(ref_chunk_scores)).mean()),
+    }
+
+
+ProgressFn = Callable[[str], None]

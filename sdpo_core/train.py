@@ -1,0 +1,162 @@
+"""One DPO step: train a policy on a chunk against precomputed reference log-probs.
+
+The reference model is not in memory while the policy trains: its log-probs of every pair are
+computed once, before training (:func:`sdpo_core.logprobs.score_pairs`), and passed in. Metrics
+leave through a callback, one call per optimizer step, with TRL's names.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sdpo_core.config import LossConfig, TrainConfig
+from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps
+from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); retrying will not help."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    optimizer_steps: int
+    final_loss: float
+    history: list[dict[str, float]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` of it."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def batch_plan(num_pairs: int, cfg: TrainConfig) -> list[list[list[int]]]:
+    """Pair indices of each micro-batch of each optimizer step, over all epochs.
+
+    The order is a seeded shuffle per epoch, so a step's global batch is the same whatever the
+    split into micro-batches (micro_batch_size x grad_accum_steps is what counts).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum_steps
+    plan = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(num_pairs, generator=gen).tolist()
+        for start in range(0, num_pairs, global_batch):
+            step_ids = order[start : start + global_batch]
+            plan.append([step_ids[i : i + cfg.micro_batch_size] for i in range(0, len(step_ids), cfg.micro_batch_size)])
+    return plan
+
+
+def train_dpo(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    ref: dict[str, torch.Tensor],
+    pad_id: int,
+    train_cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    device: torch.device | str = "cpu",
+    callback: MetricsCallback | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with DPO on ``pairs``.
+
+    Args:
+        model: the policy, initialised from the reference M(t-1).
+        pairs: the step's chunk, tokenized.
+        ref: the reference's ``chosen`` and ``rejected`` summed log-probs of each pair, (N,).
+        pad_id: padding token id.
+        train_cfg: optimisation settings.
+        loss_cfg: which loss and its parameters.
+        device: where the model is.
+        callback: called with (optimizer step, metrics) after each optimizer step.
+
+    Returns:
+        The number of optimizer steps, the last step's loss and every step's metrics.
+    """
+    if len(pairs) != len(ref["chosen"]):
+        raise ValueError(f"{len(pairs)} pairs but {len(ref['chosen'])} reference log-probs")
+    seed_everything(train_cfg.seed)
+    loss_fn = get_loss(loss_cfg.name)
+    plan = batch_plan(len(pairs), train_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=train_cfg.learning_rate, betas=train_cfg.adam_betas, weight_decay=train_cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
+    )
+    ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
+    model.train()
+    history: list[dict[str, float]] = []
+    for step, micro_batches in enumerate(plan, start=1):
+        n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
+        sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll"), 0.0)
+        for ids in micro_batches:
+            batch = collate_pairs([pairs[i] for i in ids], pad_id).to(device)
+            logps, tokens = completion_logps(model, batch, train_cfg.logprob_chunk_rows)  # (2b,)
+            b = len(ids)
+            idx = torch.tensor(ids)
+            lp = PairLogps(logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device))
+            losses = loss_fn(lp, loss_cfg)  # (b,)
+            nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
+            if loss_cfg.nll_weight:
+                losses = losses + loss_cfg.nll_weight * nll
+            # Sum over the micro-batch divided by the optimizer step's pair count: the update is
+            # the same for any split of the step into micro-batches.
+            (losses.sum() / n_step).backward()
+            r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
+            sums["loss"] += losses.detach().sum().item()
+            sums["chosen"] += r_chosen.sum().item()
+            sums["rejected"] += r_rejected.sum().item()
+            sums["acc"] += (r_chosen > r_rejected).float().sum().item()
+            sums["logps_c"] += lp.policy_chosen.detach().sum().item()
+            sums["logps_r"] += lp.policy_rejected.detach().sum().item()
+            sums["nll"] += nll.detach().sum().item()
+        loss_value = sums["loss"] / n_step
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
+        if train_cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm).item()
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {
+            "loss": loss_value,
+            "rewards/chosen": sums["chosen"] / n_step,
+            "rewards/rejected": sums["rejected"] / n_step,
+            "rewards/accuracies": sums["acc"] / n_step,
+            "rewards/margins": (sums["chosen"] - sums["rejected"]) / n_step,
+            "logps/chosen": sums["logps_c"] / n_step,
+            "logps/rejected": sums["logps_r"] / n_step,
+            "nll_loss": sums["nll"] / n_step,
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "epoch": step / len(plan) * train_cfg.epochs,
+        }
+        history.append(metrics)
+        if callback is not None:
+            callback(step, metrics)
+    model.eval()
+    return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history)

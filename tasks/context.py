@@ -1,0 +1,31 @@
+"""What every task of a pipeline run needs to find the workspace and the MLflow runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a pipeline run keeps its files, and its MLflow identity."""
+
+    root: str
+    """The workspace folder."""
+    run_dir: str
+    """This run's folder under the workspace: data, chunks, step models."""
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    model_name: str
+    """The registered model whose versions are the step models."""
+
+    @property
+    def cache_dir(self) -> Path:
+        """Scores (log-probs) cache, shared by runs: keyed by model and data content."""
+        return Path(self.root) / "cache" / "logps"
+
+    @property
+    def model_cache(self) -> Path:
+        """Registry downloads, one folder per registered version."""
+        return Path(self.root) / "cache" / "models"

@@ -1,0 +1,83 @@
+"""Tasks that start the MLflow runs and register every step's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from sdpo_core.config import RunConfig
+from sdpo_core.stages import ChunkInfo, PreparedData
+from tasks.context import RunContext
+
+# MLflow calls are I/O against a tracking server: worth retrying with backoff.
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
+
+
+@task(name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData) -> RunContext:
+    """Create the experiment if needed and the parent run; log the resolved config."""
+    from tasks import tracking
+
+    uri = tracking.tracking_uri(cfg.tracking.tracking_uri, Path(root))
+    c = tracking.client(uri)
+    local_store = uri.startswith("sqlite:") or uri.startswith("file:")
+    experiment_id = tracking.ensure_experiment(c, cfg.tracking.experiment, Path(root) / "mlartifacts" if local_store else None)
+    parent = tracking.start_run(
+        c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}
+    )
+    tracking.log_params(c, parent, tracking.flatten(cfg.to_dict()))
+    tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir))
+    tracking.log_yaml(c, parent, {"counts": prepared.counts, "train_hash": prepared.train_hash,
+                                  "eval_hash": prepared.eval_hash}, "data.yaml", Path(run_dir))
+    return RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model)
+
+
+@task(name="register-step-0", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+def register_base(cfg: RunConfig, ctx: RunContext) -> str:
+    """Register M0 as the version with alias step-0, so the lineage starts at the SFT model.
+
+    The model is loaded (safetensors only) and saved again, so the registry holds a clean
+    safetensors folder whatever else the source folder contains. Returns the version.
+    """
+    from sdpo_core.model_io import load_model, load_tokenizer, save_model
+    from sdpo_core.stages import record_fingerprint
+    from tasks import tracking
+
+    out = Path(ctx.run_dir) / "models" / "step-0"
+    save_model(load_model(cfg.model), load_tokenizer(cfg.model), out, {"step": 0, "source_model": cfg.model.name_or_path})
+    record_fingerprint(out)
+    c = tracking.client(ctx.tracking_uri)
+    run_id = tracking.start_run(c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"})
+    tags = {"sdpo.step": "0", "sdpo.source_model": cfg.model.name_or_path, "sdpo.reference": "none",
+            "sdpo.run": cfg.run_name, "sdpo.parent_run_id": ctx.parent_run_id}
+    version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False)
+    c.set_terminated(run_id)
+    return version
+
+
+@task(name="register-step", task_run_name="register-step-{chunk.step}-{chunk.label}", cache_policy=NO_CACHE,
+      persist_result=False, **IO_RETRIES)
+def register_step(
+    cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, model_dir: str, run_id: str, ref_version: str,
+    metrics: dict[str, float], final: bool,
+) -> str:
+    """Log Mt to its step run and register it with alias step-<t> (and final); returns the version."""
+    from tasks import tracking
+
+    c = tracking.client(ctx.tracking_uri)
+    tags = {
+        "sdpo.step": str(chunk.step),
+        "sdpo.chunk.source": chunk.label,
+        "sdpo.chunk.size": str(chunk.size),
+        "sdpo.chunk.content_hash": chunk.content_hash,
+        "sdpo.reference": tracking.model_uri(ctx.model_name, chunk.step - 1),
+        "sdpo.reference_version": ref_version,
+        "sdpo.run": cfg.run_name,
+        "sdpo.parent_run_id": ctx.parent_run_id,
+        **{f"sdpo.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }
+    version = tracking.register(c, ctx.model_name, run_id, model_dir, chunk.step, tags, final)
+    c.set_terminated(run_id)
+    return version

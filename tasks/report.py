@@ -1,0 +1,57 @@
+"""The per-step report: a table on the terminal and as MLflow artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.context import RunContext
+
+COLUMNS = [
+    ("step", "step", "{}"),
+    ("chunk", "chunk", "{}"),
+    ("pairs", "pairs", "{}"),
+    ("M0 acc", "m0_accuracy", "{:.3f}"),
+    ("ref gamma (chunk)", "chunk/ref_gamma", "{:.2f}"),
+    ("eval acc vs M0", "eval/reward_accuracy_vs_m0", "{:.3f}"),
+    ("eval margin vs M0", "eval/reward_margin_vs_m0", "{:.3f}"),
+    ("eval gamma", "eval/gamma", "{:.2f}"),
+    ("train loss", "train_loss", "{:.4f}"),
+    ("model", "model_uri", "{}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of the per-step rows; missing values show as '-'."""
+    cells = [[title for title, _, _ in COLUMNS]]
+    for row in rows:
+        line = []
+        for _, key, fmt in COLUMNS:
+            value = row.get(key)
+            line.append("-" if value is None else fmt.format(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[2, 10])
+def report(ctx: RunContext, rows: list[dict]) -> str:
+    """Write the table and the rows (JSON) to the run folder and the MLflow parent run."""
+    from prefect import get_run_logger
+
+    from tasks import tracking
+
+    table = format_table(rows)
+    run_dir = Path(ctx.run_dir)
+    (run_dir / "report.txt").write_text(table + "\n")
+    (run_dir / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    c = tracking.client(ctx.tracking_uri)
+    c.log_artifact(ctx.parent_run_id, str(run_dir / "report.txt"))
+    c.log_artifact(ctx.parent_run_id, str(run_dir / "report.json"))
+    get_run_logger().info("sDPO steps:\n%s", table)
+    return table

@@ -1,0 +1,141 @@
+"""MLflow helpers: runs, metrics, and the registry that holds every step's model.
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids (no fluent
+"active run" state), so a task can log to a run that another process started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.workspace import default_tracking_uri
+
+SENSITIVE_MARKERS = ("secret", "password", "token", "key", "credential")
+
+
+def tracking_uri(configured: str | None, root: Path) -> str:
+    """The config's URI, else ``MLFLOW_TRACKING_URI``, else SQLite in the workspace."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def client(uri: str) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(c: Any, name: str, artifact_root: Path | None) -> str:
+    """The experiment's id, creating it with artifacts under the workspace when it is new."""
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root.as_uri() if artifact_root is not None else None
+    return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b": "value"} for MLflow params; values that look secret are masked."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, full + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{full}.{i}."))
+        else:
+            text = json.dumps(value) if not isinstance(value, str) else value
+            if any(m in key.lower() for m in SENSITIVE_MARKERS) and value:
+                text = "***"
+            out[full] = text[:6000]
+    return out
+
+
+def start_run(c: Any, experiment_id: str, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    return c.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_params(c: Any, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+        c.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(c: Any, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_yaml(c: Any, run_id: str, data: dict[str, Any], name: str, scratch: Path) -> None:
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    c.log_artifact(run_id, str(path))
+
+
+def register(
+    c: Any, model_name: str, run_id: str, model_dir: str, step: int, tags: dict[str, str], final: bool
+) -> str:
+    """Log the model folder to the run, register it as a version, alias it ``step-<t>``.
+
+    Returns the version number. The version's source is the run's artifact folder ``model``.
+    """
+    c.log_artifacts(run_id, model_dir, "model")
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    try:
+        c.get_registered_model(model_name)
+    except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
+        c.create_registered_model(model_name, description="sDPO step models; alias step-<t> is M_t.")
+    version = c.create_model_version(model_name, source, run_id=run_id, tags=tags).version
+    c.set_registered_model_alias(model_name, f"step-{step}", version)
+    if final:
+        c.set_registered_model_alias(model_name, "final", version)
+    return str(version)
+
+
+def model_uri(model_name: str, step: int) -> str:
+    return f"models:/{model_name}@step-{step}"
+
+
+def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
+    """Download a registered model (``models:/name@alias``) into the cache; (folder, version).
+
+    Each version is downloaded once; the folder is keyed by name and version.
+    """
+    import mlflow
+
+    name, alias = uri.removeprefix("models:/").split("@", 1)
+    mv = c.get_model_version_by_alias(name, alias)
+    dest = cache_root / name / str(mv.version)
+    if not (dest / "config.json").is_file():
+        tmp = cache_root / name / f"{mv.version}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    return str(dest), str(mv.version)
+
+
+def fetch_for(ctx: Any, uri: str) -> tuple[str, str]:
+    """:func:`fetch_model` with a pipeline run's tracking URI and model cache."""
+    return fetch_model(client(ctx.tracking_uri), uri, ctx.model_cache)

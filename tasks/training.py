@@ -1,0 +1,103 @@
+"""Tasks that score pairs, train a step and evaluate it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from sdpo_core.config import RunConfig
+from sdpo_core.stages import ChunkInfo
+from tasks.context import RunContext
+
+
+@dataclass(frozen=True)
+class TrainedStep:
+    """A trained step model on local disk, with its MLflow step run."""
+
+    step: int
+    model_dir: str
+    run_id: str
+    optimizer_steps: int
+    final_loss: float
+
+
+@task(name="reference-logps", task_run_name="logps-{what}-under-{model_uri}", cache_policy=NO_CACHE, persist_result=False)
+def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
+    """Forward-only log-probs of a data file under a registered model (cached by content)."""
+    from sdpo_core.stages import score_file
+    from tasks.tracking import fetch_for
+
+    model_dir, _ = fetch_for(ctx, model_uri)
+    return score_file(cfg, model_dir, pairs_path, ctx.cache_dir)
+
+
+@task(name="train-step", task_run_name="train-step-{chunk.step}-{chunk.label}", cache_policy=NO_CACHE, persist_result=False)
+def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, ref_scores: str) -> TrainedStep:
+    """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run."""
+    from sdpo_core.stages import train_step as run_train_step
+    from tasks import tracking
+
+    c = tracking.client(ctx.tracking_uri)
+    ref_dir, ref_version = tracking.fetch_for(ctx, ref_uri)
+    run_id = tracking.start_run(
+        c,
+        ctx.experiment_id,
+        f"step-{chunk.step}-{chunk.label}",
+        parent_id=ctx.parent_run_id,
+        tags={"sdpo.step": str(chunk.step), "sdpo.source": chunk.label, "sdpo.reference": ref_uri},
+    )
+    tracking.log_params(
+        c,
+        run_id,
+        {
+            "step": str(chunk.step),
+            "chunk.label": chunk.label,
+            "chunk.size": str(chunk.size),
+            "chunk.content_hash": chunk.content_hash,
+            "reference.uri": ref_uri,
+            "reference.version": ref_version,
+        },
+    )
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics(c, run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+
+    try:
+        model_dir, result = run_train_step(
+            cfg,
+            chunk.step,
+            ref_dir,
+            chunk,
+            ref_scores,
+            Path(ctx.run_dir) / "models" / f"step-{chunk.step}",
+            callback=log,
+            meta={"reference_uri": ref_uri, "reference_version": ref_version},
+        )
+    except Exception:
+        c.set_terminated(run_id, "FAILED")
+        raise
+    return TrainedStep(chunk.step, model_dir, run_id, result.optimizer_steps, result.final_loss)
+
+
+@task(name="evaluate-step", task_run_name="evaluate-step-{chunk.step}-{chunk.label}", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_step(
+    cfg: RunConfig,
+    ctx: RunContext,
+    chunk: ChunkInfo,
+    trained: TrainedStep,
+    eval_path: str,
+    m0_eval_scores: str,
+    prev_eval_scores: str,
+    ref_scores: str,
+) -> tuple[dict[str, float], str]:
+    """Held-out metrics of Mt against M0 and M(t-1); the reference's gamma on the chunk."""
+    from sdpo_core.stages import evaluate_step as run_evaluate, score_file
+    from tasks import tracking
+
+    eval_scores = score_file(cfg, trained.model_dir, eval_path, ctx.cache_dir)
+    metrics = run_evaluate(cfg, eval_scores, m0_eval_scores, prev_eval_scores, ref_scores)
+    tracking.log_metrics(tracking.client(ctx.tracking_uri), trained.run_id, metrics, trained.optimizer_steps)
+    return metrics, eval_scores
