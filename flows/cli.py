@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", "-c", default="recipes/default.yaml", help="YAML recipe (default: %(default)s)")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings on top of the recipe")
-    run.add_argument("--dry-run", action="store_true", help="check the config and data, print the resolved config, stop")
+    run.add_argument(
+        "--dry-run", action="store_true", help="check the config and data, print the resolved config, stop"
+    )
     convert = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("tokenizer_model", type=Path)

@@ -36,6 +36,8 @@ def configure_environment(root: Path | None = None) -> Path:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_HOME": str(root / "huggingface"),
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",

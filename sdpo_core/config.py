@@ -206,7 +206,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -266,7 +266,7 @@ def _convert(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
         if len(value) != len(args):
             problems.append(f"{key}: expected {len(args)} values, got {len(value)}")
             return tuple(value)
-        return tuple(_convert(v, a, f"{key}.{i}", problems) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_convert(v, a, f"{key}.{i}", problems) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {type(value).__name__} {value!r}")
@@ -330,8 +330,7 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
     if d.max_prompt_length >= d.max_length:
         problems.append(
-            f"data.max_prompt_length: must be below data.max_length ({d.max_length}), "
-            f"got {d.max_prompt_length}"
+            f"data.max_prompt_length: must be below data.max_length ({d.max_length}), got {d.max_prompt_length}"
         )
     for key, value in [
         ("train.epochs", t.epochs),
@@ -357,8 +356,7 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"partition.num_steps: must be at least 1, got {p.num_steps}")
     if p.strategy == "by_source" and p.num_steps is not None and p.num_steps != len(d.sources):
         problems.append(
-            f"partition.num_steps: by_source makes one step per source ({len(d.sources)}), "
-            f"got {p.num_steps}"
+            f"partition.num_steps: by_source makes one step per source ({len(d.sources)}), got {p.num_steps}"
         )
     if not cfg.run_name or any(c in cfg.run_name for c in "/\\:") or cfg.run_name.startswith("."):
         problems.append(f"run_name: must be a plain name without slashes, got {cfg.run_name!r}")
@@ -403,8 +401,7 @@ def from_dict(data: dict[str, Any], origin: str | None = None) -> RunConfig:
     cfg = _build(RunConfig, data, "", problems)
     if not problems:
         sources = tuple(
-            s if s.name else dataclasses.replace(s, name=_default_source_name(s.path))
-            for s in cfg.data.sources
+            s if s.name else dataclasses.replace(s, name=_default_source_name(s.path)) for s in cfg.data.sources
         )
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
         _validate(cfg, problems)

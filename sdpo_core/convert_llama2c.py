@@ -212,13 +212,11 @@ def read_header(checkpoint: Path) -> Llama2cHeader:
         raise ValueError(f"{checkpoint}: invalid llama2.c header, non-positive {', '.join(bad)}")
     if dim % n_heads or (dim // n_heads) % 2:
         raise ValueError(
-            f"{checkpoint}: invalid llama2.c header, dim={dim} is not "
-            f"n_heads={n_heads} times an even head size"
+            f"{checkpoint}: invalid llama2.c header, dim={dim} is not n_heads={n_heads} times an even head size"
         )
     if n_heads % n_kv_heads:
         raise ValueError(
-            f"{checkpoint}: invalid llama2.c header, n_heads={n_heads} is not "
-            f"a multiple of n_kv_heads={n_kv_heads}"
+            f"{checkpoint}: invalid llama2.c header, n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}"
         )
     header = Llama2cHeader(
         dim=dim,
@@ -286,9 +284,7 @@ def read_llama2c_arrays(checkpoint: Path) -> tuple[Llama2cHeader, dict[str, torc
     return header, arrays
 
 
-def llama2c_to_hf_state_dict(
-    header: Llama2cHeader, arrays: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def llama2c_to_hf_state_dict(header: Llama2cHeader, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map llama2.c arrays to a ``LlamaForCausalLM`` state dict.
 
     Args:
@@ -446,9 +442,7 @@ def build_tokenizer(tokenizer_model: Path, model_max_length: int, vocab_size: in
         steps.append(normalizers.Prepend("\u2581"))
     steps.append(normalizers.Replace(" ", "\u2581"))
     backend.normalizer = normalizers.Sequence(steps)
-    backend.pre_tokenizer = (
-        pre_tokenizers.Digits(individual_digits=True) if proto.trainer_spec.split_digits else None
-    )
+    backend.pre_tokenizer = pre_tokenizers.Digits(individual_digits=True) if proto.trainer_spec.split_digits else None
     decode_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if norm.add_dummy_prefix:
         # SentencePiece removes all leading whitespace of a decoded text, not just one space.
@@ -494,8 +488,7 @@ def check_tokenizer(
         got = tokenizer(text)["input_ids"]
         if got != expected:
             raise ValueError(
-                f"{tokenizer_model}: converted tokenizer encodes {text!r} as {got}, "
-                f"sentencepiece as {expected}"
+                f"{tokenizer_model}: converted tokenizer encodes {text!r} as {got}, sentencepiece as {expected}"
             )
         decoded = tokenizer.decode(got, skip_special_tokens=True)
         if decoded != processor.decode(expected):
@@ -529,9 +522,7 @@ def convert_llama2c(checkpoint: Path, tokenizer_model: Path, out_dir: Path) -> P
 
     header, arrays = read_llama2c_arrays(checkpoint)
     model = build_model(header, llama2c_to_hf_state_dict(header, arrays))
-    tokenizer = build_tokenizer(
-        tokenizer_model, model_max_length=header.seq_len, vocab_size=header.vocab_size
-    )
+    tokenizer = build_tokenizer(tokenizer_model, model_max_length=header.seq_len, vocab_size=header.vocab_size)
     check_tokenizer(tokenizer, tokenizer_model)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -86,7 +86,9 @@ def iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     items = json.load(fh)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+                    raise DataError(
+                        f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
+                    ) from None
                 for i, item in enumerate(items):
                     yield f"item {i}", item
                 return
@@ -197,7 +199,11 @@ def _parse_sharegpt(row: dict[str, Any]) -> tuple[tuple[Message, ...], str, str]
         raise ValueError("field 'conversations' must be a non-empty list")
     prompt = []
     for turn in conv:
-        if not isinstance(turn, dict) or turn.get("from") not in _SHAREGPT_ROLE or not isinstance(turn.get("value"), str):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("from") not in _SHAREGPT_ROLE
+            or not isinstance(turn.get("value"), str)
+        ):
             raise ValueError("field 'conversations': every turn needs 'from' (human, gpt, system) and a string 'value'")
         prompt.append({"role": _SHAREGPT_ROLE[turn["from"]], "content": turn["value"]})
     out = []
@@ -220,8 +226,10 @@ def _parse_openai(row: dict[str, Any]) -> tuple[tuple[Message, ...], str, str]:
     for key in ("preferred_output", "non_preferred_output"):
         if key not in row:
             raise ValueError(f"missing field {key!r}")
-    return prompt, _assistant_text(row["preferred_output"], "preferred_output"), _assistant_text(
-        row["non_preferred_output"], "non_preferred_output"
+    return (
+        prompt,
+        _assistant_text(row["preferred_output"], "preferred_output"),
+        _assistant_text(row["non_preferred_output"], "non_preferred_output"),
     )
 
 

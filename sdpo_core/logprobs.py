@@ -105,7 +105,9 @@ def _has_plain_head(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def completion_logps(model: torch.nn.Module, batch: PairBatch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(
+    model: torch.nn.Module, batch: PairBatch, chunk_rows: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion token counts for each row.
 
     Args:
@@ -121,9 +123,7 @@ def completion_logps(model: torch.nn.Module, batch: PairBatch, chunk_rows: int =
     rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
     labels = batch.input_ids[:, 1:][rows, cols]  # (N,)
     if _has_plain_head(model):
-        out = model.get_decoder()(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        )
+        out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         hidden = out.last_hidden_state[:, :-1][rows, cols]  # (N, D)
         per_token = token_logps(hidden, labels, model.get_output_embeddings(), chunk_rows)
     else:

@@ -87,6 +87,9 @@ def load_tokenizer(cfg: ModelConfig, name_or_path: str | None = None) -> Any:
         raise ModelError(f"{target}: cannot load the tokenizer: {exc}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    # Prompts and completions are tokenized whole, then truncated by our own rules
+    # (sdpo_core.data.tokenize_pair); the tokenizer's length warning would be noise.
+    tok.model_max_length = 1 << 30
     return tok
 
 

@@ -21,9 +21,7 @@ class Chunk:
     """M0's reward accuracy on the chunk (by_source ordering key)."""
 
 
-def by_source(
-    pairs: Sequence[PreferencePair], accuracy: dict[str, float]
-) -> list[Chunk]:
+def by_source(pairs: Sequence[PreferencePair], accuracy: dict[str, float]) -> list[Chunk]:
     """One chunk per source, easy to hard: M0's reward accuracy per source, highest first.
 
     This is sDPO's rule (arXiv 2403.19270, section 3.2). Ties keep the order of first appearance.

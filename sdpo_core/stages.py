@@ -142,9 +142,7 @@ def score_file(cfg: RunConfig, model_dir: str, pairs_path: str, cache_dir: Path)
     return str(out)
 
 
-def partition(
-    cfg: RunConfig, prepared: PreparedData, m0_dir: str, out_dir: Path, cache_dir: Path
-) -> list[ChunkInfo]:
+def partition(cfg: RunConfig, prepared: PreparedData, m0_dir: str, out_dir: Path, cache_dir: Path) -> list[ChunkInfo]:
     """Split the training pairs into the steps' chunks and write each as JSON lines.
 
     For by_source, M0 scores the whole training set once; its scores of each chunk are stored
@@ -158,9 +156,7 @@ def partition(
         accuracy = {}
         for source in dict.fromkeys(p.source for p in train):
             idx = torch.tensor([i for i, p in enumerate(train) if p.source == source])
-            accuracy[source] = self_reward_accuracy(
-                {k: v[idx] for k, v in m0_scores.items()}, cfg.partition.accuracy
-            )
+            accuracy[source] = self_reward_accuracy({k: v[idx] for k, v in m0_scores.items()}, cfg.partition.accuracy)
     chunks = make_chunks(train, cfg.partition, accuracy)
     position = {p.id: i for i, p in enumerate(train)}
     fingerprint = model_fingerprint(m0_dir)

@@ -137,7 +137,9 @@ def train_dpo(
         if train_cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm).item()
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+            ).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

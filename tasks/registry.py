@@ -23,14 +23,21 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, Path(root))
     c = tracking.client(uri)
     local_store = uri.startswith("sqlite:") or uri.startswith("file:")
-    experiment_id = tracking.ensure_experiment(c, cfg.tracking.experiment, Path(root) / "mlartifacts" if local_store else None)
+    experiment_id = tracking.ensure_experiment(
+        c, cfg.tracking.experiment, Path(root) / "mlartifacts" if local_store else None
+    )
     parent = tracking.start_run(
         c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}
     )
     tracking.log_params(c, parent, tracking.flatten(cfg.to_dict()))
     tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir))
-    tracking.log_yaml(c, parent, {"counts": prepared.counts, "train_hash": prepared.train_hash,
-                                  "eval_hash": prepared.eval_hash}, "data.yaml", Path(run_dir))
+    tracking.log_yaml(
+        c,
+        parent,
+        {"counts": prepared.counts, "train_hash": prepared.train_hash, "eval_hash": prepared.eval_hash},
+        "data.yaml",
+        Path(run_dir),
+    )
     return RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model)
 
 
@@ -46,22 +53,40 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     from tasks import tracking
 
     out = Path(ctx.run_dir) / "models" / "step-0"
-    save_model(load_model(cfg.model), load_tokenizer(cfg.model), out, {"step": 0, "source_model": cfg.model.name_or_path})
+    save_model(
+        load_model(cfg.model), load_tokenizer(cfg.model), out, {"step": 0, "source_model": cfg.model.name_or_path}
+    )
     record_fingerprint(out)
     c = tracking.client(ctx.tracking_uri)
     run_id = tracking.start_run(c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"})
-    tags = {"sdpo.step": "0", "sdpo.source_model": cfg.model.name_or_path, "sdpo.reference": "none",
-            "sdpo.run": cfg.run_name, "sdpo.parent_run_id": ctx.parent_run_id}
+    tags = {
+        "sdpo.step": "0",
+        "sdpo.source_model": cfg.model.name_or_path,
+        "sdpo.reference": "none",
+        "sdpo.run": cfg.run_name,
+        "sdpo.parent_run_id": ctx.parent_run_id,
+    }
     version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False)
     c.set_terminated(run_id)
     return version
 
 
-@task(name="register-step", task_run_name="register-step-{chunk.step}-{chunk.label}", cache_policy=NO_CACHE,
-      persist_result=False, **IO_RETRIES)
+@task(
+    name="register-step",
+    task_run_name="register-step-{chunk.step}-{chunk.label}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    **IO_RETRIES,
+)
 def register_step(
-    cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, model_dir: str, run_id: str, ref_version: str,
-    metrics: dict[str, float], final: bool,
+    cfg: RunConfig,
+    ctx: RunContext,
+    chunk: ChunkInfo,
+    model_dir: str,
+    run_id: str,
+    ref_version: str,
+    metrics: dict[str, float],
+    final: bool,
 ) -> str:
     """Log Mt to its step run and register it with alias step-<t> (and final); returns the version."""
     from tasks import tracking

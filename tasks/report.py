@@ -34,7 +34,7 @@ def format_table(rows: list[dict]) -> str:
             line.append("-" if value is None else fmt.format(value))
         cells.append(line)
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
 

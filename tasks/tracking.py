@@ -59,7 +59,9 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def start_run(c: Any, experiment_id: str, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+def start_run(
+    c: Any, experiment_id: str, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None
+) -> str:
     all_tags = {"mlflow.runName": name, **(tags or {})}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
@@ -90,9 +92,7 @@ def log_yaml(c: Any, run_id: str, data: dict[str, Any], name: str, scratch: Path
     c.log_artifact(run_id, str(path))
 
 
-def register(
-    c: Any, model_name: str, run_id: str, model_dir: str, step: int, tags: dict[str, str], final: bool
-) -> str:
+def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, tags: dict[str, str], final: bool) -> str:
     """Log the model folder to the run, register it as a version, alias it ``step-<t>``.
 
     Returns the version number. The version's source is the run's artifact folder ``model``.

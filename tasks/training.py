@@ -24,7 +24,9 @@ class TrainedStep:
     final_loss: float
 
 
-@task(name="reference-logps", task_run_name="logps-{what}-under-{model_uri}", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="reference-logps", task_run_name="logps-{what}-under-{model_uri}", cache_policy=NO_CACHE, persist_result=False
+)
 def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
     """Forward-only log-probs of a data file under a registered model (cached by content)."""
     from sdpo_core.stages import score_file
@@ -34,7 +36,12 @@ def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path:
     return score_file(cfg, model_dir, pairs_path, ctx.cache_dir)
 
 
-@task(name="train-step", task_run_name="train-step-{chunk.step}-{chunk.label}", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="train-step",
+    task_run_name="train-step-{chunk.step}-{chunk.label}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, ref_scores: str) -> TrainedStep:
     """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run."""
     from sdpo_core.stages import train_step as run_train_step
@@ -82,7 +89,12 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
     return TrainedStep(chunk.step, model_dir, run_id, result.optimizer_steps, result.final_loss)
 
 
-@task(name="evaluate-step", task_run_name="evaluate-step-{chunk.step}-{chunk.label}", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="evaluate-step",
+    task_run_name="evaluate-step-{chunk.step}-{chunk.label}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def evaluate_step(
     cfg: RunConfig,
     ctx: RunContext,
@@ -94,7 +106,8 @@ def evaluate_step(
     ref_scores: str,
 ) -> tuple[dict[str, float], str]:
     """Held-out metrics of Mt against M0 and M(t-1); the reference's gamma on the chunk."""
-    from sdpo_core.stages import evaluate_step as run_evaluate, score_file
+    from sdpo_core.stages import evaluate_step as run_evaluate
+    from sdpo_core.stages import score_file
     from tasks import tracking
 
     eval_scores = score_file(cfg, trained.model_dir, eval_path, ctx.cache_dir)
