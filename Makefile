@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine with Python 3.11 and make:
+#   make run    create .venv and run the default sDPO pipeline (tiny model, shipped data)
+#   make test   create .venv with the test extras, lint, and run the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned in the same pip command as everything else, so pip keeps the CPU build.
+TORCH := torch==2.13.0
+
+.PHONY: run test lint format bench clean ui-mlflow ui-prefect
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q $(TORCH) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q $(TORCH) -e ".[test]"
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	HF_HUB_OFFLINE=1 $(BIN)/sdpo run --config recipes/default.yaml $(ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+ui-mlflow: $(VENV)/.installed-run
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(SDPO_HOME),.sdpo)/mlflow.db
+
+ui-prefect: $(VENV)/.installed-run
+	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect $(BIN)/prefect server start
+
+clean:
+	rm -rf .sdpo .pytest_cache .ruff_cache

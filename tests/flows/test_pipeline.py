@@ -1,0 +1,170 @@
+"""The whole pipeline on the tiny real model under a temporary Prefect server.
+
+A two-step by_source run must leave a registry whose versions carry aliases step-0, step-1,
+step-2 and final, each naming the version before it as its reference; bad input must stop the
+run with one clear error and register nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_recipe(tmp_path: Path, name: str, **changes) -> Path:
+    """A small two-source recipe on the shipped data and model, tracked in tmp_path."""
+    recipe = {
+        "run_name": name,
+        "model": {"name_or_path": str(REPO / "models" / "stories260K")},
+        "data": {
+            "sources": [
+                {"name": "orca", "path": str(REPO / "data/orca_dpo_pairs_validation_msfoundry.jsonl"), "max_pairs": 20},
+                {"name": "mix", "path": str(REPO / "data/llamafactory_dpo_en_demo.json"), "max_pairs": 20},
+            ],
+            "eval_fraction": 0.2,
+            "max_length": 96,
+            "max_prompt_length": 48,
+        },
+        "train": {"micro_batch_size": 4, "grad_accum_steps": 2, "learning_rate": 0.002},
+        "tracking": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "experiment": f"exp-{name}",
+            "registered_model": f"model-{name}",
+        },
+    }
+    for key, value in changes.items():
+        section, field = key.split("__")
+        recipe[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def registry(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def registered_names(tmp_path: Path) -> list[str]:
+    if not (tmp_path / "mlflow.db").exists():
+        return []
+    return [m.name for m in registry(tmp_path).search_registered_models()]
+
+
+@pytest.mark.slow
+def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness):
+    from flows.pipeline import sdpo_pipeline
+
+    result = sdpo_pipeline(recipe=str(write_recipe(tmp_path, "two")), overrides=[])
+    assert [row["step"] for row in result.rows] == [1, 2]
+    assert {row["chunk"] for row in result.rows} == {"orca", "mix"}
+
+    c = registry(tmp_path)
+    name = "model-two"
+    by_alias = {alias: c.get_model_version_by_alias(name, alias) for alias in ("step-0", "step-1", "step-2", "final")}
+    assert by_alias["final"].version == by_alias["step-2"].version
+    assert len({by_alias[f"step-{t}"].version for t in range(3)}) == 3
+    for t in (1, 2):
+        mv = by_alias[f"step-{t}"]
+        assert mv.tags["sdpo.step"] == str(t)
+        assert mv.tags["sdpo.reference"] == f"models:/{name}@step-{t - 1}"
+        assert mv.tags["sdpo.reference_version"] == str(by_alias[f"step-{t - 1}"].version)
+        assert mv.tags["sdpo.chunk.source"] == result.rows[t - 1]["chunk"]
+        assert int(mv.tags["sdpo.chunk.size"]) == result.rows[t - 1]["pairs"]
+        assert len(mv.tags["sdpo.chunk.content_hash"]) == 16
+    assert by_alias["step-0"].tags["sdpo.reference"] == "none"
+
+    # The step model records the registry version it was trained from and against.
+    meta = json.loads((Path(result.run_dir) / "models" / "step-2" / "meta.json").read_text())
+    assert meta["reference_version"] == str(by_alias["step-1"].version)
+
+    # Parent run: resolved config as params and YAML; nested step runs with per-step metrics.
+    parent = c.get_run(result.parent_run_id)
+    assert parent.data.params["loss.name"] == "sigmoid"
+    assert parent.data.params["data.max_length"] == "96"
+    assert {a.path for a in c.list_artifacts(result.parent_run_id)} >= {"config.yaml", "report.txt"}
+    step_run = c.get_run(by_alias["step-1"].run_id)
+    assert step_run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    history = c.get_metric_history(step_run.info.run_id, "train/loss")
+    assert len(history) >= 2 and sorted(m.step for m in history) == list(range(1, len(history) + 1))
+    assert "eval/reward_accuracy_vs_m0" in step_run.data.metrics
+    assert 0.0 <= result.rows[0]["eval/reward_accuracy_vs_m0"] <= 1.0
+
+
+@pytest.mark.slow
+def test_flow_with_missing_data_registers_nothing(tmp_path, prefect_harness):
+    from flows.pipeline import sdpo_pipeline
+    from sdpo_core.data import DataError
+
+    recipe = write_recipe(tmp_path, "missing")
+    data = yaml.safe_load(recipe.read_text())
+    data["data"]["sources"][1]["path"] = str(tmp_path / "nope.jsonl")
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(DataError, match="nope.jsonl"):
+        sdpo_pipeline(recipe=str(recipe), overrides=[])
+    assert registered_names(tmp_path) == []
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    from flows.cli import main
+
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_cli_missing_data_file(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "cli-missing")
+    code, err = run_cli(["run", "-c", str(recipe), f"data.sources.0.path={tmp_path / 'absent.jsonl'}"], capsys)
+    assert code == 2
+    assert "absent.jsonl" in err and "not found" in err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert registered_names(tmp_path) == []
+
+
+def test_cli_row_without_chosen(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}] * 2 + [{"prompt": "Hi", "rejected": "No."}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path, "cli-row")
+    code, err = run_cli(["run", "-c", str(recipe), f"data.sources.0.path={bad}"], capsys)
+    assert code == 2
+    assert "bad.jsonl, line 3" in err and "'chosen'" in err
+    assert registered_names(tmp_path) == []
+
+
+def test_cli_unknown_config_key(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, "cli-key")
+    code, err = run_cli(["run", "-c", str(recipe), "train.learning_rat=0.1", "lossy.beta=1"], capsys)
+    assert code == 2
+    assert "train.learning_rat: unknown key" in err
+    assert "lossy: unknown key" in err
+    assert registered_names(tmp_path) == []
+
+
+def test_cli_pickle_only_model(tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((REPO / "models/stories260K/config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    recipe = write_recipe(tmp_path, "cli-pickle")
+    code, err = run_cli(["run", "-c", str(recipe), f"model.name_or_path={folder}"], capsys)
+    assert code == 2
+    assert str(folder) in err and "pickle" in err and "pytorch_model.bin" in err
+    assert registered_names(tmp_path) == []
+
+
+def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
+    from flows.cli import main
+
+    recipe = write_recipe(tmp_path, "cli-dry")
+    assert main(["run", "-c", str(recipe), "--dry-run", "loss.beta=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "beta: 0.25" in out
+    assert "source orca: 20 rows" in out or "source orca:" in out
