@@ -168,3 +168,45 @@ def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "beta: 0.25" in out
     assert "source orca: 20 rows" in out or "source orca:" in out
+
+
+@pytest.mark.slow
+def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
+    """`sdpo run` with no Prefect server configured: Prefect's temporary server, MLflow on
+    SQLite, everything under SDPO_HOME, and nothing in the home folder."""
+    import os
+    import subprocess
+    import sys
+
+    home, workspace = tmp_path / "home", tmp_path / "ws"
+    home.mkdir()
+    recipe = write_recipe(tmp_path, "cli-e2e")
+    data = yaml.safe_load(recipe.read_text())
+    del data["tracking"]["tracking_uri"]  # the workspace default
+    recipe.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "HF_"))}
+    env.update(HOME=str(home), SDPO_HOME=str(workspace), HF_HUB_OFFLINE="1", XDG_CONFIG_HOME=str(home / ".config"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "-c",
+            str(recipe),
+            "partition.strategy=random",
+            "partition.num_steps=2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "models:/model-cli-e2e@step-2" in proc.stdout
+    assert "random-1" in proc.stdout and "random-2" in proc.stdout
+    assert (workspace / "mlflow.db").is_file()
+    assert (workspace / "prefect" / "prefect.db").is_file()
+    assert any((workspace / "mlartifacts").rglob("model.safetensors"))
+    assert list(home.rglob("*")) == []
