@@ -33,7 +33,6 @@ def configure_environment(root: Path | None = None) -> Path:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The temporary server needs ~13 s to start cold on 2 cores; Prefect's default limit is 20 s.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.config import RunConfig
@@ -69,8 +69,18 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
         },
     )
 
+    logger = get_run_logger()
+
     def log(step: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(c, run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+        if step == 1 or step % 10 == 0:
+            logger.info(
+                "optimizer step %d: loss %.4f, reward accuracy %.3f, margin %.3f",
+                step,
+                metrics["loss"],
+                metrics["rewards/accuracies"],
+                metrics["rewards/margins"],
+            )
 
     try:
         model_dir, result = run_train_step(
