@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"source {r.name}: {r.rows} rows ({r.format}), {r.kept} kept, dropped {r.dropped or 'none'}")
         return 0
     from flows.pipeline import sdpo_pipeline
+    from tasks.tracking import redact_userinfo
 
     result = sdpo_pipeline(recipe=args.config, overrides=list(args.overrides))
     root = configure_environment()
@@ -95,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     if result.tracking_uri.startswith("sqlite:"):
         print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
     else:
-        print(f"MLflow:     {result.tracking_uri} (parent run {result.parent_run_id})")
+        print(f"MLflow:     {redact_userinfo(result.tracking_uri)} (parent run {result.parent_run_id})")
     print(f"Prefect UI: PREFECT_HOME={root / 'prefect'} .venv/bin/prefect server start")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,14 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
             text = json.dumps(value) if not isinstance(value, str) else value
             if any(m in key.lower() for m in SENSITIVE_MARKERS) and value:
                 text = "***"
-            out[full] = text[:6000]
+            out[full] = redact_userinfo(text)[:6000]
     return out
+
+
+def redact_userinfo(text: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``: credentials in URIs
+    never reach MLflow params or tags."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
 
 
 def start_run(
@@ -99,9 +106,13 @@ def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, ta
     """
     c.log_artifacts(run_id, model_dir, "model")
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    from mlflow.exceptions import MlflowException
+
     try:
         c.get_registered_model(model_name)
-    except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         c.create_registered_model(model_name, description="sDPO step models; alias step-<t> is M_t.")
     version = c.create_model_version(model_name, source, run_id=run_id, tags=tags).version
     c.set_registered_model_alias(model_name, f"step-{step}", version)
