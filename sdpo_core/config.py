@@ -268,6 +268,12 @@ def _convert(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
             return tuple(value)
         return tuple(_convert(v, a, f"{key}.{i}", problems) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3 as a string: its float pattern needs a dot.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {type(value).__name__} {value!r}")
             return value

@@ -389,9 +389,11 @@ def tokenize_pair(pair: PreferencePair, tokenizer: Any, cfg: DataConfig) -> Toke
     text, templated = render_prompt(pair.prompt, tokenizer)
     prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
     if len(prompt_ids) > cfg.max_prompt_length:
+        # Keep a leading BOS, then the end of the prompt (the most recent turns).
         bos = tokenizer.bos_token_id
-        keep = prompt_ids[-(cfg.max_prompt_length - (1 if bos is not None else 0)) :]
-        prompt_ids = ([bos] if bos is not None else []) + keep
+        head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos else []
+        n_keep = cfg.max_prompt_length - len(head)
+        prompt_ids = head + (prompt_ids[len(prompt_ids) - n_keep :] if n_keep > 0 else [])
     room = cfg.max_length - len(prompt_ids)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sep = "" if templated else " "

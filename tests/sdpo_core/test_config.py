@@ -1,0 +1,267 @@
+"""Config loading: shipped recipes, unknown keys, collected problems, overrides, types, help text."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdpo_core.config import (
+    ConfigError,
+    RunConfig,
+    SourceConfig,
+    describe,
+    from_dict,
+    load_config,
+    parse_override,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml")) + sorted((REPO / "recipes").rglob("*.yml"))
+
+
+def _minimal(**sections: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"data": {"sources": [{"path": "data/a.jsonl"}]}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return data
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_there_are_shipped_recipes() -> None:
+    assert any(p.name == "default.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_recipe_loads(recipe: Path) -> None:
+    cfg = load_config(recipe)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.sources
+    assert all(s.name for s in cfg.data.sources)
+    # Saved beside each checkpoint and reloaded: the resolved config must round-trip.
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_default_recipe_values() -> None:
+    cfg = load_config(REPO / "recipes" / "default.yaml")
+    assert [s.name for s in cfg.data.sources] == ["hh-rlhf-helpful", "orca-dpo", "llamafactory-mix"]
+    assert [s.format for s in cfg.data.sources] == ["hh", "openai", "sharegpt"]
+    assert cfg.data.sources[0].max_pairs == 400 and cfg.data.sources[1].max_pairs is None
+    assert cfg.train.grad_accum_steps == 2 and cfg.train.learning_rate == 0.001
+    for s in cfg.data.sources:
+        assert (REPO / s.path).is_file(), f"{s.path} is shipped with the repo"
+
+
+def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path, "data:\n  sources:\n    - path: data/a.jsonl\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"learning_rate: unknown key") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert info.value.problems == [info.value.problems[0]] and "learning_rate" in info.value.problems[0]
+
+
+def test_unknown_nested_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"train\.foo: unknown key") as info:
+        from_dict(_minimal(train={"foo": 1}))
+    assert "learning_rate" in str(info.value), "the message lists the known keys of the section"
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.nmae: unknown key"):
+        from_dict({"data": {"sources": [{"path": "a.jsonl", "nmae": "x"}]}})
+
+
+def test_unknown_key_through_override() -> None:
+    with pytest.raises(ConfigError, match=r"loss\.betta: unknown key"):
+        load_config(REPO / "recipes" / "default.yaml", ["loss.betta=0.2"])
+
+
+def test_all_problems_reported_together() -> None:
+    data = _minimal(train={"foo": 1, "epochs": "two", "micro_batch_size": 1.5}, loss={"name": "kto"}, bar=3)
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    problems = info.value.problems
+    assert len(problems) == 5, problems
+    text = str(info.value)
+    assert text.startswith("5 problem(s)")
+    for key in ("train.foo", "train.epochs", "train.micro_batch_size", "loss.name", "bar"):
+        assert any(p.startswith(key + ":") for p in problems), key
+        assert key in text
+
+
+def test_value_problems_reported_together() -> None:
+    """Checks beyond types (ranges, cross-field rules) are collected the same way."""
+    data = _minimal(
+        data={"eval_fraction": 1.5, "max_length": 64, "max_prompt_length": 64},
+        loss={"beta": -1.0, "name": "ipo", "label_smoothing": 0.1},
+        train={"learning_rate": 0.0},
+        run_name="a/b",
+    )
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    keys = {p.split(":")[0] for p in info.value.problems}
+    assert keys == {
+        "data.eval_fraction",
+        "data.max_prompt_length",
+        "loss.beta",
+        "loss.label_smoothing",
+        "train.learning_rate",
+        "run_name",
+    }
+
+
+def test_no_sources_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"data\.sources: at least one source"):
+        from_dict({})
+
+
+def test_duplicate_source_names() -> None:
+    data = {"data": {"sources": [{"path": "x/a.jsonl"}, {"path": "y/a.json"}]}}
+    with pytest.raises(ConfigError, match=r"source names must be unique.*\['a', 'a'\]"):
+        from_dict(data)
+
+
+def test_overrides_apply() -> None:
+    cfg = load_config(
+        REPO / "recipes" / "default.yaml",
+        ["train.learning_rate=0.002", "data.sources.0.max_pairs=5", "loss.name=ipo", "train.adam_betas=[0.8, 0.9]"],
+    )
+    assert cfg.train.learning_rate == 0.002
+    assert cfg.data.sources[0].max_pairs == 5
+    assert cfg.data.sources[1].max_pairs is None
+    assert cfg.loss.name == "ipo"
+    assert cfg.train.adam_betas == (0.8, 0.9)
+
+
+def test_override_replaces_a_list_item() -> None:
+    cfg = load_config(REPO / "recipes" / "default.yaml", ["data.sources.1={path: data/other.jsonl, format: standard}"])
+    assert cfg.data.sources[1] == SourceConfig(path="data/other.jsonl", name="other", format="standard")
+    assert cfg.data.sources[0].name == "hh-rlhf-helpful"
+
+
+def test_override_int_to_float_and_null() -> None:
+    cfg = load_config(REPO / "recipes" / "default.yaml", ["train.learning_rate=1", "data.sources.0.max_pairs=null"])
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.data.sources[0].max_pairs is None
+
+
+def test_override_scientific_notation() -> None:
+    cfg = load_config(REPO / "recipes" / "default.yaml", ["train.learning_rate=1e-3", "loss.beta=5e-2"])
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.loss.beta == pytest.approx(5e-2)
+
+
+def test_override_errors() -> None:
+    default = REPO / "recipes" / "default.yaml"
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(default, ["train.learning_rate"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.7\.max_pairs: data\.sources\.7 is not a section"):
+        load_config(default, ["data.sources.7.max_pairs=3"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.3: no list item 3"):
+        load_config(default, ["data.sources.3={path: x.jsonl}"])
+    with pytest.raises(ConfigError, match=r"run_name\.x: run_name is not a section"):
+        load_config(default, ["run_name.x=1"])
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("train..epochs=1")
+
+
+def test_parse_override_yaml_values() -> None:
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=true") == (["a"], True)
+    assert parse_override("a=x=y") == (["a"], "x=y")
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"train": {"learning_rate": "fast"}}, r"train\.learning_rate: expected a number, got str 'fast'"),
+        ({"train": {"epochs": True}}, r"train\.epochs: expected an integer, got bool True"),
+        ({"train": {"epochs": 1.0}}, r"train\.epochs: expected an integer, got float 1\.0"),
+        ({"model": {"trust_remote_code": "yes"}}, r"model\.trust_remote_code: expected true or false"),
+        ({"run_name": 5}, r"run_name: expected a string, got int 5"),
+        ({"train": {"adam_betas": 0.9}}, r"train\.adam_betas: expected a list"),
+        ({"train": {"adam_betas": [0.9]}}, r"train\.adam_betas: expected 2 values, got 1"),
+        ({"partition": {"strategy": "zigzag"}}, r"partition\.strategy: 'zigzag' is not one of 'by_source', 'random'"),
+        ({"train": 3}, r"train: expected a mapping, got int 3"),
+    ],
+)
+def test_wrong_types_are_named(section: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        from_dict(_minimal(**section))
+
+
+def test_wrong_type_in_a_source() -> None:
+    data = {"data": {"sources": [{"path": "a.jsonl", "max_pairs": "ten"}]}}
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.max_pairs: expected an integer, got str 'ten'"):
+        from_dict(data)
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.path: required"):
+        from_dict({"data": {"sources": [{"name": "x"}]}})
+
+
+def test_source_name_defaults_to_file_stem() -> None:
+    data = {
+        "data": {
+            "sources": [
+                {"path": "data/hh-rlhf_helpful-base_test.jsonl.gz"},
+                {"path": "data/llamafactory_dpo_en_demo.json"},
+                {"path": "x/orca.jsonl", "name": "custom"},
+            ]
+        }
+    }
+    cfg = from_dict(data)
+    assert [s.name for s in cfg.data.sources] == ["hh-rlhf_helpful-base_test", "llamafactory_dpo_en_demo", "custom"]
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping, got list"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_config_is_frozen_and_hash_tracks_content() -> None:
+    cfg = from_dict(_minimal())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run_name = "x"  # type: ignore[misc]
+    assert cfg.hash() == from_dict(_minimal()).hash()
+    assert cfg.hash() != from_dict(_minimal(train={"seed": 1})).hash()
+
+
+def _leaves(cls: type, prefix: str = "") -> set[str]:
+    """Every leaf key of a config dataclass, walked independently of describe()."""
+    out: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out |= _leaves(hint, f"{prefix}{f.name}.")
+        else:
+            out.add(prefix + f.name)
+            if typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (SourceConfig,):
+                out |= _leaves(SourceConfig, f"{prefix}{f.name}.<i>.")
+    return out
+
+
+def test_describe_covers_every_leaf_with_a_doc() -> None:
+    rows = describe()
+    keys = [key for key, _, _ in rows]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == _leaves(RunConfig)
+    assert "train.learning_rate" in keys and "data.sources.<i>.max_pairs" in keys
+    undocumented = [key for key, _, doc in rows if not doc.strip()]
+    assert undocumented == []
+    defaults = {key: default for key, default, _ in rows}
+    assert defaults["loss.beta"] == "0.1"
+    assert defaults["data.sources"] == "[]"
+    assert defaults["train.adam_betas"] == "(0.9, 0.999)"
