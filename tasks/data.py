@@ -12,7 +12,7 @@ from sdpo_core.stages import ChunkInfo, PreparedData
 from tasks.context import RunContext
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE, persist_result=False)
+@task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE, persist_result=False)
 def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
     """Load, normalise and validate every source; hold out the eval split."""
     from sdpo_core import stages
@@ -20,7 +20,7 @@ def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
     return stages.prepare_data(cfg, Path(run_dir) / "data")
 
 
-@task(name="partition", cache_policy=NO_CACHE, persist_result=False)
+@task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False)
 def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: str) -> list[ChunkInfo]:
     """Split the training pairs into the steps' chunks (by_source: easy to hard for M0)."""
     from sdpo_core import stages

@@ -15,7 +15,7 @@ from tasks.context import RunContext
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
 
 
-@task(name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+@task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData) -> RunContext:
     """Create the experiment if needed and the parent run; log the resolved config."""
     from tasks import tracking
@@ -41,7 +41,13 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
     return RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model)
 
 
-@task(name="register-step-0", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+@task(
+    name="register-step-0",
+    task_run_name="register-step-0-M0",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    **IO_RETRIES,
+)
 def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     """Register M0 as the version with alias step-0, so the lineage starts at the SFT model.
 

@@ -39,7 +39,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-@task(name="report", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=[2, 10])
+@task(
+    name="report",
+    task_run_name="report",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+)
 def report(ctx: RunContext, rows: list[dict]) -> str:
     """Write the table and the rows (JSON) to the run folder and the MLflow parent run."""
     from prefect import get_run_logger
