@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 DataFormat = Literal["auto", "standard", "hh", "openai", "sharegpt"]
-PartitionStrategy = Literal["by_source", "random"]
+PartitionStrategy = Literal["by_source", "random", "easy_to_hard", "sequential"]
 AccuracyForm = Literal["sum", "mean"]
 LossName = Literal["sigmoid", "ipo", "hinge", "dpop"]
 
@@ -89,12 +89,20 @@ class PartitionConfig:
 
     strategy: PartitionStrategy = "by_source"
     """by_source: one chunk per source, ordered easy to hard by M0's reward accuracy
-    (sDPO, section 3.2); random: equal chunks of the pooled, shuffled pairs (the paper's ablation)."""
+    (sDPO, section 3.2); random: chunks of the pooled, shuffled pairs (the paper's ablation);
+    easy_to_hard: the pooled pairs ordered by M0's gamma, highest (easiest) first, then cut
+    (a pair-level curriculum, future work in the paper); sequential: the pooled pairs in the
+    order given (sources in recipe order, rows in file order), then cut."""
     num_steps: int | None = None
-    """T, the number of steps. by_source: must equal the number of sources (None means that)."""
+    """T, the number of steps (1 is plain DPO). by_source: the number of sources (None means
+    that); the other strategies: None means 2, or the number of ``sizes``."""
+    sizes: tuple[float, ...] | None = None
+    """Explicit chunk sizes for random, easy_to_hard and sequential: pair counts (whole numbers,
+    summing to at most the training pairs) or fractions (summing to 1). None: equal chunks."""
     accuracy: AccuracyForm = "sum"
     """M0's reward accuracy per source: share of pairs with gamma > 0, where gamma uses summed
-    completion log-probs (sum) or mean per-token log-probs (mean, length-normalised)."""
+    completion log-probs (sum) or mean per-token log-probs (mean, length-normalised). The same
+    form orders pairs for easy_to_hard."""
     seed: int = 0
     """Seed of the random strategy's shuffle."""
 
@@ -360,6 +368,17 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"loss.label_smoothing: only applies to loss.name=sigmoid, not {loss.name}")
     if p.num_steps is not None and p.num_steps < 1:
         problems.append(f"partition.num_steps: must be at least 1, got {p.num_steps}")
+    if p.sizes is not None:
+        if p.strategy == "by_source":
+            problems.append(
+                "partition.sizes: by_source makes one chunk per source; sizes apply to the other strategies"
+            )
+        elif not p.sizes or any(x <= 0 for x in p.sizes):
+            problems.append(f"partition.sizes: must be positive numbers, got {list(p.sizes)}")
+        elif p.num_steps is not None and p.num_steps != len(p.sizes):
+            problems.append(f"partition.num_steps: {p.num_steps} does not match the {len(p.sizes)} sizes given")
+        elif not all(float(x).is_integer() for x in p.sizes) and abs(sum(p.sizes) - 1.0) > 1e-6:
+            problems.append(f"partition.sizes: fractions must sum to 1, got {sum(p.sizes):.6g}")
     if p.strategy == "by_source" and p.num_steps is not None and p.num_steps != len(d.sources):
         problems.append(
             f"partition.num_steps: by_source makes one step per source ({len(d.sources)}), got {p.num_steps}"
