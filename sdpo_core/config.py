@@ -21,7 +21,9 @@ from typing import Any, Literal
 
 import yaml
 
-DataFormat = Literal["auto", "standard", "hh", "openai", "sharegpt"]
+DataFormat = Literal["auto", "standard", "conversational", "implicit", "hh", "openai", "sharegpt", "scored"]
+SourceUse = Literal["split", "train", "eval"]
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
 PartitionStrategy = Literal["by_source", "random", "easy_to_hard", "sequential"]
 AccuracyForm = Literal["sum", "mean"]
 LossName = Literal["sigmoid", "ipo", "hinge", "dpop"]
@@ -42,15 +44,34 @@ class SourceConfig:
     """One preference data source."""
 
     path: str
-    """File to read: JSON (an array), JSON lines, optionally gzip-compressed (``.gz``)."""
+    """A file (JSON array, JSON lines, CSV, Parquet; .gz compressed JSON, JSON lines or CSV), a
+    folder of such files, a folder written by datasets' save_to_disk, or a Hugging Face hub
+    dataset id."""
     name: str = ""
     """Name of the source, used for by_source chunks and in reports (default: the file stem)."""
     format: DataFormat = "auto"
-    """Row format: standard (prompt/chosen/rejected), hh (implicit prompt transcripts),
-    openai (input.messages, preferred_output, non_preferred_output), sharegpt (conversations),
-    or auto (detected from the first row)."""
+    """Row format: standard (prompt/chosen/rejected strings), conversational (TRL's message
+    lists), implicit (only chosen/rejected; the prompt is their shared start; hh is an alias),
+    openai (input.messages, preferred_output, non_preferred_output), sharegpt (conversations,
+    chosen, rejected), scored (chosen/rejected with ratings; ties dropped), or auto (detected from
+    the first row)."""
+    split: str = "train"
+    """Split to read from a hub dataset or a save_to_disk DatasetDict."""
+    config_name: str | None = None
+    """Configuration (subset) name of a hub dataset."""
+    columns: dict[str, str] | None = None
+    """Column mapping for any other schema: {prompt, chosen, rejected, score_chosen,
+    score_rejected} -> the source's column names."""
     max_pairs: int | None = None
-    """Use at most this many pairs of the source (the first ones in file order); None for all."""
+    """Read at most this many usable pairs (the first ones in file order); None for all."""
+    sample: int | None = None
+    """Keep a seeded random sample of this many pairs (after validation); None keeps all."""
+    weight: float = 1.0
+    """Mixing weight of the source's training pairs: 2 repeats each pair twice, 0.5 keeps a seeded
+    half (a rate per source, as in data mixtures)."""
+    use: SourceUse = "split"
+    """split: hold out data.eval_fraction for evaluation, train on the rest; train: train on all;
+    eval: evaluate on all, never train."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +101,14 @@ class DataConfig:
     max_prompt_length: int = 128
     """Max prompt tokens; longer prompts keep their end (the most recent turns)."""
     seed: int = 0
-    """Seed of the held-out split."""
+    """Seed of the held-out split, the per-source samples and the weights' subsampling."""
+    skip_bad_rows: bool = False
+    """False: a row that cannot be parsed or lacks a field stops the run, naming the file and
+    line. True: such rows are skipped and counted by reason."""
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    """Prompts over max_prompt_length: truncate (keep the end) or drop the pair (counted)."""
+    min_pairs_per_step: int = 1
+    """Fewest training pairs a step may have; a run whose data leaves fewer stops before training."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +293,11 @@ def _convert(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
             choices = ", ".join(repr(a) for a in args)
             problems.append(f"{key}: {value!r} is not one of {choices}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return value
+        return {k: _convert(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -338,8 +371,20 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
     if len(set(names)) != len(names):
         problems.append(f"data.sources: source names must be unique, got {names}")
     for i, s in enumerate(d.sources):
-        if s.max_pairs is not None and s.max_pairs < 1:
-            problems.append(f"data.sources.{i}.max_pairs: must be at least 1, got {s.max_pairs}")
+        for key in ("max_pairs", "sample"):
+            value = getattr(s, key)
+            if value is not None and value < 1:
+                problems.append(f"data.sources.{i}.{key}: must be at least 1, got {value}")
+        if s.weight <= 0:
+            problems.append(f"data.sources.{i}.weight: must be positive, got {s.weight}")
+        for role in s.columns or {}:
+            if role not in COLUMN_ROLES:
+                problems.append(
+                    f"data.sources.{i}.columns.{role}: unknown column role (known: {', '.join(COLUMN_ROLES)})"
+                )
+    train_sources = [s for s in d.sources if s.use != "eval"]
+    if d.sources and not train_sources:
+        problems.append("data.sources: every source has use=eval; at least one must train")
     if not 0.0 < d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction: must be in (0, 1), got {d.eval_fraction}")
     if d.max_prompt_length >= d.max_length:
@@ -353,6 +398,7 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         ("train.logprob_chunk_rows", t.logprob_chunk_rows),
         ("train.eval_batch_size", t.eval_batch_size),
         ("data.eval_max_pairs", d.eval_max_pairs),
+        ("data.min_pairs_per_step", d.min_pairs_per_step),
     ]:
         if value < 1:
             problems.append(f"{key}: must be at least 1, got {value}")
@@ -379,9 +425,10 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
             problems.append(f"partition.num_steps: {p.num_steps} does not match the {len(p.sizes)} sizes given")
         elif not all(float(x).is_integer() for x in p.sizes) and abs(sum(p.sizes) - 1.0) > 1e-6:
             problems.append(f"partition.sizes: fractions must sum to 1, got {sum(p.sizes):.6g}")
-    if p.strategy == "by_source" and p.num_steps is not None and p.num_steps != len(d.sources):
+    if p.strategy == "by_source" and p.num_steps is not None and p.num_steps != len(train_sources):
         problems.append(
-            f"partition.num_steps: by_source makes one step per source ({len(d.sources)}), got {p.num_steps}"
+            f"partition.num_steps: by_source makes one step per training source ({len(train_sources)}), "
+            f"got {p.num_steps}"
         )
     if not cfg.run_name or any(c in cfg.run_name for c in "/\\:") or cfg.run_name.startswith("."):
         problems.append(f"run_name: must be a plain name without slashes, got {cfg.run_name!r}")
@@ -437,9 +484,9 @@ def from_dict(data: dict[str, Any], origin: str | None = None) -> RunConfig:
 
 def _default_source_name(path: str) -> str:
     name = Path(path).name
-    for suffix in (".gz", ".jsonl", ".json"):
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
         name = name.removesuffix(suffix)
-    return name
+    return name or path
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

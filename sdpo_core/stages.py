@@ -21,7 +21,7 @@ from sdpo_core.config import RunConfig
 from sdpo_core.evaluate import Scores, gamma, preference_metrics, self_reward_accuracy
 from sdpo_core.logprobs import score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
-from sdpo_core.partition import make_chunks
+from sdpo_core.partition import Partition, needs_m0_scores, partition_pairs
 from sdpo_core.train import MetricsCallback, TrainResult, train_dpo
 
 
@@ -34,7 +34,9 @@ class PreparedData:
     train_hash: str
     eval_hash: str
     counts: dict[str, dict]
-    """Per source: rows read, pairs kept, dropped by reason, train and eval pairs."""
+    """Per source: rows read, pairs kept, dropped by reason, train and eval pairs, lengths."""
+    report_path: str = ""
+    """data_report.json: the full data report (what ``sdpo data inspect`` prints)."""
 
 
 @dataclass(frozen=True)
@@ -50,29 +52,19 @@ class ChunkInfo:
 
 
 def prepare_data(cfg: RunConfig, out_dir: Path) -> PreparedData:
-    """Load every source, normalise, hold out the eval split, write train.jsonl and eval.jsonl."""
-    pairs: list[data_mod.PreferencePair] = []
-    reports = []
-    for source in cfg.data.sources:
-        loaded, report = data_mod.load_source(source)
-        reports.append(report)
-        pairs.extend(loaded)
-    train, evals = data_mod.split_eval(pairs, cfg.data)
-    counts = {
-        r.name: {
-            "format": r.format,
-            "rows": r.rows,
-            "kept": r.kept,
-            "dropped": dict(r.dropped),
-            "train": sum(p.source == r.name for p in train),
-            "eval": sum(p.source == r.name for p in evals),
-        }
-        for r in reports
-    }
+    """Read and validate every source, hold out the eval split; write train.jsonl, eval.jsonl
+    and data_report.json (what was read, kept and dropped, by source and reason)."""
+    tokenizer = load_tokenizer(cfg.model)
+    train, evals, report = data_mod.build_dataset(cfg, tokenizer)
     out_dir = Path(out_dir)
     train_hash = data_mod.write_pairs(train, out_dir / "train.jsonl")
     eval_hash = data_mod.write_pairs(evals, out_dir / "eval.jsonl")
-    return PreparedData(str(out_dir / "train.jsonl"), str(out_dir / "eval.jsonl"), train_hash, eval_hash, counts)
+    report_path = out_dir / "data_report.json"
+    report_path.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    counts = {r.name: {k: v for k, v in r.to_json().items() if k != "sample"} for r in report.sources}
+    return PreparedData(
+        str(out_dir / "train.jsonl"), str(out_dir / "eval.jsonl"), train_hash, eval_hash, counts, str(report_path)
+    )
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -143,37 +135,88 @@ def score_file(cfg: RunConfig, model_dir: str, pairs_path: str, cache_dir: Path)
 
 
 def partition(cfg: RunConfig, prepared: PreparedData, m0_dir: str, out_dir: Path, cache_dir: Path) -> list[ChunkInfo]:
-    """Split the training pairs into the steps' chunks and write each as JSON lines.
+    """Split the training pairs into the steps' chunks; write each as JSON lines, and partition.json.
 
-    For by_source, M0 scores the whole training set once; its scores of each chunk are stored
-    in the cache too, so step 1's reference log-probs are not computed again.
+    For by_source and easy_to_hard, M0 scores the whole training set once (cached); its scores
+    of each chunk are stored in the cache too, under the key :func:`score_file` uses, so step 1's
+    reference log-probs are not computed again. partition.json (see :func:`partition_record`)
+    records the strategy, M0's accuracy per source and each chunk's pair ids, in order.
     """
     train = data_mod.read_pairs(Path(prepared.train_path))
+    p = cfg.partition
     accuracy = None
     m0_scores = None
-    if cfg.partition.strategy == "by_source":
+    gammas = None
+    if needs_m0_scores(p.strategy):
         m0_scores = load_scores(score_file(cfg, m0_dir, prepared.train_path, cache_dir))
-        accuracy = {}
-        for source in dict.fromkeys(p.source for p in train):
-            idx = torch.tensor([i for i, p in enumerate(train) if p.source == source])
-            accuracy[source] = self_reward_accuracy({k: v[idx] for k, v in m0_scores.items()}, cfg.partition.accuracy)
-    chunks = make_chunks(train, cfg.partition, accuracy)
-    position = {p.id: i for i, p in enumerate(train)}
+        assert len(m0_scores["chosen"]) == len(train), "scores follow the training file row for row"
+        accuracy = source_accuracy(train, m0_scores, p.accuracy)
+        gammas = gamma(m0_scores, p.accuracy).tolist()
+    split = partition_pairs(train, p, accuracy, gammas, min_pairs=cfg.data.min_pairs_per_step)
+    position = {pair.id: i for i, pair in enumerate(train)}
     fingerprint = model_fingerprint(m0_dir)
     infos = []
-    for chunk in chunks:
+    for chunk in split.chunks:
         path = Path(out_dir) / f"step-{chunk.step}.jsonl"
         digest = data_mod.write_pairs(chunk.pairs, path)
         if m0_scores is not None:
-            idx = torch.tensor([position[p.id] for p in chunk.pairs])
+            idx = torch.tensor([position[pair.id] for pair in chunk.pairs])
             cached = Path(cache_dir) / f"{scores_key(cfg, fingerprint, path)}.safetensors"
             if not cached.is_file():
                 _save_scores({k: v[idx] for k, v in m0_scores.items()}, cached)
         infos.append(ChunkInfo(chunk.step, chunk.label, str(path), len(chunk.pairs), digest, chunk.m0_accuracy))
-    (Path(out_dir) / "partition.json").write_text(
-        json.dumps({"strategy": cfg.partition.strategy, "chunks": [asdict(i) for i in infos]}, indent=2) + "\n"
-    )
+    record = partition_record(cfg, infos, split, accuracy, len(train))
+    (Path(out_dir) / PARTITION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return infos
+
+
+PARTITION_FILE = "partition.json"
+"""The partition's record, in the chunks folder beside the step-<t>.jsonl files."""
+
+
+def source_accuracy(pairs: list[data_mod.PreferencePair], scores: Scores, form: str) -> dict[str, float]:
+    """M0's reward accuracy (share of gamma > 0) per source, in order of first appearance.
+
+    ``scores`` holds M0's scores of ``pairs``, row for row.
+    """
+    rows: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        rows.setdefault(pair.source, []).append(i)
+    return {
+        source: self_reward_accuracy({k: v[torch.tensor(idx)] for k, v in scores.items()}, form)
+        for source, idx in rows.items()
+    }
+
+
+def partition_record(
+    cfg: RunConfig, infos: list[ChunkInfo], split: Partition, accuracy: dict[str, float] | None, num_train: int
+) -> dict:
+    """What partition.json holds: the settings, M0's accuracy per source (when computed), each
+    chunk's step, label, size, content hash and pair ids in order, and the unused pairs."""
+    p = cfg.partition
+    return {
+        "strategy": p.strategy,
+        "seed": p.seed,
+        "num_steps": len(infos),
+        "sizes": list(p.sizes) if p.sizes is not None else None,
+        "accuracy_form": p.accuracy,
+        "m0_accuracy": accuracy,
+        "train_pairs": num_train,
+        "unused_pairs": len(split.unused),
+        "unused_pair_ids": [pair.id for pair in split.unused],
+        "chunks": [
+            {
+                "step": info.step,
+                "label": info.label,
+                "size": info.size,
+                "content_hash": info.content_hash,
+                "m0_accuracy": info.m0_accuracy,
+                "file": Path(info.path).name,
+                "pair_ids": [pair.id for pair in chunk.pairs],
+            }
+            for info, chunk in zip(infos, split.chunks, strict=True)
+        ],
+    }
 
 
 def train_step(

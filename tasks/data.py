@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.config import RunConfig
@@ -22,9 +22,28 @@ def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
 
 @task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False)
 def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: str) -> list[ChunkInfo]:
-    """Split the training pairs into the steps' chunks (by_source: easy to hard for M0)."""
-    from sdpo_core import stages
-    from tasks.tracking import fetch_for
+    """Split the training pairs into the steps' chunks; log partition.json to the parent run."""
+    import json
 
-    m0_dir, _ = fetch_for(ctx, m0_uri)
-    return stages.partition(cfg, prepared, m0_dir, Path(ctx.run_dir) / "chunks", ctx.cache_dir)
+    from sdpo_core import stages
+    from tasks import tracking
+
+    m0_dir, _ = tracking.fetch_for(ctx, m0_uri)
+    out_dir = Path(ctx.run_dir) / "chunks"
+    chunks = stages.partition(cfg, prepared, m0_dir, out_dir, ctx.cache_dir)
+    record_path = out_dir / stages.PARTITION_FILE
+    tracking.client(ctx.tracking_uri).log_artifact(ctx.parent_run_id, str(record_path))
+    record = json.loads(record_path.read_text())
+    logger = get_run_logger()
+    logger.info(
+        "partition %s: %s",
+        cfg.partition.strategy,
+        ", ".join(f"step {c.step} {c.label} ({c.size} pairs)" for c in chunks),
+    )
+    if record["unused_pairs"]:
+        logger.warning(
+            "%d of %d training pairs are in no chunk (partition.sizes) and are not trained on",
+            record["unused_pairs"],
+            record["train_pairs"],
+        )
+    return chunks

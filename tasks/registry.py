@@ -31,14 +31,15 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
     )
     tracking.log_params(c, parent, tracking.flatten(cfg.to_dict()))
     tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir))
-    tracking.log_yaml(
-        c,
-        parent,
-        {"counts": prepared.counts, "train_hash": prepared.train_hash, "eval_hash": prepared.eval_hash},
-        "data.yaml",
-        Path(run_dir),
-    )
+    if prepared.report_path:
+        c.log_artifact(parent, prepared.report_path)
+    tracking.log_data_sources(c, parent, prepared.counts, {s.name: source_type(s.path) for s in cfg.data.sources})
     return RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model)
+
+
+def source_type(path: str) -> str:
+    """MLflow's source type of a data source: a local path, or a Hugging Face hub id."""
+    return "local" if Path(path).expanduser().exists() else "hugging_face"
 
 
 @task(

@@ -150,3 +150,21 @@ def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
 def fetch_for(ctx: Any, uri: str) -> tuple[str, str]:
     """:func:`fetch_model` with a pipeline run's tracking URI and model cache."""
     return fetch_model(client(ctx.tracking_uri), uri, ctx.model_cache)
+
+
+def log_data_sources(c: Any, run_id: str, counts: dict[str, dict], source_types: dict[str, str]) -> None:
+    """Each source as an MLflow dataset input: its name, content hash, path and counts."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for name, info in counts.items():
+        profile = {k: info[k] for k in ("rows", "kept", "train", "eval", "dropped") if k in info}
+        dataset = Dataset(
+            name=name,
+            digest=info["content_hash"],
+            source_type=source_types.get(name, "local"),
+            source=json.dumps({"uri": redact_userinfo(info["path"]), "format": info["format"]}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")]))
+    c.log_inputs(run_id, datasets=inputs)

@@ -89,7 +89,8 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness):
     parent = c.get_run(result.parent_run_id)
     assert parent.data.params["loss.name"] == "sigmoid"
     assert parent.data.params["data.max_length"] == "96"
-    assert {a.path for a in c.list_artifacts(result.parent_run_id)} >= {"config.yaml", "report.txt"}
+    assert {a.path for a in c.list_artifacts(result.parent_run_id)} >= {"config.yaml", "report.txt", "data_report.json"}
+    assert sorted(d.dataset.name for d in parent.inputs.dataset_inputs) == ["mix", "orca"]
     step_run = c.get_run(by_alias["step-1"].run_id)
     assert step_run.data.tags["mlflow.parentRunId"] == result.parent_run_id
     history = c.get_metric_history(step_run.info.run_id, "train/loss")

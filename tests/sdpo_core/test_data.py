@@ -15,7 +15,6 @@ from sdpo_core.data import (
     DataError,
     PreferencePair,
     detect_format,
-    iter_rows,
     load_source,
     read_pairs,
     render_plain,
@@ -25,6 +24,7 @@ from sdpo_core.data import (
     write_pairs,
 )
 from sdpo_core.model_io import load_tokenizer
+from sdpo_core.sources import iter_rows
 
 REPO = Path(__file__).resolve().parents[2]
 HH = REPO / "data" / "hh-rlhf_helpful-base_test.jsonl.gz"
@@ -127,9 +127,9 @@ def test_sharegpt_rows() -> None:
     assert [m["role"] for m in multi.prompt] == ["user", "assistant", "user", "assistant", "user"]
 
 
-@pytest.mark.parametrize(("path", "fmt"), [(HH, "hh"), (ORCA, "openai"), (SHAREGPT, "sharegpt")])
+@pytest.mark.parametrize(("path", "fmt"), [(HH, "implicit"), (ORCA, "openai"), (SHAREGPT, "sharegpt")])
 def test_auto_detection_of_shipped_files(path: Path, fmt: str) -> None:
-    _, first = next(iter_rows(path))
+    _, first = next(iter_rows(_src(path, "auto")))
     assert detect_format(first) == fmt
     auto, report = load_source(_src(path, "auto", max_pairs=3))
     assert report.format == fmt
@@ -139,7 +139,11 @@ def test_auto_detection_of_shipped_files(path: Path, fmt: str) -> None:
 
 def test_detect_format_keys() -> None:
     assert detect_format({"prompt": "", "chosen": "", "rejected": ""}) == "standard"
-    assert detect_format({"chosen": "", "rejected": ""}) == "hh"
+    assert detect_format({"chosen": "", "rejected": ""}) == "implicit"
+    assert detect_format({"prompt": [], "chosen": [], "rejected": []}) == "conversational"
+    assert (
+        detect_format({"prompt": "", "chosen": "", "rejected": "", "score_chosen": 8, "score_rejected": 5}) == "scored"
+    )
     assert detect_format({"conversations": [], "chosen": {}, "rejected": {}}) == "sharegpt"
     assert detect_format({"input": {}, "preferred_output": [], "non_preferred_output": []}) == "openai"
     assert detect_format({"text": ""}) == "unknown"
