@@ -8,11 +8,12 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flows import data_inspect
 from flows.workspace import configure_environment
 
 if TYPE_CHECKING:
     from sdpo_core.config import RunConfig
-    from sdpo_core.data import SourceReport
+    from sdpo_core.data import DataReport
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run", action="store_true", help="check the config and data, print the resolved config, stop"
     )
+    data_inspect.add_parser(sub)
     convert = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("tokenizer_model", type=Path)
@@ -57,17 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def preflight(cfg: RunConfig) -> list[SourceReport]:
-    """Check the model folder and read every data source before starting Prefect.
+def preflight(cfg: RunConfig) -> DataReport:
+    """Check the model folder and read, validate and split the data before starting Prefect.
 
-    Bad input then fails in a second, with one message, before anything is tracked.
-    Returns what was read of each source.
+    Bad input then fails in seconds, with one message, before anything is tracked.
     """
-    from sdpo_core.data import load_source
-    from sdpo_core.model_io import check_model_source
+    from sdpo_core.data import build_dataset
+    from sdpo_core.model_io import check_model_source, load_tokenizer
 
     check_model_source(cfg.model)
-    return [load_source(s)[1] for s in cfg.data.sources]
+    return build_dataset(cfg, load_tokenizer(cfg.model))[2]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -76,11 +77,10 @@ def _run(args: argparse.Namespace) -> int:
     from sdpo_core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    reports = preflight(cfg)
+    report = preflight(cfg)
     if args.dry_run:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        for r in reports:
-            print(f"source {r.name}: {r.rows} rows ({r.format}), {r.kept} kept, dropped {r.dropped or 'none'}")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(data_inspect.format_report(report, cfg))
         return 0
     from flows.pipeline import sdpo_pipeline
     from tasks.tracking import redact_userinfo
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "data":
+            return data_inspect.run_inspect(args)
         from sdpo_core.convert_llama2c import convert_llama2c
 
         print(convert_llama2c(args.checkpoint, args.tokenizer_model, args.out_dir))
