@@ -198,7 +198,8 @@ def partition_record(
         "strategy": p.strategy,
         "seed": p.seed,
         "num_steps": len(infos),
-        "sizes": list(p.sizes) if p.sizes is not None else None,
+        # Whole numbers are pair counts: record them as integers.
+        "sizes": [int(x) if float(x).is_integer() else x for x in p.sizes] if p.sizes is not None else None,
         "accuracy_form": p.accuracy,
         "m0_accuracy": accuracy,
         "train_pairs": num_train,

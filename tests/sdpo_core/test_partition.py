@@ -365,7 +365,7 @@ def test_partition_stage_end_to_end(real_pairs, tmp_path: Path, monkeypatch) -> 
     """easy_to_hard with counts (6, 5) of 15 pairs: partition.json lists each chunk's pairs in
     order and the 4 unused ones; every training pair is in exactly one of them; step 1's M0
     scores are in the cache under score_file's key, so scoring step 1's reference is a cache hit."""
-    cfg = _run_cfg(strategy="easy_to_hard", sizes=(6, 5), seed=3)
+    cfg = _run_cfg(strategy="easy_to_hard", sizes=(6.0, 5.0), seed=3)  # as the config holds them
     infos, record = _stage(cfg, real_pairs, tmp_path)
 
     assert [(i.step, i.label, i.size) for i in infos] == [(1, "easy_to_hard-1", 6), (2, "easy_to_hard-2", 5)]
@@ -377,6 +377,7 @@ def test_partition_stage_end_to_end(real_pairs, tmp_path: Path, monkeypatch) -> 
         "train_pairs": 15,
         "unused_pairs": 4,
     }
+    assert all(isinstance(n, int) for n in record["sizes"]), "counts are recorded as integers"
     assert set(record["m0_accuracy"]) == {"orca", "mix", "hh"}
     for info, chunk in zip(infos, record["chunks"], strict=True):
         on_disk = read_pairs(Path(info.path))
