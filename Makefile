@@ -34,6 +34,10 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# DPO step throughput and memory against TRL's DPOTrainer (needs the test extras: trl).
+bench: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.dpo_step $(ARGS)
+
 ui-mlflow: $(VENV)/.installed-run
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(SDPO_HOME),.sdpo)/mlflow.db
 

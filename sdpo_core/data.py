@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -287,6 +288,8 @@ def _parse_scored(row: dict[str, Any]) -> tuple[str | tuple[Message, ...], str, 
                 value = float(value)
             except (TypeError, ValueError):
                 raise BadRow(NON_STRING_FIELD, f"field {key!r} must be a number, got {value!r}") from None
+        if math.isnan(value):
+            raise BadRow(MISSING_FIELD, f"field {key!r} is NaN, not a rating")
         scores.append(float(value))
     parsed = _parse_standard(row) if "prompt" in row else _parse_implicit(row)
     if scores[0] == scores[1]:
@@ -359,7 +362,9 @@ class SourceReport:
         return asdict(self)
 
 
-def load_source(source: SourceConfig, skip_bad_rows: bool = False) -> tuple[list[PreferencePair], SourceReport]:
+def load_source(
+    source: SourceConfig, skip_bad_rows: bool = False, seed: int = 0
+) -> tuple[list[PreferencePair], SourceReport]:
     """Read, normalise and validate one source.
 
     A row that cannot be parsed or lacks a field raises a DataError naming the file and line,
@@ -383,6 +388,9 @@ def load_source(source: SourceConfig, skip_bad_rows: bool = False) -> tuple[list
                     row = _map_columns(row, source.columns)
                 if fmt == "auto":
                     fmt = detect_format(row)
+                    if fmt == "unknown" and skip_bad_rows:
+                        fmt = "auto"  # count this row, detect the format from the next one
+                        raise BadRow(MISSING_FIELD, f"cannot tell the data format from the fields {sorted(row)}")
                     if fmt == "unknown":
                         raise DataError(
                             f"{place}: cannot tell the data format from the fields {sorted(row)}; "
@@ -421,7 +429,7 @@ def load_source(source: SourceConfig, skip_bad_rows: bool = False) -> tuple[list
             f"{source.path}: no usable pairs ({report.rows} rows read, dropped: {report.dropped or 'none'})"
         )
     if source.sample is not None and source.sample < len(pairs):
-        rng = random.Random(f"sample:{source.name}")
+        rng = random.Random(f"sample:{seed}:{source.name}")
         keep = set(rng.sample(range(len(pairs)), source.sample))
         pairs = [p for i, p in enumerate(pairs) if i in keep]
     report.kept = len(pairs)
@@ -617,7 +625,7 @@ def build_dataset(cfg: Any, tokenizer: Any) -> tuple[list[PreferencePair], list[
     d = cfg.data
     loaded: list[tuple[SourceConfig, list[PreferencePair], SourceReport]] = []
     for source in d.sources:
-        pairs, report = load_source(source, d.skip_bad_rows)
+        pairs, report = load_source(source, d.skip_bad_rows, d.seed)
         loaded.append((source, pairs, report))
     to_split = [p for s, pairs, _ in loaded if s.use == "split" for p in pairs]
     split_train, split_eval_pairs = split_eval(to_split, d) if to_split else ([], [])

@@ -17,6 +17,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,21 @@ from typing import Any
 from sdpo_core.config import SourceConfig
 
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".json.gz", ".jsonl.gz", ".ndjson.gz", ".csv.gz")
+# A missing path with one of these suffixes is a missing file, not a hub dataset id.
+FILE_SUFFIXES = {
+    ".json",
+    ".jsonl",
+    ".ndjson",
+    ".csv",
+    ".parquet",
+    ".gz",
+    ".txt",
+    ".tsv",
+    ".xlsx",
+    ".xls",
+    ".zip",
+    ".arrow",
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -44,8 +60,9 @@ Row = tuple[str, Any]
 
 def _open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")  # type: ignore[return-value]
+    # utf-8-sig: a byte order mark (Excel's "CSV UTF-8", Notepad) is not part of the data.
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _iter_json(path: Path) -> Iterator[Row]:
@@ -157,21 +174,41 @@ def iter_rows(source: SourceConfig) -> Iterator[Row]:
                 _pick_split(load_from_disk(str(path)), source, str(path)), f"{path} [{source.split}]"
             )
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(SUFFIXES))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(SUFFIXES) and not _is_hidden(p, path)
+            )
             if not files:
                 raise SourceError(f"{path}: the folder holds no data files ({', '.join(SUFFIXES)})")
             for f in files:
                 yield from _iter_file(f)
-        elif HUB_ID.match(source.path) and not source.path.lower().endswith(SUFFIXES):
+        elif HUB_ID.match(source.path) and Path(source.path).suffix.lower() not in FILE_SUFFIXES:
             yield from _iter_hub(source)
         else:
             raise SourceError(f"{path}: data file not found")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except (gzip.BadGzipFile, EOFError) as exc:
+        # The decoder's offset is within its current block: find the byte in the whole file.
+        raise SourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {_bad_utf8_offset(path)})") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise SourceError(f"{path}: broken gzip file: {exc}") from None
     except csv.Error as exc:
         raise SourceError(f"{path}: not valid CSV: {exc}") from None
+
+
+def _bad_utf8_offset(path: Path) -> int | None:
+    """Offset of the first byte that is not UTF-8 in a (possibly gzip) file."""
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return None
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    """Hidden files and folders (.ipynb_checkpoints, macOS ._ files) are not data."""
+    return any(part.startswith((".", "__")) for part in path.relative_to(root).parts)
 
 
 def _iter_hub(source: SourceConfig) -> Iterator[Row]:

@@ -1,0 +1,450 @@
+"""One DPO step, sdpo against TRL's DPOTrainer, side by side: ``python -m benchmarks.dpo_step``.
+
+Each variant trains the same model on the same token ids with the same hyperparameters, each in
+its own process (so peak memory is the process's own), alternating, after a warm-up pass:
+
+- ``sdpo``: reference log-probs computed once with the frozen model, then the training loop
+  (``sdpo_core.logprobs.score_pairs`` + ``sdpo_core.train.train_dpo``); both are timed.
+- ``trl``: TRL's DPOTrainer with its reference model held in memory (its default).
+- ``trl_precompute``: TRL's DPOTrainer with ``precompute_ref_log_probs=True``; the precompute,
+  done when the trainer is built, is timed.
+
+Both get the pairs as token ids (TRL's own text preprocessing is bypassed, so neither side
+tokenizes differently) and see the same batches in the same order (TRL reads the pairs in
+sdpo's seeded batch order with a sequential sampler), so their losses are comparable.
+
+Reported per variant: pairs/s and tokens/s of the whole step, peak resident memory (ru_maxrss),
+the first and last losses, and model FLOP utilisation: (6 N tokens for the policy + 2 N tokens for
+the reference pass) / time, over this machine's measured matrix-multiply rate in the same dtype.
+Writes JSON (``--out``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("sdpo", "trl", "trl_precompute")
+# Model sizes: the shipped model, a ~20M-parameter Llama built from its config (random weights),
+# and a ~0.5B one for GPUs. Random weights are fine for speed; the losses still compare.
+SIZES: dict[str, dict[str, int] | None] = {
+    "tiny": None,
+    "20m": {
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 7,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+    "0.5b": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+    },
+}
+DATA = [
+    ("data/orca_dpo_pairs_validation_msfoundry.jsonl", "openai"),
+    ("data/llamafactory_dpo_en_demo.json", "sharegpt"),
+    ("data/hh-rlhf_helpful-base_test.jsonl.gz", "hh"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one variant, one size, in its own process
+
+
+def build_model(size: str, dtype: Any, device: str) -> Any:
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    tiny = REPO / "models" / "stories260K"
+    if SIZES[size] is None:
+        return LlamaForCausalLM.from_pretrained(tiny, dtype=dtype, use_safetensors=True).to(device)
+    config = AutoConfig.from_pretrained(tiny)
+    for key, value in SIZES[size].items():
+        setattr(config, key, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype=dtype, device=device)
+
+
+def real_pairs(n: int, max_length: int, max_prompt_length: int, vocab_size: int) -> list[Any]:
+    """n real pairs, tokenized by the shipped tokenizer, alternating over the three shipped sets.
+
+    For a model with a larger vocabulary the ids are the same (they fit): only speed matters there.
+    """
+    from sdpo_core.config import DataConfig, ModelConfig, SourceConfig
+    from sdpo_core.data import load_source, tokenize_pair
+    from sdpo_core.model_io import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(REPO / "models" / "stories260K")))
+    cfg = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length)
+    per_source = [
+        load_source(SourceConfig(path=str(REPO / p), name=f, format=f), skip_bad_rows=True)[0] for p, f in DATA
+    ]
+    pairs = []
+    for i in range(n):
+        src = per_source[i % len(per_source)]
+        pairs.append(tokenize_pair(src[i // len(per_source)], tok, cfg))
+    assert max(max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in pairs) < vocab_size
+    return pairs
+
+
+def warm_up(model: Any, pairs: list[Any], pad_id: int, device: str) -> None:
+    """One forward and backward pass on two pairs, gradients dropped."""
+    from sdpo_core.logprobs import collate_pairs
+
+    batch = collate_pairs(pairs[:2], pad_id).to(device)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    out.logits.float().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def run_sdpo(
+    model: Any, pairs: list[Any], pad_id: int, args: argparse.Namespace, train_cfg: Any, loss_cfg: Any
+) -> list[float]:
+    from sdpo_core.logprobs import score_pairs
+    from sdpo_core.train import train_dpo
+
+    ref = score_pairs(model, pairs, pad_id, args.batch_size, train_cfg.logprob_chunk_rows, args.device)
+    result = train_dpo(model, pairs, ref, pad_id, train_cfg, loss_cfg, args.device)
+    return [h["loss"] for h in result.history]
+
+
+def run_trl(
+    model: Any, pairs: list[Any], pad_id: int, args: argparse.Namespace, train_cfg: Any, precompute: bool
+) -> list[float]:
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from sdpo_core.config import ModelConfig
+    from sdpo_core.model_io import load_tokenizer
+    from sdpo_core.train import batch_plan
+
+    # TRL reads the pairs in sdpo's batch order, so both see the same batches.
+    order = [i for step in batch_plan(len(pairs), train_cfg) for mb in step for i in mb]
+    rows = [
+        {"prompt_ids": pairs[i].prompt_ids, "chosen_ids": pairs[i].chosen_ids, "rejected_ids": pairs[i].rejected_ids}
+        for i in order
+    ]
+    dataset = datasets.Dataset.from_list(rows)
+    # The ids are given: skip TRL's text preprocessing (extract prompt, add EOS, tokenize).
+    DPOTrainer._prepare_dataset = lambda self, ds, *a, **k: ds  # type: ignore[method-assign]
+    config = DPOConfig(
+        output_dir=str(Path(args.scratch) / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=train_cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=train_cfg.max_grad_norm,
+        num_train_epochs=1,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=None,
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=args.batch_size,
+        bf16=args.dtype == "bfloat16",
+        fp16=False,
+        gradient_checkpointing=False,
+        activation_checkpointing=False,
+        padding_free=False,
+        use_cpu=args.device == "cpu",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=train_cfg.seed,
+        dataloader_num_workers=0,
+    )
+    losses: list[float] = []
+
+    class Record(TrainerCallback):
+        def on_log(self, _args, _state, _control, logs=None, **_):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(REPO / "models" / "stories260K")))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None if precompute else copy.deepcopy(model).eval(),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[Record()],
+    )
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer.train()
+    return losses
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sdpo_core.config import LossConfig, TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.size, dtype, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    pad_id = 2  # EOS of the shipped tokenizer, as load_tokenizer sets it
+    pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
+    train_cfg = TrainConfig(
+        micro_batch_size=args.batch_size,
+        grad_accum_steps=1,
+        learning_rate=args.lr,
+        warmup_ratio=0.0,
+        max_grad_norm=1.0,
+        seed=0,
+        device=args.device,
+    )
+    if args.variant == "sdpo" and args.chunk_rows:
+        train_cfg = replace(train_cfg, logprob_chunk_rows=args.chunk_rows)
+    loss_cfg = LossConfig(name="sigmoid", beta=args.beta)
+    warm_up(model, pairs, pad_id, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if args.variant == "sdpo":
+        losses = run_sdpo(model, pairs, pad_id, args, train_cfg, loss_cfg)
+    else:
+        losses = run_trl(model, pairs, pad_id, args, train_cfg, precompute=args.variant == "trl_precompute")
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    out = {
+        "variant": args.variant,
+        "size": args.size,
+        "params": n_params,
+        "pairs": len(pairs),
+        "tokens": tokens,
+        "seconds": seconds,
+        "pairs_per_s": len(pairs) / seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        # Policy: forward and backward (6 N per token); reference: one forward (2 N per token).
+        "train_flops": (6 + 2) * n_params * tokens,
+    }
+    if args.device.startswith("cuda"):
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def matmul_rate(device: str, dtype_name: str, n: int = 1024, seconds: float = 2.0) -> float:
+    """This machine's measured dense matrix-multiply rate, FLOP/s, in the given dtype."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.dpo_step",
+        "--worker",
+        variant,
+        "--size",
+        size,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--pairs",
+        str(args.pairs),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--max-prompt-length",
+        str(args.max_prompt_length),
+        "--lr",
+        str(args.lr),
+        "--beta",
+        str(args.beta),
+        "--scratch",
+        args.scratch,
+        "--threads",
+        str(args.threads or 0),
+        "--chunk-rows",
+        str(args.chunk_rows or 0),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant}/{size} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, Any]]:
+    """Median over repeats per variant, with MFU."""
+    out = {}
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        if not mine:
+            continue
+        med = {
+            k: statistics.median(r[k] for r in mine) for k in ("seconds", "pairs_per_s", "tokens_per_s", "peak_rss_mib")
+        }
+        med["final_loss"] = mine[0]["final_loss"]
+        med["first_loss"] = mine[0]["first_loss"]
+        med["losses"] = mine[0]["losses"]
+        med["mfu"] = mine[0]["train_flops"] / med["seconds"] / rate
+        med["params"] = mine[0]["params"]
+        med["tokens"] = mine[0]["tokens"]
+        if "peak_gpu_mib" in mine[0]:
+            med["peak_gpu_mib"] = statistics.median(r["peak_gpu_mib"] for r in mine)
+        out[variant] = med
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = []
+    head = f"{'size':<6} {'variant':<16} {'pairs/s':>9} {'tokens/s':>10} {'peak RSS MiB':>13} {'MFU':>7} {'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9}"
+    lines += [head, "-" * len(head)]
+    for size, per in results["sizes"].items():
+        for variant, r in per["variants"].items():
+            ratios = per["ratios"].get(variant, {})
+            lines.append(
+                f"{size:<6} {variant:<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.0f} {r['peak_rss_mib']:>13.0f} "
+                f"{r['mfu']:>7.2%} {r['final_loss']:>11.5f} {ratios.get('speed_vs_trl', float('nan')):>6.2f} "
+                f"{ratios.get('speed_vs_trl_precompute', float('nan')):>9.2f} {ratios.get('memory_vs_trl', float('nan')):>9.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dpo_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,20m", help="comma-separated: tiny, 20m, 0.5b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--pairs", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--max-prompt-length", type=int, default=96)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--chunk-rows", type=int, default=0, help="sdpo's logprob_chunk_rows (0: default)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default="benchmarks/results/dpo_step.json")
+    parser.add_argument("--scratch", default="/tmp/sdpo-bench")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.variant = args.worker
+        print(json.dumps(worker(args)))
+        return 0
+
+    import torch
+
+    rate = matmul_rate(args.device, args.dtype)
+    variants = [v for v in args.variants.split(",") if v]
+    results: dict[str, Any] = {
+        "command": "python -m benchmarks.dpo_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "matmul_flops": rate,
+            "dtype": args.dtype,
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in ("pairs", "batch_size", "max_length", "max_prompt_length", "lr", "beta", "repeats", "threads")
+        },
+        "sizes": {},
+    }
+    for size in args.sizes.split(","):
+        runs = []
+        for rnd in range(args.repeats):
+            # Alternate the order each round, so no variant always runs first or last.
+            order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
+            for variant in order:
+                run = spawn(args, variant, size)
+                print(
+                    f"{size} {variant}: {run['pairs_per_s']:.2f} pairs/s, {run['peak_rss_mib']:.0f} MiB, loss {run['final_loss']:.5f}",
+                    file=sys.stderr,
+                )
+                runs.append(run)
+        per = summarise(runs, rate)
+        ratios = {}
+        if "sdpo" in per:
+            ours = per["sdpo"]
+            r = {}
+            if "trl" in per:
+                r["speed_vs_trl"] = ours["pairs_per_s"] / per["trl"]["pairs_per_s"]
+                r["memory_vs_trl"] = ours["peak_rss_mib"] / per["trl"]["peak_rss_mib"]
+                r["max_loss_diff_vs_trl"] = max(
+                    abs(a - b) for a, b in zip(ours["losses"], per["trl"]["losses"], strict=True)
+                )
+            if "trl_precompute" in per:
+                r["speed_vs_trl_precompute"] = ours["pairs_per_s"] / per["trl_precompute"]["pairs_per_s"]
+                r["memory_vs_trl_precompute"] = ours["peak_rss_mib"] / per["trl_precompute"]["peak_rss_mib"]
+                r["max_loss_diff_vs_trl_precompute"] = max(
+                    abs(a - b) for a, b in zip(ours["losses"], per["trl_precompute"]["losses"], strict=True)
+                )
+            ratios["sdpo"] = r
+        results["sizes"][size] = {"variants": per, "ratios": ratios}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s ({args.dtype}, {results['machine']['device']}); JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
