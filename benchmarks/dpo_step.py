@@ -121,7 +121,9 @@ def run_sdpo(
     from sdpo_core.logprobs import score_pairs
     from sdpo_core.train import train_dpo
 
-    ref = score_pairs(model, pairs, pad_id, args.batch_size, train_cfg.logprob_chunk_rows, args.device)
+    ref = score_pairs(
+        model, pairs, pad_id, args.batch_size, train_cfg.logprob_chunk_rows, args.device, train_cfg.shared_prompt
+    )
     result = train_dpo(model, pairs, ref, pad_id, train_cfg, loss_cfg, args.device)
     return [h["loss"] for h in result.history]
 
@@ -216,8 +218,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         seed=0,
         device=args.device,
     )
-    if args.variant == "sdpo" and args.chunk_rows:
+    if args.chunk_rows:
         train_cfg = replace(train_cfg, logprob_chunk_rows=args.chunk_rows)
+    if args.pass_tokens:
+        train_cfg = replace(train_cfg, max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
     loss_cfg = LossConfig(name="sigmoid", beta=args.beta)
     warm_up(model, pairs, pad_id, args.device)
     if args.device.startswith("cuda"):
@@ -308,6 +312,8 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
         str(args.threads or 0),
         "--chunk-rows",
         str(args.chunk_rows or 0),
+        "--pass-tokens",
+        str(args.pass_tokens or 0),
     ]
     env = {
         **os.environ,
@@ -373,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--chunk-rows", type=int, default=0, help="sdpo's logprob_chunk_rows (0: default)")
+    parser.add_argument(
+        "--pass-tokens", type=int, default=0, help="sdpo's max_pass_tokens (0: default, -1: one pass per micro-batch)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default="benchmarks/results/dpo_step.json")
     parser.add_argument("--scratch", default="/tmp/sdpo-bench")

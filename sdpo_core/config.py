@@ -177,6 +177,14 @@ class TrainConfig:
     """Seed of shuffling and initialisation; a CPU run with the same seed repeats exactly."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
+    shared_prompt: bool = True
+    """Compute each pair's prompt once for both completions (one row [prompt|chosen|rejected]
+    with a 4-D attention mask) instead of two padded rows; the log-probs are the same. Needs an
+    attention implementation that takes 4-D masks (eager, sdpa); set false for others."""
+    max_pass_tokens: int | None = 1024
+    """Padded tokens per forward/backward pass: each micro-batch is cut into length-sorted passes
+    of at most this many tokens (2 x pairs x longest row). Same update, less padding and less
+    activation memory; None runs each micro-batch in one pass."""
     logprob_chunk_rows: int = 2048
     """Completion tokens per chunk of the output projection and log-softmax."""
     eval_batch_size: int = 16
@@ -396,6 +404,7 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         ("train.micro_batch_size", t.micro_batch_size),
         ("train.grad_accum_steps", t.grad_accum_steps),
         ("train.logprob_chunk_rows", t.logprob_chunk_rows),
+        ("train.max_pass_tokens", t.max_pass_tokens or 1),
         ("train.eval_batch_size", t.eval_batch_size),
         ("data.eval_max_pairs", d.eval_max_pairs),
         ("data.min_pairs_per_step", d.min_pairs_per_step),

@@ -46,10 +46,67 @@ class PairBatch:
     def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask)))
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sequence, row, predicting position, label) of every scored token, each (N,)."""
+        rows, cols = self.completion_mask[:, 1:].bool().nonzero(as_tuple=True)  # token t+1 is predicted at t
+        return rows, rows, cols, self.input_ids[rows, cols + 1]
+
+
+@dataclass(frozen=True)
+class SharedPromptBatch:
+    """B pairs as B rows ``[prompt | chosen | rejected | pad]``: the prompt is computed once.
+
+    A 4-D attention mask lets the rejected tokens see the prompt and themselves but not the
+    chosen tokens, and their positions continue from the prompt, so each completion's
+    log-probs are those of ``prompt + completion`` alone; the first rejected token is predicted
+    from the last prompt position, like the first chosen one.
+
+    Attributes:
+        input_ids: (B, T) token ids, padded with the pad id.
+        attention_mask: (B, 1, T, T) True where a query position may attend to a key position.
+        position_ids: (B, T) positions within prompt + completion.
+        seq, row, pos, labels: (N,) for every scored token: its sequence (chosen of pair i is i,
+            rejected is B + i), its row, the position whose hidden state predicts it, the token.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    seq: torch.Tensor
+    row: torch.Tensor
+    pos: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> SharedPromptBatch:
+        return SharedPromptBatch(*(t.to(device) for t in vars(self).values()))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.seq, self.row, self.pos, self.labels
+
+
+Batch = PairBatch | SharedPromptBatch
+
 
 def pair_length(pair: TokenizedPair) -> int:
     """Width of the pair's longer row."""
     return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
+def pass_tokens(pair: TokenizedPair, shared_prompt: bool) -> tuple[int, int]:
+    """(rows, row width) a pair takes in a batch of either layout."""
+    if shared_prompt:
+        return 1, len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    return 2, pair_length(pair)
 
 
 def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
@@ -65,6 +122,42 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
         attention_mask[i, : n_p + n_c] = 1
         completion_mask[i, n_p : n_p + n_c] = 1
     return PairBatch(input_ids, attention_mask, completion_mask)
+
+
+def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptBatch:
+    """Lay out pairs as B rows ``[prompt | chosen | rejected]`` with a 4-D attention mask."""
+    b = len(pairs)
+    width = max(pass_tokens(p, True)[1] for p in pairs)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    seq, row, pos, labels = [], [], [], []
+    for i, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        end = n_p + n_c + n_r
+        input_ids[i, :end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        position_ids[i, : n_p + n_c] = torch.arange(n_p + n_c)
+        position_ids[i, n_p + n_c : end] = torch.arange(n_p, n_p + n_r)
+        position_ids[i, end:] = torch.arange(width - end)  # padding: any valid position
+        mask[i, 0, :end, :end] = causal[:end, :end]
+        mask[i, 0, n_p + n_c : end, n_p : n_p + n_c] = False  # rejected does not see chosen
+        mask[i, 0, end:, :] = causal[end:, :]  # padding rows attend causally (never scored)
+        # Token k of a completion is predicted at the position before it; the first token of
+        # either completion at the last prompt position.
+        for offset, n, s in ((n_p, n_c, i), (n_p + n_c, n_r, b + i)):
+            predictors = [n_p - 1] + list(range(offset, offset + n - 1))
+            seq.extend([s] * n)
+            row.extend([i] * n)
+            pos.extend(predictors[:n])
+            labels.extend(input_ids[i, offset : offset + n].tolist())
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return SharedPromptBatch(input_ids, mask, position_ids, as_long(seq), as_long(row), as_long(pos), as_long(labels))
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, shared_prompt: bool) -> Batch:
+    """The batch layout for ``shared_prompt``."""
+    return collate_shared(pairs, pad_id) if shared_prompt else collate_pairs(pairs, pad_id)
 
 
 def token_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_rows: int) -> torch.Tensor:
@@ -105,35 +198,31 @@ def _has_plain_head(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def completion_logps(
-    model: torch.nn.Module, batch: PairBatch, chunk_rows: int = 2048
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and completion token counts for each row.
+def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion token counts for each sequence.
 
     Args:
         model: a Hugging Face causal LM.
-        batch: R rows (2B for B pairs), on the model's device.
+        batch: B pairs in either layout, on the model's device.
         chunk_rows: completion tokens per chunk of the output projection.
 
     Returns:
-        logps: (R,) float32, sum over completion tokens of log p(token | previous tokens).
-        tokens: (R,) number of completion tokens per row.
+        logps: (2B,) float32, sum over completion tokens of log p(token | prompt, earlier
+            tokens); chosen sequences first, then rejected.
+        tokens: (2B,) number of completion tokens per sequence.
     """
-    target = batch.completion_mask[:, 1:].bool()  # (R, T-1): token t+1 is predicted at t
-    rows, cols = target.nonzero(as_tuple=True)  # (N,), (N,)
-    labels = batch.input_ids[:, 1:][rows, cols]  # (N,)
+    seq, rows, cols, labels = batch.targets()  # (N,) each
     if _has_plain_head(model):
-        out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1][rows, cols]  # (N, D)
+        out = model.get_decoder()(**batch.model_inputs(), use_cache=False)
+        hidden = out.last_hidden_state[rows, cols]  # (N, D)
         per_token = token_logps(hidden, labels, model.get_output_embeddings(), chunk_rows)
     else:
         # Models that post-process their logits: take them as the model gives them.
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        picked = logits[:, :-1][rows, cols]  # (N, V)
-        per_token = token_logps(picked, labels, torch.nn.Identity(), chunk_rows)
-    num_rows = batch.input_ids.shape[0]
-    logps = torch.zeros(num_rows, dtype=torch.float32, device=per_token.device).index_add(0, rows, per_token)
-    tokens = torch.bincount(rows, minlength=num_rows)
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+        per_token = token_logps(logits[rows, cols], labels, torch.nn.Identity(), chunk_rows)  # (N, V) in
+    num_seqs = 2 * batch.num_pairs
+    logps = torch.zeros(num_seqs, dtype=torch.float32, device=per_token.device).index_add(0, seq, per_token)
+    tokens = torch.bincount(seq, minlength=num_seqs)
     return logps, tokens
 
 
@@ -145,8 +234,11 @@ def score_pairs(
     batch_size: int,
     chunk_rows: int = 2048,
     device: torch.device | str = "cpu",
+    shared_prompt: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Forward-only log-probs of every pair, in batches (used for reference log-probs and eval).
+
+    ``shared_prompt`` picks the batch layout (:class:`SharedPromptBatch` or :class:`PairBatch`).
 
     Returns:
         ``chosen`` and ``rejected`` (N,) summed log-probs; ``chosen_tokens`` and
@@ -159,10 +251,10 @@ def score_pairs(
     model.eval()
     chosen, rejected, n_chosen, n_rejected = [], [], [], []
     # Length-sorted batches pad less; results are put back in the original order.
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
+    order = sorted(range(len(pairs)), key=lambda i: pass_tokens(pairs[i], shared_prompt)[1])
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = collate_pairs([pairs[i] for i in idx], pad_id).to(device)
+        batch = collate([pairs[i] for i in idx], pad_id, shared_prompt).to(device)
         logps, tokens = completion_logps(model, batch, chunk_rows)
         b = len(idx)
         chosen.append(logps[:b].cpu())

@@ -128,7 +128,13 @@ def score_file(cfg: RunConfig, model_dir: str, pairs_path: str, cache_dir: Path)
     model = load_model(cfg.model, model_dir, device)
     pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(pairs_path)), tokenizer, cfg.data)
     scores = score_pairs(
-        model, pairs, pad_id(tokenizer), cfg.train.eval_batch_size, cfg.train.logprob_chunk_rows, device
+        model,
+        pairs,
+        pad_id(tokenizer),
+        cfg.train.eval_batch_size,
+        cfg.train.logprob_chunk_rows,
+        device,
+        cfg.train.shared_prompt,
     )
     _save_scores(scores, out)
     return str(out)

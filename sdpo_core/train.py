@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sdpo_core.config import LossConfig, TrainConfig
-from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps
+from sdpo_core.logprobs import TokenizedPair, collate, completion_logps, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -67,6 +67,31 @@ def batch_plan(num_pairs: int, cfg: TrainConfig) -> list[list[list[int]]]:
     return plan
 
 
+def split_by_tokens(
+    ids: list[int], pairs: Sequence[TokenizedPair], max_tokens: int | None, shared_prompt: bool = True
+) -> list[list[int]]:
+    """Split a micro-batch into length-sorted passes of at most ``max_tokens`` padded tokens.
+
+    A pass pads its rows to its longest row. Sorting by length first means short pairs are not
+    padded to long ones, and a token budget bounds the activations of one pass. The loss is a sum
+    over pairs, so the gradient of the micro-batch does not change (only the order of
+    floating-point additions does). A pair longer than the budget gets a pass of its own.
+    """
+    if max_tokens is None:
+        return [ids]
+    ordered = sorted(ids, key=lambda i: pass_tokens(pairs[i], shared_prompt)[1])
+    passes: list[list[int]] = []
+    current: list[int] = []
+    for i in ordered:
+        rows, width = pass_tokens(pairs[i], shared_prompt)  # sorted: the newest pair is the widest
+        if current and rows * (len(current) + 1) * width > max_tokens:
+            passes.append(current)
+            current = []
+        current.append(i)
+    passes.append(current)
+    return passes
+
+
 def train_dpo(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
@@ -110,8 +135,13 @@ def train_dpo(
     for step, micro_batches in enumerate(plan, start=1):
         n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
         sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll"), 0.0)
-        for ids in micro_batches:
-            batch = collate_pairs([pairs[i] for i in ids], pad_id).to(device)
+        passes = [
+            piece
+            for mb in micro_batches
+            for piece in split_by_tokens(mb, pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
+        ]
+        for ids in passes:
+            batch = collate([pairs[i] for i in ids], pad_id, train_cfg.shared_prompt).to(device)
             logps, tokens = completion_logps(model, batch, train_cfg.logprob_chunk_rows)  # (2b,)
             b = len(ids)
             idx = torch.tensor(ids)
@@ -120,8 +150,8 @@ def train_dpo(
             nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
             if loss_cfg.nll_weight:
                 losses = losses + loss_cfg.nll_weight * nll
-            # Sum over the micro-batch divided by the optimizer step's pair count: the update is
-            # the same for any split of the step into micro-batches.
+            # Sum over the pass divided by the optimizer step's pair count: the update is the same
+            # for any split of the step into micro-batches and passes.
             (losses.sum() / n_step).backward()
             r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
             sums["loss"] += losses.detach().sum().item()
