@@ -13,9 +13,11 @@ Both get the pairs as token ids (TRL's own text preprocessing is bypassed, so ne
 tokenizes differently) and see the same batches in the same order (TRL reads the pairs in
 sdpo's seeded batch order with a sequential sampler), so their losses are comparable.
 
-Reported per variant: pairs/s and tokens/s of the whole step, peak resident memory (ru_maxrss),
-the first and last losses, and model FLOP utilisation: (6 N tokens for the policy + 2 N tokens for
-the reference pass) / time, over this machine's measured matrix-multiply rate in the same dtype.
+Reported per variant: pairs/s and tokens/s of the whole step (tokens as DPO lays them out, the
+prompt once per completion), peak resident memory (ru_maxrss), the first and last losses, and
+model FLOP utilisation: (6 N tokens for the policy + 2 N tokens for the reference pass) / time,
+over this machine's measured matrix-multiply rate in the same dtype, with tokens counted once
+per pair (prompt + chosen + rejected) for every variant, so sharing the prompt earns no MFU.
 Writes JSON (``--out``) and prints a table.
 """
 
@@ -222,6 +224,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         train_cfg = replace(train_cfg, logprob_chunk_rows=args.chunk_rows)
     if args.pass_tokens:
         train_cfg = replace(train_cfg, max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
+    train_cfg = replace(train_cfg, shared_prompt=args.layout == "shared")
     loss_cfg = LossConfig(name="sigmoid", beta=args.beta)
     warm_up(model, pairs, pad_id, args.device)
     if args.device.startswith("cuda"):
@@ -235,7 +238,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    # Tokens as DPO lays them out (the prompt once per completion): what tokens/s counts.
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    # Distinct tokens (the prompt once): the model FLOPs a pair needs, whatever the layout.
+    unique_tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     out = {
         "variant": args.variant,
         "size": args.size,
@@ -249,8 +255,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
+        "unique_tokens": unique_tokens,
         # Policy: forward and backward (6 N per token); reference: one forward (2 N per token).
-        "train_flops": (6 + 2) * n_params * tokens,
+        # Counted on distinct tokens, so computing the prompt once earns no extra MFU.
+        "train_flops": (6 + 2) * n_params * unique_tokens,
     }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -314,6 +322,8 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
         str(args.chunk_rows or 0),
         "--pass-tokens",
         str(args.pass_tokens or 0),
+        "--layout",
+        args.layout,
     ]
     env = {
         **os.environ,
@@ -382,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pass-tokens", type=int, default=0, help="sdpo's max_pass_tokens (0: default, -1: one pass per micro-batch)"
     )
+    parser.add_argument("--layout", choices=["shared", "padded"], default="shared", help="sdpo's batch layout")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default="benchmarks/results/dpo_step.json")
     parser.add_argument("--scratch", default="/tmp/sdpo-bench")

@@ -178,9 +178,11 @@ def token_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Modul
         return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     outs = []
+    # With a single chunk the logits are as small as a chunk anyway: no need to recompute them.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[0] > chunk_rows
     for start in range(0, hidden.shape[0], chunk_rows):
         h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             outs.append(checkpoint(chunk_logps, h, y, use_reentrant=False))
         else:
             outs.append(chunk_logps(h, y))
