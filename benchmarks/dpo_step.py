@@ -361,16 +361,23 @@ def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, An
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = []
-    head = f"{'size':<6} {'variant':<16} {'pairs/s':>9} {'tokens/s':>10} {'peak RSS MiB':>13} {'MFU':>7} {'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9}"
-    lines += [head, "-" * len(head)]
+    """The results as a text table; ratios are sdpo's against each TRL variant."""
+    head = (
+        f"{'size':<6} {'variant':<16} {'pairs/s':>9} {'tokens/s':>10} {'peak RSS MiB':>13} {'MFU':>7} "
+        f"{'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9}"
+    )
+    lines = [head, "-" * len(head)]
+
+    def ratio(value: float | None, width: int) -> str:
+        return f"{value:>{width}.2f}" if value is not None else f"{'':>{width}}"
+
     for size, per in results["sizes"].items():
         for variant, r in per["variants"].items():
             ratios = per["ratios"].get(variant, {})
             lines.append(
                 f"{size:<6} {variant:<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.0f} {r['peak_rss_mib']:>13.0f} "
-                f"{r['mfu']:>7.2%} {r['final_loss']:>11.5f} {ratios.get('speed_vs_trl', float('nan')):>6.2f} "
-                f"{ratios.get('speed_vs_trl_precompute', float('nan')):>9.2f} {ratios.get('memory_vs_trl', float('nan')):>9.2f}"
+                f"{r['mfu']:>7.2%} {r['final_loss']:>11.5f} {ratio(ratios.get('speed_vs_trl'), 6)} "
+                f"{ratio(ratios.get('speed_vs_trl_precompute'), 9)} {ratio(ratios.get('memory_vs_trl'), 9)}"
             )
     return "\n".join(lines)
 
