@@ -189,6 +189,11 @@ class TrainConfig:
     """Completion tokens per chunk of the output projection and log-softmax."""
     eval_batch_size: int = 16
     """Pairs per batch when scoring (reference log-probs, evaluation)."""
+    num_processes: int = 1
+    """Data-parallel processes for a train step; above 1 the step runs under torchrun, each
+    process on its share of every micro-batch (one per GPU, or CPU processes with gloo)."""
+    distributed_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto is nccl on GPUs, gloo on CPUs."""
     num_threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
 
@@ -406,6 +411,7 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         ("train.logprob_chunk_rows", t.logprob_chunk_rows),
         ("train.max_pass_tokens", t.max_pass_tokens or 1),
         ("train.eval_batch_size", t.eval_batch_size),
+        ("train.num_processes", t.num_processes),
         ("data.eval_max_pairs", d.eval_max_pairs),
         ("data.min_pairs_per_step", d.min_pairs_per_step),
     ]:

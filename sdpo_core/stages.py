@@ -236,7 +236,24 @@ def train_step(
     callback: MetricsCallback | None = None,
     meta: dict | None = None,
 ) -> tuple[str, TrainResult]:
-    """Train M(step) from M(step-1) on the chunk; save it (safetensors + meta.json) to out_dir."""
+    """Train M(step) from M(step-1) on the chunk; save it (safetensors + meta.json) to out_dir.
+
+    With ``train.num_processes > 1`` the step runs under torchrun (sdpo_core.distributed) and its
+    metrics reach ``callback`` when it has finished.
+    """
+    if cfg.train.num_processes > 1:
+        from sdpo_core import distributed
+
+        full_meta = {"step": step, "chunk": asdict(chunk), "config_hash": cfg.hash(), **(meta or {})}
+        job = distributed.job_for(cfg, ref_dir, chunk, ref_scores_path, Path(out_dir), full_meta)
+        history = distributed.launch(
+            job, Path(out_dir).with_name(Path(out_dir).name + ".job.json"), cfg.train.num_processes
+        )
+        for i, metrics in enumerate(history, start=1):
+            if callback is not None:
+                callback(i, metrics)
+        result = TrainResult(len(history), history[-1]["loss"] if history else float("nan"), history)
+        return str(out_dir), result
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)

@@ -92,6 +92,27 @@ def split_by_tokens(
     return passes
 
 
+def world_and_rank() -> tuple[int, int]:
+    """(number of processes, this process's rank); (1, 0) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def sync_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum every process's gradients (one all-reduce of a flat buffer), as DDP does.
+
+    Each process's loss is its pairs' sum divided by the step's global pair count, so the sum
+    over processes is the gradient of the whole global batch. A process that had no pairs this
+    step contributes zeros.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        p.grad = synced.view_as(p)
+
+
 def train_dpo(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
@@ -130,15 +151,18 @@ def train_dpo(
         optimizer, lr_lambda(len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
     )
     ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
+    world, rank = world_and_rank()
     model.train()
     history: list[dict[str, float]] = []
     for step, micro_batches in enumerate(plan, start=1):
         n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
         sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll"), 0.0)
+        # Data parallel: each process takes every world-th pair of each micro-batch.
         passes = [
             piece
             for mb in micro_batches
-            for piece in split_by_tokens(mb, pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
+            if mb[rank::world]
+            for piece in split_by_tokens(mb[rank::world], pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
         ]
         for ids in passes:
             batch = collate([pairs[i] for i in ids], pad_id, train_cfg.shared_prompt).to(device)
@@ -161,6 +185,11 @@ def train_dpo(
             sums["logps_c"] += lp.policy_chosen.detach().sum().item()
             sums["logps_r"] += lp.policy_rejected.detach().sum().item()
             sums["nll"] += nll.detach().sum().item()
+        if world > 1:
+            sync_gradients(params)
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            sums = dict(zip(sums, totals.tolist(), strict=True))
         loss_value = sums["loss"] / n_step
         if not math.isfinite(loss_value):
             raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")

@@ -1,0 +1,104 @@
+"""A train step under torchrun: ``python -m torch.distributed.run ... -m sdpo_core.distributed JOB``.
+
+:func:`sdpo_core.stages.train_step` writes a job file (the resolved config and the step's
+inputs), launches torchrun with ``train.num_processes`` processes and waits. Each process joins
+the process group (NCCL on GPUs, gloo on CPUs), loads M(t-1) and the chunk, and trains its share
+of every micro-batch (:func:`sdpo_core.train.train_dpo` sums the gradients across processes).
+Only rank 0 saves the model and writes the per-step metrics for the caller to log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HISTORY_FILE = "train_history.json"
+
+
+def launch(job: dict[str, Any], job_path: Path, num_processes: int) -> list[dict[str, float]]:
+    """Run a train step under torchrun; return rank 0's per-step metrics."""
+    from sdpo_core.train import TrainingError
+
+    job_path.parent.mkdir(parents=True, exist_ok=True)
+    job_path.write_text(json.dumps(job))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+        "-m", "sdpo_core.distributed", str(job_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TrainingError(
+            f"the train step under torchrun ({num_processes} processes) failed with exit code {proc.returncode}:\n"
+            + proc.stderr[-3000:]
+        )
+    return json.loads((Path(job["out_dir"]) / HISTORY_FILE).read_text())
+
+
+def backend(name: str) -> str:
+    if name != "auto":
+        return name
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def main(job_path: str) -> int:
+    from sdpo_core import data as data_mod
+    from sdpo_core.config import from_dict
+    from sdpo_core.model_io import load_model, load_tokenizer, pad_id, save_model
+    from sdpo_core.stages import load_scores, record_fingerprint
+    from sdpo_core.train import train_dpo
+
+    job = json.loads(Path(job_path).read_text())
+    cfg = from_dict(job["config"])
+    torch.distributed.init_process_group(backend(cfg.train.distributed_backend))
+    rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        if torch.cuda.is_available() and cfg.train.device != "cpu":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        tokenizer = load_tokenizer(cfg.model, job["ref_dir"])
+        policy = load_model(cfg.model, job["ref_dir"], device)
+        pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(job["chunk_path"])), tokenizer, cfg.data)
+        result = train_dpo(
+            policy, pairs, load_scores(job["ref_scores"]), pad_id(tokenizer), cfg.train, cfg.loss, device
+        )
+        if rank == 0:
+            out_dir = Path(job["out_dir"])
+            save_model(
+                policy,
+                tokenizer,
+                out_dir,
+                job["meta"] | {"optimizer_steps": result.optimizer_steps, "final_loss": result.final_loss},
+            )
+            record_fingerprint(out_dir)
+            (out_dir / HISTORY_FILE).write_text(json.dumps(result.history))
+    finally:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def job_for(cfg: Any, ref_dir: str, chunk: Any, ref_scores: str, out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The job file's content for :func:`main`."""
+    return {
+        "config": cfg.to_dict(),
+        "ref_dir": ref_dir,
+        "chunk_path": chunk.path,
+        "chunk": asdict(chunk),
+        "ref_scores": ref_scores,
+        "out_dir": str(out_dir),
+        "meta": meta,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
