@@ -206,6 +206,11 @@ class TrackingConfig:
     """MLflow tracking URI; None uses SQLite in the workspace (or MLFLOW_TRACKING_URI if set)."""
     experiment: str = "sdpo"
     """MLflow experiment name."""
+    artifact_location: str | None = None
+    """Where a new experiment keeps its artifacts (every step's model): a folder, or
+    ``s3://bucket/prefix`` (boto3; endpoint from MLFLOW_S3_ENDPOINT_URL, credentials from the
+    environment). None: the workspace's mlartifacts/ with a local store, else the server's default.
+    Uploads to S3 are verified (size and checksum) before a model version points to them."""
     registered_model: str = "sdpo-model"
     """Registered model whose versions are the step models; aliases step-<t> and final."""
 

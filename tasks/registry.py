@@ -22,10 +22,11 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
 
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, Path(root))
     c = tracking.client(uri)
-    local_store = uri.startswith("sqlite:") or uri.startswith("file:")
-    experiment_id = tracking.ensure_experiment(
-        c, cfg.tracking.experiment, Path(root) / "mlartifacts" if local_store else None
-    )
+    location = cfg.tracking.artifact_location
+    if location is None and (uri.startswith("sqlite:") or uri.startswith("file:")):
+        location = (Path(root) / "mlartifacts").as_uri()
+    experiment_id = tracking.ensure_experiment(c, cfg.tracking.experiment, location)
+
     parent = tracking.start_run(
         c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}
     )

@@ -33,13 +33,21 @@ def client(uri: str) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def ensure_experiment(c: Any, name: str, artifact_root: Path | None) -> str:
-    """The experiment's id, creating it with artifacts under the workspace when it is new."""
+def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it with the given artifact location when it is new.
+
+    An existing experiment keeps its location; asking for another one is an error, not a silent
+    change of where models go.
+    """
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+            raise ValueError(
+                f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, not at "
+                f"{artifact_location}; choose another tracking.experiment for the new location"
+            )
         return exp.experiment_id
-    location = artifact_root.as_uri() if artifact_root is not None else None
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=artifact_location)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -106,6 +114,10 @@ def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, ta
     """
     c.log_artifacts(run_id, model_dir, "model")
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    if source.startswith("s3://"):
+        from tasks.s3 import verify_upload
+
+        verify_upload(Path(model_dir), source)
     from mlflow.exceptions import MlflowException
 
     try:

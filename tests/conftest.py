@@ -20,3 +20,15 @@ from flows.workspace import configure_environment  # noqa: E402
 configure_environment(_SESSION_HOME / "workspace")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server and database for the flow tests of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

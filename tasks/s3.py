@@ -1,0 +1,85 @@
+"""S3 through boto3: checking that an upload arrived whole before anything points to it.
+
+The endpoint comes from ``MLFLOW_S3_ENDPOINT_URL`` (what MLflow's own S3 uploads use) or
+``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``; region and credentials from boto3's usual chain
+(environment, config files, instance roles). Works with AWS, MinIO and any S3-compatible store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+# Part sizes an upload may have used: boto3's default (8 MiB), MLflow's multipart default (100 MiB).
+PART_SIZES = (8 * MIB, 16 * MIB, 100 * MIB)
+
+
+class UploadError(RuntimeError):
+    """An object in S3 is missing or differs from the local file it was uploaded from."""
+
+
+def client() -> Any:
+    import boto3
+
+    endpoint = (
+        os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> (bucket, "some/prefix")."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an S3 URI: {uri}")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key.strip("/")
+
+
+def etag_candidates(path: Path, parts: int) -> set[str]:
+    """The ETags S3 gives ``path``: the MD5 of a single-part upload, or for a multipart upload
+    of ``parts`` parts the MD5 of the parts' MD5s, suffixed ``-parts`` (for each usual part size)."""
+    data_size = path.stat().st_size
+    if parts <= 1:
+        return {hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()}
+    out = set()
+    for size in (*PART_SIZES, -(-data_size // parts)):
+        if -(-data_size // size) != parts:
+            continue
+        digests = b""
+        with open(path, "rb") as fh:
+            for block in iter(lambda size=size: fh.read(size), b""):
+                digests += hashlib.md5(block, usedforsecurity=False).digest()
+        out.add(f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{parts}")
+    return out
+
+
+def verify_upload(local_dir: Path, uri: str, s3: Any = None) -> int:
+    """Check every file under ``local_dir`` against its object under ``uri``: size and ETag.
+
+    Returns the number of files checked; raises UploadError naming the first that differs.
+    """
+    s3 = s3 or client()
+    bucket, prefix = split_uri(uri)
+    checked = 0
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(local_dir).as_posix()}" if prefix else path.relative_to(local_dir).as_posix()
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # botocore ClientError 404, or the endpoint is gone
+            raise UploadError(f"s3://{bucket}/{key}: not found after upload of {path} ({exc})") from None
+        size = path.stat().st_size
+        if head["ContentLength"] != size:
+            raise UploadError(f"s3://{bucket}/{key}: {head['ContentLength']} bytes, but {path} has {size}")
+        etag = head["ETag"].strip('"')
+        parts = int(etag.rsplit("-", 1)[1]) if "-" in etag else 1
+        if etag not in etag_candidates(path, parts):
+            raise UploadError(f"s3://{bucket}/{key}: checksum (ETag {etag}) does not match {path}")
+        checked += 1
+    if checked == 0:
+        raise UploadError(f"{local_dir}: nothing to verify")
+    return checked
