@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch is pinned in the same pip command as everything else, so pip keeps the CPU build.
 TORCH := torch==2.13.0
 
-.PHONY: run test lint format bench clean ui-mlflow ui-prefect
+.PHONY: run test lint format bench serve clean ui-mlflow ui-prefect
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ ui-mlflow: $(VENV)/.installed-run
 
 ui-prefect: $(VENV)/.installed-run
 	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect $(BIN)/prefect server start
+
+# A local Prefect server, the two work pools, the deployments and a process worker for each
+# pool: start runs from the UI at http://127.0.0.1:4200. Stop with Ctrl-C.
+serve: $(VENV)/.installed-run
+	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
+	SDPO_PROJECT_DIR=$(CURDIR) PATH=$(abspath $(BIN)):$$PATH bash deployments/serve.sh
 
 clean:
 	rm -rf .sdpo .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.train_step import run_train_deployment
 from flows.workspace import workspace_root
 from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
@@ -68,7 +69,10 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
         for chunk in chunks:
             ref_uri = model_uri(ctx.model_name, chunk.step - 1)
             ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
-            trained = train_step(cfg, ctx, chunk, ref_uri, ref_scores)
+            if cfg.train.deployment:
+                trained = run_train_deployment(cfg, ctx, chunk, ref_uri, ref_scores)
+            else:
+                trained = train_step(cfg, ctx, chunk, ref_uri, ref_scores)
             metrics, prev_eval = evaluate_step(
                 cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
             )

@@ -189,6 +189,9 @@ class TrainConfig:
     """Completion tokens per chunk of the output projection and log-softmax."""
     eval_batch_size: int = 16
     """Pairs per batch when scoring (reference log-probs, evaluation)."""
+    deployment: str | None = None
+    """Run each train step as a run of this Prefect deployment (``flow/deployment``, e.g.
+    sdpo_train_step/sdpo-train-step on a GPU work pool) and wait for it; None trains in-process."""
     num_processes: int = 1
     """Data-parallel processes for a train step; above 1 the step runs under torchrun, each
     process on its share of every micro-batch (one per GPU, or CPU processes with gloo)."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Start a Prefect server, create the work pools, register the deployments and serve both pools
+# with process workers. Needs PREFECT_API_URL, PREFECT_HOME and SDPO_PROJECT_DIR (make serve).
+set -euo pipefail
+cd "$SDPO_PROJECT_DIR"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+prefect server start --host 127.0.0.1 --port 4200 & pids+=($!)
+for _ in $(seq 1 90); do
+  curl -fs "$PREFECT_API_URL/health" >/dev/null && break
+  sleep 1
+done
+for pool in cpu-pool gpu-pool; do
+  prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process
+done
+prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+prefect worker start --pool cpu-pool & pids+=($!)
+prefect worker start --pool gpu-pool & pids+=($!)
+echo "Prefect UI: http://127.0.0.1:4200 (deployments sdpo_pipeline/sdpo-pipeline, sdpo_train_step/sdpo-train-step)"
+wait

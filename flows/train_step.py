@@ -1,0 +1,81 @@
+"""One sDPO train step as its own flow, so it can run as a deployment on a GPU work pool.
+
+With ``train.deployment`` set (e.g. ``sdpo_train_step/sdpo-train-step``), the pipeline starts each
+train step as a run of that deployment (``run_deployment``) and waits for it: the step runs on
+whichever worker serves the deployment's pool, loads its reference from the registry, trains,
+and leaves its model and a ``trained.json`` record in the run folder, which the pipeline reads to
+go on. The run folder must be reachable from the worker (the same machine, or a shared volume).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from sdpo_core.config import RunConfig, from_dict
+from sdpo_core.stages import ChunkInfo
+from tasks.context import RunContext
+from tasks.training import TrainedStep, train_step
+
+
+def record_path(ctx: RunContext, step: int) -> Path:
+    return Path(ctx.run_dir) / "models" / f"step-{step}.trained.json"
+
+
+@flow(name="sdpo_train_step", flow_run_name="train-step-{step}-{label}")
+def sdpo_train_step(
+    config: dict[str, Any],
+    context: dict[str, str],
+    chunk: dict[str, Any],
+    ref_uri: str,
+    ref_scores: str,
+    step: int,
+    label: str,
+) -> dict[str, Any]:
+    """Train step ``step`` on its chunk from, and against, the registered model ``ref_uri``.
+
+    Args:
+        config: the pipeline's resolved config (RunConfig.to_dict()).
+        context: the pipeline run's RunContext fields (workspace, MLflow run ids).
+        chunk: the step's ChunkInfo fields.
+        ref_uri: ``models:/<name>@step-<t-1>``.
+        ref_scores: path of the reference log-probs of the chunk.
+        step, label: for the flow run's name.
+    """
+    ctx = RunContext(**context)
+    trained = train_step(from_dict(config), ctx, ChunkInfo(**chunk), ref_uri, ref_scores)
+    record = asdict(trained)
+    path = record_path(ctx, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def run_train_deployment(
+    cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, ref_scores: str
+) -> TrainedStep:
+    """Run the train step as a run of the deployment ``train.deployment`` and wait for it."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        name=cfg.train.deployment,
+        parameters={
+            "config": cfg.to_dict(),
+            "context": asdict(ctx),
+            "chunk": asdict(chunk),
+            "ref_uri": ref_uri,
+            "ref_scores": ref_scores,
+            "step": chunk.step,
+            "label": chunk.label,
+        },
+        timeout=None,
+        poll_interval=2,
+    )
+    if flow_run.state is None or not flow_run.state.is_completed():
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise RuntimeError(f"train step {chunk.step} ({cfg.train.deployment}, flow run {flow_run.name}) ended {state}")
+    return TrainedStep(**json.loads(record_path(ctx, chunk.step).read_text()))

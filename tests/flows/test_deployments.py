@@ -1,0 +1,152 @@
+"""Deployments on a real Prefect server with process workers, all on 127.0.0.1.
+
+Starts a Prefect server, creates the CPU and GPU work pools, registers the deployments from
+deployments/prefect.yaml, serves both pools with process workers, and runs the pipeline
+deployment with its train steps as runs of the train-step deployment. The registry must then
+hold every step, and the server must show one completed train-step flow run per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"no Prefect server at {url} after {seconds} s")
+
+
+def api(url: str, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        SDPO_HOME=str(tmp_path / "workspace"),
+        SDPO_PROJECT_DIR=str(REPO),
+        HF_HUB_OFFLINE="1",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    prefect = str(BIN / "prefect")
+    procs: list[subprocess.Popen] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([prefect, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([prefect, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        return proc
+
+    try:
+        server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        wait_healthy(url, server)
+        for pool in ("cpu-pool", "gpu-pool"):
+            run("work-pool", "create", pool, "--type", "process")
+        run("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        start("cpu-worker", "worker", "start", "--pool", "cpu-pool")
+        start("gpu-worker", "worker", "start", "--pool", "gpu-pool")
+
+        recipe = {
+            "run_name": "deployed",
+            "model": {"name_or_path": str(REPO / "models" / "stories260K")},
+            "data": {
+                "sources": [
+                    {
+                        "name": "orca",
+                        "path": str(REPO / "data/orca_dpo_pairs_validation_msfoundry.jsonl"),
+                        "max_pairs": 12,
+                    },
+                    {"name": "mix", "path": str(REPO / "data/llamafactory_dpo_en_demo.json"), "max_pairs": 12},
+                ],
+                "eval_fraction": 0.25,
+                "max_length": 64,
+                "max_prompt_length": 32,
+            },
+            "train": {"micro_batch_size": 4, "deployment": "sdpo_train_step/sdpo-train-step"},
+            "tracking": {
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "experiment": "deployed",
+                "registered_model": "deployed-model",
+            },
+        }
+        (tmp_path / "deployed.yaml").write_text(yaml.safe_dump(recipe))
+        params = json.dumps({"recipe": str(tmp_path / "deployed.yaml"), "overrides": []})
+        run("deployment", "run", "sdpo_pipeline/sdpo-pipeline", "--params", params, "--watch", "--watch-timeout", "540")
+        runs = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["sdpo_train_step"]}}})
+        assert sorted(r["name"] for r in runs) == ["train-step-1-mix", "train-step-2-orca"] or sorted(
+            r["name"] for r in runs
+        ) == ["train-step-1-orca", "train-step-2-mix"]
+        assert {r["state_type"] for r in runs} == {"COMPLETED"}
+        assert {r["work_pool_name"] for r in runs} == {"gpu-pool"}
+        pipeline_runs = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["sdpo_pipeline"]}}})
+        assert [(r["state_type"], r["work_pool_name"]) for r in pipeline_runs] == [("COMPLETED", "cpu-pool")]
+    except BaseException:
+        for name in ("server", "cpu-worker", "gpu-worker"):
+            if (logs / f"{name}.log").exists():
+                print(f"--- {name} ---\n" + (logs / f"{name}.log").read_text()[-3000:])
+        raise
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    versions = {
+        a: c.get_model_version_by_alias("deployed-model", a).version for a in ("step-0", "step-1", "step-2", "final")
+    }
+    assert versions["final"] == versions["step-2"] and len(set(versions.values())) == 3
+    # Each train step left its record in the run folder for the pipeline to read.
+    trained = sorted((tmp_path / "workspace" / "runs").glob("deployed-*/models/step-*.trained.json"))
+    assert [p.name for p in trained] == ["step-1.trained.json", "step-2.trained.json"]
