@@ -221,6 +221,8 @@ def test_worker_images():
         assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--pool") + 1] == pool
         assert cmd[cmd.index("--type") + 1] == "process"
         assert any(kw == "HEALTHCHECK" for kw, _ in steps)
+        # deployments/prefect.yaml's pull step runs flow code from $SDPO_PROJECT_DIR.
+        assert ("WORKDIR", "/app") in steps and "SDPO_PROJECT_DIR=/app" in env
         assert any(kw == "LABEL" and "org.opencontainers.image.title" in a for kw, a in steps)
 
 
@@ -281,6 +283,8 @@ def test_services_point_at_each_other():
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"} <= set(env)
         assert services[worker]["build"]["context"] == ".."
+    # A train step on the GPU worker (train.deployment) uses the pipeline's run folder.
+    assert services["cpu-worker"]["volumes"] == services["gpu-worker"]["volumes"] == ["sdpo-data:/data"]
     devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
 
@@ -378,3 +382,16 @@ def test_docker_compose_config(profile):
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_matches_the_compose_specification():
+    """The Compose Specification's JSON schema (vendored by check-jsonschema, so offline): catches
+    misspelt keys and wrong types that a YAML parse lets through."""
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema is not installed")
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
