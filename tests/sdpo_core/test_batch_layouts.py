@@ -19,16 +19,9 @@ from sdpo_core.logprobs import collate, completion_logps, score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
 from sdpo_core.train import split_by_tokens, train_dpo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ModelConfig(name_or_path=str(REPO / "models" / "stories260K"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

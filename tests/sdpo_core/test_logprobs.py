@@ -20,18 +20,10 @@ from sdpo_core.logprobs import (
 )
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "stories260K"
 DATA = REPO / "data"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tiny model gains nothing from more, and on a busy machine idle threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -273,15 +273,6 @@ REAL_SOURCES = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the model tests: the machine is shared, and more threads oversubscribe it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def real_pairs() -> list[PreferencePair]:
     """15 real pairs, sources in recipe order and rows in file order, as prepare_data writes them."""

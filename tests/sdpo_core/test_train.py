@@ -16,6 +16,7 @@ from sdpo_core.logprobs import TokenizedPair, score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
 from sdpo_core.train import TrainingError, TrainResult, batch_plan, lr_lambda, train_dpo
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CFG = ModelConfig(name_or_path=str(REPO / "models" / "stories260K"))
 TRL_NAMES = (
@@ -29,15 +30,6 @@ TRL_NAMES = (
 )
 # 8 pairs, global batch 4: two optimizer steps.
 BASE = TrainConfig(micro_batch_size=4, grad_accum_steps=1, learning_rate=1e-3, warmup_ratio=0.0, seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the tiny model gains nothing from more, and on a busy machine idle threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

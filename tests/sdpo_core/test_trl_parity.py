@@ -60,6 +60,7 @@ from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps, t
 from sdpo_core.losses import LOSSES, PairLogps, implicit_rewards, nll_loss  # noqa: E402
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CFG = ModelConfig(name_or_path=str(REPO / "models" / "stories260K"))
 # Short enough to be fast; long enough that some completions end in EOS and lengths differ.
@@ -112,17 +113,8 @@ def _perturbed(model: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
     return ref.requires_grad_(False).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: thread hand-offs cost more than the matmuls (10x on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread: None) -> Setup:
+def setup(one_thread: None) -> Setup:
     tokenizer = load_tokenizer(MODEL_CFG)
     pairs = _real_pairs(tokenizer)
     assert len(pairs) == 6
