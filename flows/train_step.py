@@ -4,7 +4,7 @@ With ``train.deployment`` set (e.g. ``sdpo_train_step/sdpo-train-step``), the pi
 train step as a run of that deployment (``run_deployment``) and waits for it: the step runs on
 whichever worker serves the deployment's pool, loads its reference from the registry, trains,
 and leaves its model and a ``trained.json`` record in the run folder, which the pipeline reads to
-go on. The run folder must be reachable from the worker (the same machine, or a shared volume).
+go on. The worker needs the run folder: the same machine, a shared volume, or storage.uri on S3.
 """
 
 from __future__ import annotations

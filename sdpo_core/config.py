@@ -219,6 +219,16 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where the run's intermediate files live besides the workspace."""
+
+    uri: str | None = None
+    """``s3://bucket/prefix``: every file one stage hands to another (data splits, chunks,
+    partition, cached log-probs, reports) is uploaded there, verified, and downloaded by a stage
+    that does not find it locally, so steps can run on other machines. None: the workspace only."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A stepwise DPO run."""
 
@@ -236,6 +246,8 @@ class RunConfig:
     """Optimisation of each step."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Artifact storage for intermediate files (S3)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-able data."""
@@ -453,6 +465,8 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
             f"partition.num_steps: by_source makes one step per training source ({len(train_sources)}), "
             f"got {p.num_steps}"
         )
+    if cfg.storage.uri is not None and not cfg.storage.uri.startswith("s3://"):
+        problems.append(f"storage.uri: must be s3://bucket/prefix, got {cfg.storage.uri!r}")
     if not cfg.run_name or any(c in cfg.run_name for c in "/\\:") or cfg.run_name.startswith("."):
         problems.append(f"run_name: must be a plain name without slashes, got {cfg.run_name!r}")
 

@@ -19,6 +19,8 @@ class RunContext:
     parent_run_id: str
     model_name: str
     """The registered model whose versions are the step models."""
+    storage_uri: str | None = None
+    """``s3://bucket/prefix`` where the run's files are published (storage.uri); None: local only."""
 
     @property
     def cache_dir(self) -> Path:

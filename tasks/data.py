@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -27,11 +28,17 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
 
     from sdpo_core import stages
     from tasks import tracking
+    from tasks.storage import publish, require
 
+    require(ctx, prepared.train_path)
     m0_dir, _ = tracking.fetch_for(ctx, m0_uri)
     out_dir = Path(ctx.run_dir) / "chunks"
+    started = time.time()
     chunks = stages.partition(cfg, prepared, m0_dir, out_dir, ctx.cache_dir)
     record_path = out_dir / stages.PARTITION_FILE
+    # The chunks, the partition record and the log-probs partition computed or split out of M0's.
+    fresh_scores = [p for p in ctx.cache_dir.glob("*.safetensors") if p.stat().st_mtime >= started - 1]
+    publish(ctx, *[c.path for c in chunks], record_path, *fresh_scores)
     tracking.client(ctx.tracking_uri).log_artifact(ctx.parent_run_id, str(record_path))
     record = json.loads(record_path.read_text())
     logger = get_run_logger()

@@ -35,7 +35,11 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
     if prepared.report_path:
         c.log_artifact(parent, prepared.report_path)
     tracking.log_data_sources(c, parent, prepared.counts, {s.name: source_type(s.path) for s in cfg.data.sources})
-    return RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model)
+    ctx = RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model, cfg.storage.uri)
+    from tasks.storage import publish
+
+    publish(ctx, prepared.train_path, prepared.eval_path, *([prepared.report_path] if prepared.report_path else []))
+    return ctx
 
 
 def source_type(path: str) -> str:

@@ -60,5 +60,8 @@ def report(ctx: RunContext, rows: list[dict]) -> str:
     c = tracking.client(ctx.tracking_uri)
     c.log_artifact(ctx.parent_run_id, str(run_dir / "report.txt"))
     c.log_artifact(ctx.parent_run_id, str(run_dir / "report.json"))
+    from tasks.storage import publish
+
+    publish(ctx, run_dir / "report.txt", run_dir / "report.json")
     get_run_logger().info("report written to %s and logged to MLflow run %s", run_dir / "report.txt", ctx.parent_run_id)
     return table

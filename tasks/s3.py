@@ -67,19 +67,58 @@ def verify_upload(local_dir: Path, uri: str, s3: Any = None) -> int:
     bucket, prefix = split_uri(uri)
     checked = 0
     for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-        key = f"{prefix}/{path.relative_to(local_dir).as_posix()}" if prefix else path.relative_to(local_dir).as_posix()
-        try:
-            head = s3.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # botocore ClientError 404, or the endpoint is gone
-            raise UploadError(f"s3://{bucket}/{key}: not found after upload of {path} ({exc})") from None
-        size = path.stat().st_size
-        if head["ContentLength"] != size:
-            raise UploadError(f"s3://{bucket}/{key}: {head['ContentLength']} bytes, but {path} has {size}")
-        etag = head["ETag"].strip('"')
-        parts = int(etag.rsplit("-", 1)[1]) if "-" in etag else 1
-        if etag not in etag_candidates(path, parts):
-            raise UploadError(f"s3://{bucket}/{key}: checksum (ETag {etag}) does not match {path}")
+        verify_file(path, bucket, object_key(prefix, path.relative_to(local_dir).as_posix()), s3)
         checked += 1
     if checked == 0:
         raise UploadError(f"{local_dir}: nothing to verify")
     return checked
+
+
+def object_key(prefix: str, relative: str) -> str:
+    return f"{prefix}/{relative}" if prefix else relative
+
+
+def verify_file(path: Path, bucket: str, key: str, s3: Any) -> None:
+    """Size and ETag of one object against the local file it came from."""
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # botocore ClientError 404, or the endpoint is gone
+        raise UploadError(f"s3://{bucket}/{key}: not found after upload of {path} ({exc})") from None
+    size = path.stat().st_size
+    if head["ContentLength"] != size:
+        raise UploadError(f"s3://{bucket}/{key}: {head['ContentLength']} bytes, but {path} has {size}")
+    etag = head["ETag"].strip('"')
+    parts = int(etag.rsplit("-", 1)[1]) if "-" in etag else 1
+    if etag not in etag_candidates(path, parts):
+        raise UploadError(f"s3://{bucket}/{key}: checksum (ETag {etag}) does not match {path}")
+
+
+def upload_file(path: Path, uri: str, s3: Any = None) -> str:
+    """Upload one file to ``uri`` (multipart above 8 MiB) and verify it; returns the URI."""
+    from boto3.s3.transfer import TransferConfig
+
+    s3 = s3 or client()
+    bucket, key = split_uri(uri)
+    s3.upload_file(
+        str(path), bucket, key, Config=TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
+    )
+    verify_file(path, bucket, key, s3)
+    return uri
+
+
+def download_file(uri: str, path: Path, s3: Any = None) -> bool:
+    """Download ``uri`` to ``path`` (atomically); False when there is no such object."""
+    from botocore.exceptions import ClientError
+
+    s3 = s3 or client()
+    bucket, key = split_uri(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        s3.download_file(bucket, key, str(tmp))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    tmp.replace(path)
+    return True

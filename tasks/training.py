@@ -29,11 +29,17 @@ class TrainedStep:
 )
 def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
     """Forward-only log-probs of a data file under a registered model (cached by content)."""
-    from sdpo_core.stages import score_file
+    from sdpo_core.stages import model_fingerprint, score_file, scores_key
+    from tasks.storage import fetch, publish, require
     from tasks.tracking import fetch_for
 
+    require(ctx, pairs_path)
     model_dir, _ = fetch_for(ctx, model_uri)
-    return score_file(cfg, model_dir, pairs_path, ctx.cache_dir)
+    # Scored before, maybe on another machine: the cache entry is in storage.
+    fetch(ctx, ctx.cache_dir / f"{scores_key(cfg, model_fingerprint(model_dir), pairs_path)}.safetensors")
+    path = score_file(cfg, model_dir, pairs_path, ctx.cache_dir)
+    publish(ctx, path)
+    return path
 
 
 @task(
@@ -48,6 +54,9 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
     from tasks import tracking
 
     c = tracking.client(ctx.tracking_uri)
+    from tasks.storage import require
+
+    require(ctx, chunk.path, ref_scores)
     ref_dir, ref_version = tracking.fetch_for(ctx, ref_uri)
     run_id = tracking.start_run(
         c,
@@ -119,8 +128,11 @@ def evaluate_step(
     from sdpo_core.stages import evaluate_step as run_evaluate
     from sdpo_core.stages import score_file
     from tasks import tracking
+    from tasks.storage import publish, require
 
+    require(ctx, eval_path, m0_eval_scores, prev_eval_scores, ref_scores)
     eval_scores = score_file(cfg, trained.model_dir, eval_path, ctx.cache_dir)
+    publish(ctx, eval_scores)
     metrics = run_evaluate(cfg, eval_scores, m0_eval_scores, prev_eval_scores, ref_scores)
     tracking.log_metrics(tracking.client(ctx.tracking_uri), trained.run_id, metrics, trained.optimizer_steps)
     return metrics, eval_scores

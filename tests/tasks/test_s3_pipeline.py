@@ -105,6 +105,7 @@ def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
             "registered_model": "s3-model",
             "artifact_location": "s3://sdpo-test/mlflow",
         },
+        "storage": {"uri": "s3://sdpo-test/sdpo"},
     }
     path = tmp_path / "s3.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -117,7 +118,41 @@ def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
         assert mv.source.startswith("s3://sdpo-test/mlflow/"), mv.source
         bucket_key = mv.source.removeprefix("s3://sdpo-test/") + "/model.safetensors"
         assert s3_server.head_object(Bucket="sdpo-test", Key=bucket_key)["ContentLength"] > 0
+    # Every file one stage hands to another is in the bucket, relative to the workspace.
+    run = Path(result.run_dir).relative_to(Path(os.environ["SDPO_HOME"]).resolve()).as_posix()
+    listed = s3_server.list_objects_v2(Bucket="sdpo-test", Prefix="sdpo/")
+    keys = {o["Key"] for o in listed.get("Contents", [])}
+    for name in (
+        "data/train.jsonl",
+        "data/eval.jsonl",
+        "data/data_report.json",
+        "chunks/partition.json",
+        "chunks/step-1.jsonl",
+        "chunks/step-2.jsonl",
+        "report.txt",
+        "report.json",
+    ):
+        assert f"sdpo/{run}/{name}" in keys, name
+    assert sum(k.startswith("sdpo/cache/logps/") for k in keys) >= 4  # M0 train+eval, chunks, step evals
     # The step models were downloaded from the registry (S3) to serve as references.
     cache = Path(os.environ["SDPO_HOME"]) / "cache" / "models" / "s3-model"
     step1 = c.get_model_version_by_alias("s3-model", "step-1").version
     assert (cache / str(step1) / "model.safetensors").is_file()
+
+
+def test_a_stage_fetches_missing_inputs_from_storage(tmp_path, s3_server):
+    """A worker that lacks a file the last stage wrote downloads it; absent everywhere is an error."""
+    from tasks.context import RunContext
+    from tasks.storage import publish, require
+
+    root = tmp_path / "ws"
+    ctx = RunContext(str(root), str(root / "runs" / "r"), "sqlite://", "0", "p", "m", "s3://sdpo-test/store")
+    chunk = root / "runs" / "r" / "chunks" / "step-1.jsonl"
+    chunk.parent.mkdir(parents=True)
+    chunk.write_text('{"a": 1}\n')
+    assert publish(ctx, chunk) == ["s3://sdpo-test/store/runs/r/chunks/step-1.jsonl"]
+    chunk.unlink()
+    require(ctx, chunk)
+    assert chunk.read_text() == '{"a": 1}\n'
+    with pytest.raises(FileNotFoundError, match="step-2.jsonl"):
+        require(ctx, chunk.with_name("step-2.jsonl"))
