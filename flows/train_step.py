@@ -46,12 +46,17 @@ def sdpo_train_step(
         ref_scores: path of the reference log-probs of the chunk.
         step, label: for the flow run's name.
     """
+    from tasks.storage import publish
+
     ctx = RunContext(**context)
     trained = train_step(from_dict(config), ctx, ChunkInfo(**chunk), ref_uri, ref_scores)
-    record = asdict(trained)
+    files = sorted(str(p) for p in Path(trained.model_dir).rglob("*") if p.is_file())
+    record = asdict(trained) | {"files": files}
     path = record_path(ctx, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
+    # With storage.uri the pipeline may run elsewhere: it fetches the model and this record.
+    publish(ctx, *files, path)
     return record
 
 
@@ -78,4 +83,9 @@ def run_train_deployment(
     if flow_run.state is None or not flow_run.state.is_completed():
         state = flow_run.state.name if flow_run.state else "unknown"
         raise RuntimeError(f"train step {chunk.step} ({cfg.train.deployment}, flow run {flow_run.name}) ended {state}")
-    return TrainedStep(**json.loads(record_path(ctx, chunk.step).read_text()))
+    from tasks.storage import require
+
+    require(ctx, record_path(ctx, chunk.step))
+    record = json.loads(record_path(ctx, chunk.step).read_text())
+    require(ctx, *record.pop("files"))
+    return TrainedStep(**record)
