@@ -29,7 +29,7 @@ def record_path(ctx: RunContext, step: int) -> Path:
 @flow(name="sdpo_train_step", flow_run_name="train-step-{step}-{label}")
 def sdpo_train_step(
     config: dict[str, Any],
-    context: dict[str, str],
+    context: dict[str, str | None],
     chunk: dict[str, Any],
     ref_uri: str,
     ref_scores: str,
