@@ -43,7 +43,7 @@ def test_partition_task_logs_partition_json(tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = tracking.client(uri)
-    experiment_id = tracking.ensure_experiment(c, "exp-partition", tmp_path / "mlartifacts")
+    experiment_id = tracking.ensure_experiment(c, "exp-partition", (tmp_path / "mlartifacts").as_uri())
     parent = tracking.start_run(c, experiment_id, "parent")
     ctx = RunContext(str(tmp_path), str(run_dir), uri, experiment_id, parent, "model-partition")
 
