@@ -20,7 +20,7 @@ from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
 from tasks import tracking
 from tasks.data import partition, prepare_data
-from tasks.registry import open_tracking, register_base, register_step
+from tasks.registry import find_finished_step, open_tracking, register_base, register_step
 from tasks.report import report
 from tasks.tracking import model_uri
 from tasks.training import evaluate_step, reference_logps, train_step
@@ -67,31 +67,33 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
         prev_eval = m0_eval
         rows = []
         for chunk in chunks:
-            ref_uri = model_uri(ctx.model_name, chunk.step - 1)
-            ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
-            if cfg.train.deployment:
-                trained = run_train_deployment(cfg, ctx, chunk, ref_uri, ref_scores)
-            else:
-                trained = train_step(cfg, ctx, chunk, ref_uri, ref_scores)
-            metrics, prev_eval = evaluate_step(
-                cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
-            )
             final = chunk is chunks[-1]
-            versions[chunk.step] = register_step(
-                cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics, final
-            )
+            row = {"step": chunk.step, "chunk": chunk.label, "pairs": chunk.size, "m0_accuracy": chunk.m0_accuracy}
+            # A rerun of the same pipeline (same name, config, chunk and reference) reuses the
+            # step's registered version instead of training it again.
+            done = find_finished_step(cfg, ctx, chunk, versions[chunk.step - 1], final)
+            if done is not None:
+                versions[chunk.step] = done["version"]
+                prev_eval = reference_logps(cfg, ctx, model_uri(ctx.model_name, chunk.step), prepared.eval_path, "eval")
+                row |= {"train_loss": done["train_loss"], "optimizer_steps": done["optimizer_steps"], "reused": True}
+                metrics = done["metrics"]
+            else:
+                ref_uri = model_uri(ctx.model_name, chunk.step - 1)
+                ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
+                if cfg.train.deployment:
+                    trained = run_train_deployment(cfg, ctx, chunk, ref_uri, ref_scores)
+                else:
+                    trained = train_step(cfg, ctx, chunk, ref_uri, ref_scores)
+                metrics, prev_eval = evaluate_step(
+                    cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
+                )
+                versions[chunk.step] = register_step(
+                    cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics, final,
+                    trained.final_loss, trained.optimizer_steps,
+                )  # fmt: skip
+                row |= {"train_loss": trained.final_loss, "optimizer_steps": trained.optimizer_steps, "reused": False}
             rows.append(
-                {
-                    "step": chunk.step,
-                    "chunk": chunk.label,
-                    "pairs": chunk.size,
-                    "m0_accuracy": chunk.m0_accuracy,
-                    "train_loss": trained.final_loss,
-                    "optimizer_steps": trained.optimizer_steps,
-                    "version": versions[chunk.step],
-                    "model_uri": model_uri(ctx.model_name, chunk.step),
-                    **metrics,
-                }
+                row | {"version": versions[chunk.step], "model_uri": model_uri(ctx.model_name, chunk.step), **metrics}
             )
         table = report(ctx, rows)
     except BaseException:

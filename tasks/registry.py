@@ -68,8 +68,13 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     save_model(
         load_model(cfg.model), load_tokenizer(cfg.model), out, {"step": 0, "source_model": cfg.model.name_or_path}
     )
-    record_fingerprint(out)
+    fingerprint = record_fingerprint(out)
     c = tracking.client(ctx.tracking_uri)
+    # The same M0 registered before (same weights): reuse its version, so reruns add none.
+    existing = tracking.find_version(c, ctx.model_name, {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint})
+    if existing is not None:
+        c.set_registered_model_alias(ctx.model_name, "step-0", existing.version)
+        return str(existing.version)
     run_id = tracking.start_run(c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"})
     tags = {
         "sdpo.step": "0",
@@ -77,6 +82,7 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
         "sdpo.reference": "none",
         "sdpo.run": cfg.run_name,
         "sdpo.parent_run_id": ctx.parent_run_id,
+        "sdpo.weights_sha256": fingerprint,
     }
     version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False)
     c.set_terminated(run_id)
@@ -99,6 +105,8 @@ def register_step(
     ref_version: str,
     metrics: dict[str, float],
     final: bool,
+    train_loss: float,
+    optimizer_steps: int,
 ) -> str:
     """Log Mt to its step run and register it with alias step-<t> (and final); returns the version."""
     from tasks import tracking
@@ -112,9 +120,55 @@ def register_step(
         "sdpo.reference": tracking.model_uri(ctx.model_name, chunk.step - 1),
         "sdpo.reference_version": ref_version,
         "sdpo.run": cfg.run_name,
+        "sdpo.config_hash": cfg.hash(),
         "sdpo.parent_run_id": ctx.parent_run_id,
-        **{f"sdpo.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        "sdpo.train_loss": repr(train_loss),
+        "sdpo.optimizer_steps": str(optimizer_steps),
+        **{f"sdpo.{k}": repr(v) for k, v in metrics.items()},
     }
     version = tracking.register(c, ctx.model_name, run_id, model_dir, chunk.step, tags, final)
     c.set_terminated(run_id)
     return version
+
+
+@task(
+    name="find-finished-step",
+    task_run_name="find-finished-step-{chunk.step}-{chunk.label}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    **IO_RETRIES,
+)
+def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_version: str, final: bool) -> dict | None:
+    """A version registered for this step by an earlier run of the same pipeline, or None.
+
+    Same run name, config hash, step, chunk content and reference version: the step is done.
+    Its aliases are pointed at it again and its metrics are read back from its tags.
+    """
+    from tasks import tracking
+
+    c = tracking.client(ctx.tracking_uri)
+    found = tracking.find_version(
+        c,
+        ctx.model_name,
+        {
+            "sdpo.run": cfg.run_name,
+            "sdpo.config_hash": cfg.hash(),
+            "sdpo.step": str(chunk.step),
+            "sdpo.chunk.content_hash": chunk.content_hash,
+            "sdpo.reference_version": ref_version,
+        },
+    )
+    if found is None:
+        return None
+    c.set_registered_model_alias(ctx.model_name, f"step-{chunk.step}", found.version)
+    if final:
+        c.set_registered_model_alias(ctx.model_name, "final", found.version)
+    metrics = {
+        k.removeprefix("sdpo."): float(v) for k, v in found.tags.items() if k.startswith(("sdpo.eval/", "sdpo.chunk/"))
+    }
+    return {
+        "version": str(found.version),
+        "metrics": metrics,
+        "train_loss": float(found.tags["sdpo.train_loss"]),
+        "optimizer_steps": int(found.tags["sdpo.optimizer_steps"]),
+    }

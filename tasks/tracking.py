@@ -180,3 +180,17 @@ def log_data_sources(c: Any, run_id: str, counts: dict[str, dict], source_types:
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")]))
     c.log_inputs(run_id, datasets=inputs)
+
+
+def find_version(c: Any, model_name: str, tags: dict[str, str]) -> Any:
+    """The newest version of a registered model carrying all these tags, or None."""
+    from mlflow.exceptions import MlflowException
+
+    quoted = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    try:
+        found = c.search_model_versions(f"name = '{model_name}' and {quoted}")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return max(found, key=lambda v: int(v.version)) if found else None

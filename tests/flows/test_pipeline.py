@@ -211,3 +211,29 @@ def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
     assert (workspace / "prefect" / "prefect.db").is_file()
     assert any((workspace / "mlartifacts").rglob("model.safetensors"))
     assert list(home.rglob("*")) == []
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_steps(tmp_path, prefect_harness):
+    """The same pipeline run again registers nothing new: every step, M0 included, is reused."""
+    from flows.pipeline import sdpo_pipeline
+
+    recipe = str(write_recipe(tmp_path, "again"))
+    first = sdpo_pipeline(recipe=recipe, overrides=[])
+    c = registry(tmp_path)
+    before = sorted(int(v.version) for v in c.search_model_versions("name = 'model-again'"))
+    assert before == [1, 2, 3]
+    second = sdpo_pipeline(recipe=recipe, overrides=[])
+    after = sorted(int(v.version) for v in c.search_model_versions("name = 'model-again'"))
+    assert after == before
+    assert [r["reused"] for r in first.rows] == [False, False]
+    assert [r["reused"] for r in second.rows] == [True, True]
+    for a, b in zip(first.rows, second.rows, strict=True):
+        assert b["version"] == a["version"] and b["chunk"] == a["chunk"]
+        assert b["train_loss"] == a["train_loss"]
+        assert b["eval/reward_accuracy_vs_m0"] == pytest.approx(a["eval/reward_accuracy_vs_m0"])
+    assert str(c.get_model_version_by_alias("model-again", "final").version) == "3"
+    # A changed config is a different pipeline: its steps train again.
+    third = sdpo_pipeline(recipe=recipe, overrides=["loss.beta=0.2"])
+    assert [r["reused"] for r in third.rows] == [False, False]
+    assert len(c.search_model_versions("name = 'model-again'")) == 5  # M0 reused, two new steps
