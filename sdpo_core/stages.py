@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -309,6 +308,3 @@ def evaluate_step(
         "eval/gamma": vs_m0["gamma"],
         "chunk/ref_gamma": float(gamma(load_scores(ref_chunk_scores)).mean()),
     }
-
-
-ProgressFn = Callable[[str], None]
