@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -68,7 +69,38 @@ def preflight(cfg: RunConfig) -> DataReport:
     from sdpo_core.model_io import check_model_source, load_tokenizer
 
     check_model_source(cfg.model)
-    return build_dataset(cfg, load_tokenizer(cfg.model))[2]
+    report = build_dataset(cfg, load_tokenizer(cfg.model))[2]
+    check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    return report
+
+
+class TrackingUnreachable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
+    """Fail fast, naming the server, when an MLflow server over HTTP does not answer ``/health``.
+
+    (MLflow's own client retries for minutes before it gives up; a run should not start
+    training only to find out at the first log.)
+    """
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from tasks.tracking import redact_userinfo
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        problem = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingUnreachable(f"MLflow tracking server {redact_userinfo(uri)} does not answer: {problem}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(convert_llama2c(args.checkpoint, args.tokenizer_model, args.out_dir))
         return 0
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable) as exc:
         print(f"sdpo: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as exc:

@@ -237,3 +237,62 @@ def test_rerun_reuses_finished_steps(tmp_path, prefect_harness):
     third = sdpo_pipeline(recipe=recipe, overrides=["loss.beta=0.2"])
     assert [r["reused"] for r in third.rows] == [False, False]
     assert len(c.search_model_versions("name = 'model-again'")) == 5  # M0 reused, two new steps
+
+
+def test_cli_unreachable_tracking_server(tmp_path, capsys):
+    """An MLflow server that does not answer stops the run before anything starts, naming it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    recipe = write_recipe(tmp_path, "cli-mlflow")
+    uri = f"http://alice:hunter2@127.0.0.1:{port}"
+    code, err = run_cli(["run", "-c", str(recipe), f"tracking.tracking_uri={uri}"], capsys)
+    assert code == 2
+    assert f"MLflow tracking server http://***@127.0.0.1:{port} does not answer" in err
+    assert "hunter2" not in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_what_a_run_writes(tmp_path):
+    """With secret-looking credentials in the environment, nothing the run writes or prints holds them."""
+    import os
+    import subprocess
+    import sys
+
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-sdpo-secret-0123456789",
+        "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLE-sdpo-token-987",
+        "HF_TOKEN": "hf_sdpoSecretTokenValue42",
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-pass-sdpo-31415",
+    }
+    workspace = tmp_path / "ws"
+    recipe = write_recipe(tmp_path, "secrets")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(secrets, SDPO_HOME=str(workspace), HF_HUB_OFFLINE="1", AWS_ACCESS_KEY_ID="AKIASDPOTESTKEY0001")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "-c",
+            str(recipe),
+            "partition.strategy=random",
+            "partition.num_steps=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [p for p in [*workspace.rglob("*"), *tmp_path.glob("*.db")] if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in written) and any(p.name == "prefect.db" for p in written)
+    for value in [*secrets.values(), "AKIASDPOTESTKEY0001"]:
+        assert value not in proc.stdout and value not in proc.stderr
+        for path in written:
+            assert value.encode() not in path.read_bytes(), f"{value} found in {path}"
