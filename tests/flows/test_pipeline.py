@@ -45,6 +45,20 @@ def write_recipe(tmp_path: Path, name: str, **changes) -> Path:
     return path
 
 
+def run_cli_process(recipe: Path, workspace: Path, extra_env: dict[str, str], *overrides: str):
+    """`python -m flows.cli run` in its own process, with a clean Prefect/MLflow environment."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "HF_"))}
+    env.update(extra_env, SDPO_HOME=str(workspace), HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "-c", str(recipe), *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
 def registry(tmp_path: Path):
     from mlflow import MlflowClient
 
@@ -175,9 +189,6 @@ def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
 def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
     """`sdpo run` with no Prefect server configured: Prefect's temporary server, MLflow on
     SQLite, everything under SDPO_HOME, and nothing in the home folder."""
-    import os
-    import subprocess
-    import sys
 
     home, workspace = tmp_path / "home", tmp_path / "ws"
     home.mkdir()
@@ -185,25 +196,10 @@ def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
     data = yaml.safe_load(recipe.read_text())
     del data["tracking"]["tracking_uri"]  # the workspace default
     recipe.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "HF_"))}
-    env.update(HOME=str(home), SDPO_HOME=str(workspace), HF_HUB_OFFLINE="1", XDG_CONFIG_HOME=str(home / ".config"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "run",
-            "-c",
-            str(recipe),
-            "partition.strategy=random",
-            "partition.num_steps=2",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli_process(
+        recipe, workspace, {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")},
+        "partition.strategy=random", "partition.num_steps=2",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "models:/model-cli-e2e@step-2" in proc.stdout
     assert "random-1" in proc.stdout and "random-2" in proc.stdout
@@ -258,9 +254,6 @@ def test_cli_unreachable_tracking_server(tmp_path, capsys):
 @pytest.mark.slow
 def test_secrets_never_reach_what_a_run_writes(tmp_path):
     """With secret-looking credentials in the environment, nothing the run writes or prints holds them."""
-    import os
-    import subprocess
-    import sys
 
     secrets = {
         "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-sdpo-secret-0123456789",
@@ -270,25 +263,10 @@ def test_secrets_never_reach_what_a_run_writes(tmp_path):
     }
     workspace = tmp_path / "ws"
     recipe = write_recipe(tmp_path, "secrets")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(secrets, SDPO_HOME=str(workspace), HF_HUB_OFFLINE="1", AWS_ACCESS_KEY_ID="AKIASDPOTESTKEY0001")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "run",
-            "-c",
-            str(recipe),
-            "partition.strategy=random",
-            "partition.num_steps=1",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli_process(
+        recipe, workspace, {**secrets, "AWS_ACCESS_KEY_ID": "AKIASDPOTESTKEY0001"},
+        "partition.strategy=random", "partition.num_steps=1",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = [p for p in [*workspace.rglob("*"), *tmp_path.glob("*.db")] if p.is_file()]
     assert any(p.name == "mlflow.db" for p in written) and any(p.name == "prefect.db" for p in written)
