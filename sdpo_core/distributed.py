@@ -48,11 +48,8 @@ def backend(name: str) -> str:
 
 
 def main(job_path: str) -> int:
-    from sdpo_core import data as data_mod
     from sdpo_core.config import from_dict
-    from sdpo_core.model_io import load_model, load_tokenizer, pad_id, save_model
-    from sdpo_core.stages import load_scores, record_fingerprint
-    from sdpo_core.train import train_dpo
+    from sdpo_core.stages import save_step_model, train_from
 
     job = json.loads(Path(job_path).read_text())
     cfg = from_dict(job["config"])
@@ -64,23 +61,9 @@ def main(job_path: str) -> int:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        tokenizer = load_tokenizer(cfg.model, job["ref_dir"])
-        policy = load_model(cfg.model, job["ref_dir"], device)
-        pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(job["chunk_path"])), tokenizer, cfg.data)
-        result = train_dpo(
-            policy, pairs, load_scores(job["ref_scores"]), pad_id(tokenizer), cfg.train, cfg.loss, device
-        )
+        policy, tokenizer, result = train_from(cfg, job["ref_dir"], job["chunk_path"], job["ref_scores"], device)
         if rank == 0:
-            out_dir = Path(job["out_dir"])
-            save_model(
-                policy,
-                tokenizer,
-                out_dir,
-                job["meta"] | {"optimizer_steps": result.optimizer_steps, "final_loss": result.final_loss},
-            )
-            record_fingerprint(out_dir)
+            out_dir = save_step_model(policy, tokenizer, Path(job["out_dir"]), job["meta"], result)
             (out_dir / HISTORY_FILE).write_text(json.dumps(result.history))
     finally:
         torch.distributed.destroy_process_group()

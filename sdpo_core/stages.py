@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -240,11 +241,11 @@ def train_step(
     With ``train.num_processes > 1`` the step runs under torchrun (sdpo_core.distributed) and its
     metrics reach ``callback`` when it has finished.
     """
+    base_meta = {"step": step, "chunk": asdict(chunk), "config_hash": cfg.hash(), **(meta or {})}
     if cfg.train.num_processes > 1:
         from sdpo_core import distributed
 
-        full_meta = {"step": step, "chunk": asdict(chunk), "config_hash": cfg.hash(), **(meta or {})}
-        job = distributed.job_for(cfg, ref_dir, chunk, ref_scores_path, Path(out_dir), full_meta)
+        job = distributed.job_for(cfg, ref_dir, chunk, ref_scores_path, Path(out_dir), base_meta)
         history = distributed.launch(
             job, Path(out_dir).with_name(Path(out_dir).name + ".job.json"), cfg.train.num_processes
         )
@@ -253,25 +254,40 @@ def train_step(
                 callback(i, metrics)
         result = TrainResult(len(history), history[-1]["loss"] if history else float("nan"), history)
         return str(out_dir), result
+    device = resolve_device(cfg.train.device)
+    policy, tokenizer, result = train_from(cfg, ref_dir, chunk.path, ref_scores_path, device, callback)
+    return str(save_step_model(policy, tokenizer, Path(out_dir), base_meta, result)), result
+
+
+def train_from(
+    cfg: RunConfig,
+    ref_dir: str,
+    chunk_path: str,
+    ref_scores_path: str,
+    device: torch.device,
+    callback: MetricsCallback | None = None,
+) -> tuple[Any, Any, TrainResult]:
+    """Load M(t-1) as the policy (sDPO: it starts from the reference) and train it on the chunk.
+
+    Used in-process and by each torchrun process (sdpo_core.distributed).
+    """
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, ref_dir)
-    policy = load_model(cfg.model, ref_dir, device)  # sDPO: the policy starts from M(t-1)
-    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(chunk.path)), tokenizer, cfg.data)
+    policy = load_model(cfg.model, ref_dir, device)
+    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(chunk_path)), tokenizer, cfg.data)
     ref = load_scores(ref_scores_path)
     result = train_dpo(policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback)
-    full_meta = {
-        "step": step,
-        "chunk": asdict(chunk),
-        "config_hash": cfg.hash(),
-        "optimizer_steps": result.optimizer_steps,
-        "final_loss": result.final_loss,
-        **(meta or {}),
-    }
-    saved = save_model(policy, tokenizer, Path(out_dir), full_meta)
+    return policy, tokenizer, result
+
+
+def save_step_model(policy: Any, tokenizer: Any, out_dir: Path, meta: dict, result: TrainResult) -> Path:
+    """Save a trained step model with its meta.json (including the weights' sha256)."""
+    saved = save_model(
+        policy, tokenizer, out_dir, meta | {"optimizer_steps": result.optimizer_steps, "final_loss": result.final_loss}
+    )
     record_fingerprint(saved)
-    return str(saved), result
+    return saved
 
 
 def record_fingerprint(model_dir: Path) -> str:
