@@ -19,6 +19,8 @@ from sdpo_core.logprobs import TokenizedPair, collate, completion_logps, pass_to
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+# Per-pair quantities summed over an optimizer step, for its metrics.
+METRIC_SUMS = ("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll")
 
 
 class TrainingError(RuntimeError):
@@ -156,7 +158,8 @@ def train_dpo(
     history: list[dict[str, float]] = []
     for step, micro_batches in enumerate(plan, start=1):
         n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
-        sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll"), 0.0)
+        # Metric sums stay on the model's device until the step ends: one host sync per step.
+        step_sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
         # Data parallel: each process takes every world-th pair of each micro-batch.
         passes = [
             piece
@@ -178,18 +181,21 @@ def train_dpo(
             # for any split of the step into micro-batches and passes.
             (losses.sum() / n_step).backward()
             r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
-            sums["loss"] += losses.detach().sum().item()
-            sums["chosen"] += r_chosen.sum().item()
-            sums["rejected"] += r_rejected.sum().item()
-            sums["acc"] += (r_chosen > r_rejected).float().sum().item()
-            sums["logps_c"] += lp.policy_chosen.detach().sum().item()
-            sums["logps_r"] += lp.policy_rejected.detach().sum().item()
-            sums["nll"] += nll.detach().sum().item()
+            step_sums += torch.stack(
+                [
+                    losses.detach().sum(),
+                    r_chosen.sum(),
+                    r_rejected.sum(),
+                    (r_chosen > r_rejected).float().sum(),
+                    lp.policy_chosen.detach().sum(),
+                    lp.policy_rejected.detach().sum(),
+                    nll.detach().sum(),
+                ]
+            ).double()
         if world > 1:
             sync_gradients(params)
-            totals = torch.tensor(list(sums.values()), dtype=torch.float64)
-            torch.distributed.all_reduce(totals)
-            sums = dict(zip(sums, totals.tolist(), strict=True))
+            torch.distributed.all_reduce(step_sums)
+        sums = dict(zip(METRIC_SUMS, step_sums.tolist(), strict=True))
         loss_value = sums["loss"] / n_step
         if not math.isfinite(loss_value):
             raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script: bash benchmarks/gpu_checks.sh [OUT_DIR]
+#
+# Needs one NVIDIA GPU and this project's dependencies plus trl (pip install -e ".[test]").
+# 1. The DPO step benchmark in bf16 on a ~0.5B Llama: sdpo against TRL's DPOTrainer with its
+#    reference model in memory (its default), two alternating rounds, MFU against the card's
+#    measured bf16 matrix-multiply rate.
+# 2. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
+#    GPU: Prefect's temporary server, MLflow on SQLite, every step registered.
+# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name.
+set -uo pipefail
+out=${1:-benchmarks/results/gpu}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
+$python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
+    >>"$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+start=$SECONDS
+timeout "${BENCH_TIMEOUT:-300}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
+    --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --pass-tokens 16384 \
+    --repeats 2 --variants sdpo,trl --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"
+
+start=$SECONDS
+home=$(mktemp -d)
+SDPO_HOME=$home timeout "${PIPELINE_TIMEOUT:-240}" $python -m flows.cli run --config recipes/random.yaml \
+    partition.num_steps=2 run_name=gpu-two-steps train.device=cuda 2>&1 | tee "$out/pipeline.log"
+pipeline_rc=${PIPESTATUS[0]}
+echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
+exit $((bench_rc || pipeline_rc))
