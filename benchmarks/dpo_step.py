@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -153,7 +154,11 @@ def run_trl(
     dataset = datasets.Dataset.from_list(rows)
     # The ids are given: skip TRL's text preprocessing (extract prompt, add EOS, tokenize).
     DPOTrainer._prepare_dataset = lambda self, ds, *a, **k: ds  # type: ignore[method-assign]
+    # Options that only some transformers versions have are passed where they exist.
+    optional = {"activation_checkpointing": False}
+    known = {f.name for f in dataclasses.fields(DPOConfig)}
     config = DPOConfig(
+        **{k: v for k, v in optional.items() if k in known},
         output_dir=str(Path(args.scratch) / "trl"),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
@@ -171,7 +176,6 @@ def run_trl(
         bf16=args.dtype == "bfloat16",
         fp16=False,
         gradient_checkpointing=False,
-        activation_checkpointing=False,
         padding_free=False,
         use_cpu=args.device == "cpu",
         report_to=[],

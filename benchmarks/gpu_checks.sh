@@ -3,7 +3,8 @@
 #
 # Needs one NVIDIA GPU and this project's dependencies plus trl (pip install -e ".[test]").
 # 1. The DPO step benchmark in bf16 on a ~0.5B Llama: sdpo against TRL's DPOTrainer with its
-#    reference model in memory (its default), two alternating rounds, MFU against the card's
+#    reference model in memory (its default) and with precomputed reference log-probs, two
+#    alternating rounds, MFU against the card's
 #    measured bf16 matrix-multiply rate.
 # 2. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
 #    GPU: Prefect's temporary server, MLflow on SQLite, every step registered.
@@ -22,7 +23,7 @@ cat "$out/gpu.txt"
 start=$SECONDS
 timeout "${BENCH_TIMEOUT:-300}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
     --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --pass-tokens 16384 \
-    --repeats 2 --variants sdpo,trl --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
+    --repeats 2 --variants sdpo,trl,trl_precompute --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"
 
