@@ -209,6 +209,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from sdpo_core.config import LossConfig, TrainConfig
+    from sdpo_core.train import for_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,7 +231,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         train_cfg = replace(train_cfg, logprob_chunk_rows=args.chunk_rows)
     if args.pass_tokens:
         train_cfg = replace(train_cfg, max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
-    train_cfg = replace(train_cfg, shared_prompt=args.layout == "shared")
+    if args.layout != "auto":
+        train_cfg = replace(train_cfg, shared_prompt=args.layout == "shared")
+    train_cfg = for_device(train_cfg, args.device)
     loss_cfg = LossConfig(name="sigmoid", beta=args.beta)
     warm_up(model, pairs, pad_id, args.device)
     if args.device.startswith("cuda"):
@@ -415,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pass-tokens", type=int, default=0, help="sdpo's max_pass_tokens (0: default, -1: one pass per micro-batch)"
     )
-    parser.add_argument("--layout", choices=["shared", "padded"], default="shared", help="sdpo's batch layout")
+    parser.add_argument(
+        "--layout", choices=["auto", "shared", "padded"], default="auto", help="sdpo's batch layout (auto: per device)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default="benchmarks/results/dpo_step.json")
     parser.add_argument("--scratch", default="/tmp/sdpo-bench")

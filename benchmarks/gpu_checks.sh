@@ -22,7 +22,7 @@ cat "$out/gpu.txt"
 
 start=$SECONDS
 timeout "${BENCH_TIMEOUT:-300}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
-    --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --pass-tokens 16384 \
+    --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 \
     --repeats 2 --variants sdpo,trl,trl_precompute --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"

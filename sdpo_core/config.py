@@ -177,14 +177,17 @@ class TrainConfig:
     """Seed of shuffling and initialisation; a CPU run with the same seed repeats exactly."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
-    shared_prompt: bool = True
+    shared_prompt: Literal["auto"] | bool = "auto"
     """Compute each pair's prompt once for both completions (one row [prompt|chosen|rejected]
     with a 4-D attention mask) instead of two padded rows; the log-probs are the same. Needs an
-    attention implementation that takes 4-D masks (eager, sdpa); set false for others."""
-    max_pass_tokens: int | None = 1024
+    attention implementation that takes 4-D masks (eager, sdpa); set false for others. auto is
+    true on a CPU and false on a GPU, where the 4-D mask keeps attention off its fastest
+    kernels (measured in benchmarks/results/gpu)."""
+    max_pass_tokens: Literal["auto"] | int | None = "auto"
     """Padded tokens per forward/backward pass: each micro-batch is cut into length-sorted passes
     of at most this many tokens (2 x pairs x longest row). Same update, less padding and less
-    activation memory; None runs each micro-batch in one pass."""
+    activation memory; None runs each micro-batch in one pass. auto is 1024 on a CPU and None
+    on a GPU."""
     logprob_chunk_rows: int = 2048
     """Completion tokens per chunk of the output projection and log-softmax."""
     eval_batch_size: int = 16
@@ -320,7 +323,16 @@ def _convert(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key, problems)
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, problems)
+        for option in inner:  # the first type the value fits
+            trial: list[str] = []
+            converted = _convert(value, option, key, trial)
+            if not trial:
+                return converted
+        allowed = " or ".join(_type_name(a) for a in args)
+        problems.append(f"{key}: expected {allowed}, got {type(value).__name__} {value!r}")
+        return value
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -429,7 +441,7 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         ("train.micro_batch_size", t.micro_batch_size),
         ("train.grad_accum_steps", t.grad_accum_steps),
         ("train.logprob_chunk_rows", t.logprob_chunk_rows),
-        ("train.max_pass_tokens", t.max_pass_tokens or 1),
+        ("train.max_pass_tokens", t.max_pass_tokens if isinstance(t.max_pass_tokens, int) else 1),
         ("train.eval_batch_size", t.eval_batch_size),
         ("train.num_processes", t.num_processes),
         ("data.eval_max_pairs", d.eval_max_pairs),

@@ -22,7 +22,7 @@ from sdpo_core.evaluate import Scores, gamma, preference_metrics, self_reward_ac
 from sdpo_core.logprobs import score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
 from sdpo_core.partition import Partition, needs_m0_scores, partition_pairs
-from sdpo_core.train import MetricsCallback, TrainResult, train_dpo
+from sdpo_core.train import MetricsCallback, TrainResult, for_device, train_dpo
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def score_file(cfg: RunConfig, model_dir: str, pairs_path: str, cache_dir: Path)
         cfg.train.eval_batch_size,
         cfg.train.logprob_chunk_rows,
         device,
-        cfg.train.shared_prompt,
+        for_device(cfg.train, device).shared_prompt,
     )
     _save_scores(scores, out)
     return str(out)

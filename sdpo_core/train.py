@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -94,6 +94,22 @@ def split_by_tokens(
     return passes
 
 
+def for_device(cfg: TrainConfig, device: torch.device | str) -> TrainConfig:
+    """``cfg`` with its ``auto`` layout settings made concrete for ``device``.
+
+    On a CPU: the shared-prompt layout and passes of at most 1024 tokens (less padding and less
+    memory). On a GPU: two padded rows per pair, one pass per micro-batch, because a 4-D mask
+    keeps attention off the fused kernels and small passes leave the GPU idle.
+    """
+    on_gpu = torch.device(device).type != "cpu"
+    changes: dict[str, object] = {}
+    if cfg.shared_prompt == "auto":
+        changes["shared_prompt"] = not on_gpu
+    if cfg.max_pass_tokens == "auto":
+        changes["max_pass_tokens"] = None if on_gpu else 1024
+    return replace(cfg, **changes) if changes else cfg
+
+
 def world_and_rank() -> tuple[int, int]:
     """(number of processes, this process's rank); (1, 0) outside torch.distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -142,6 +158,7 @@ def train_dpo(
     """
     if len(pairs) != len(ref["chosen"]):
         raise ValueError(f"{len(pairs)} pairs but {len(ref['chosen'])} reference log-probs")
+    train_cfg = for_device(train_cfg, device)
     seed_everything(train_cfg.seed)
     loss_fn = get_loss(loss_cfg.name)
     plan = batch_plan(len(pairs), train_cfg)

@@ -153,6 +153,19 @@ def test_override_int_to_float_and_null() -> None:
     assert cfg.data.sources[0].max_pairs is None
 
 
+def test_layout_settings_take_auto_or_a_value() -> None:
+    default = load_config(REPO / "recipes" / "default.yaml")
+    assert (default.train.shared_prompt, default.train.max_pass_tokens) == ("auto", "auto")
+    cfg = load_config(REPO / "recipes" / "default.yaml", ["train.shared_prompt=false", "train.max_pass_tokens=2048"])
+    assert (cfg.train.shared_prompt, cfg.train.max_pass_tokens) == (False, 2048)
+    cfg = load_config(REPO / "recipes" / "default.yaml", ["train.max_pass_tokens=null"])
+    assert cfg.train.max_pass_tokens is None
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "recipes" / "default.yaml", ["train.shared_prompt=sometimes", "train.max_pass_tokens=0"])
+    assert "train.shared_prompt: expected Literal['auto'] or bool, got str 'sometimes'" in str(err.value)
+    assert "train.max_pass_tokens: must be at least 1, got 0" in str(err.value)
+
+
 def test_override_scientific_notation() -> None:
     cfg = load_config(REPO / "recipes" / "default.yaml", ["train.learning_rate=1e-3", "loss.beta=5e-2"])
     assert cfg.train.learning_rate == pytest.approx(1e-3)

@@ -14,7 +14,7 @@ from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig, 
 from sdpo_core.data import load_source, tokenize_pairs
 from sdpo_core.logprobs import TokenizedPair, score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
-from sdpo_core.train import TrainingError, TrainResult, batch_plan, lr_lambda, train_dpo
+from sdpo_core.train import TrainingError, TrainResult, batch_plan, for_device, lr_lambda, train_dpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -207,3 +207,12 @@ def test_lr_lambda_without_warmup() -> None:
     assert f(0) == pytest.approx(1.0)
     assert f(2) == pytest.approx(0.5)
     assert f(4) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_layout_auto_is_concrete_per_device() -> None:
+    cpu = for_device(TrainConfig(), "cpu")
+    assert (cpu.shared_prompt, cpu.max_pass_tokens) == (True, 1024)
+    gpu = for_device(TrainConfig(), "cuda:0")
+    assert (gpu.shared_prompt, gpu.max_pass_tokens) == (False, None)
+    chosen = TrainConfig(shared_prompt=True, max_pass_tokens=4096)
+    assert for_device(chosen, "cuda") == chosen
