@@ -313,6 +313,14 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _plain_type(hint: Any) -> str:
+    """A type as a config value is written: 'auto', true or false, an integer, null."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, _type_name(hint))
+
+
 def _convert(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
     """Check ``value`` against the type ``hint``; return it converted, or record a problem."""
     origin = typing.get_origin(hint)
@@ -330,7 +338,7 @@ def _convert(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
             converted = _convert(value, option, key, trial)
             if not trial:
                 return converted
-        allowed = " or ".join(_type_name(a) for a in args)
+        allowed = " or ".join(_plain_type(a) for a in args)
         problems.append(f"{key}: expected {allowed}, got {type(value).__name__} {value!r}")
         return value
     if origin is Literal:
