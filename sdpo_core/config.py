@@ -192,6 +192,10 @@ class TrainConfig:
     """Completion tokens per chunk of the output projection and log-softmax."""
     eval_batch_size: int = 16
     """Pairs per batch when scoring (reference log-probs, evaluation)."""
+    checkpoint_every: int = 25
+    """Save a checkpoint of the train step (weights, optimizer, scheduler, data position, random
+    states) every this many optimizer steps, and after the last; 0 saves only after the last. A
+    rerun of the same pipeline continues an unfinished step from its newest checkpoint."""
     deployment: str | None = None
     """Run each train step as a run of this Prefect deployment (``flow/deployment``, e.g.
     sdpo_train_step/sdpo-train-step on a GPU work pool) and wait for it; None trains in-process."""
@@ -457,6 +461,8 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
     ]:
         if value < 1:
             problems.append(f"{key}: must be at least 1, got {value}")
+    if t.checkpoint_every < 0:
+        problems.append(f"train.checkpoint_every: must be 0 or more, got {t.checkpoint_every}")
     if t.learning_rate <= 0:
         problems.append(f"train.learning_rate: must be positive, got {t.learning_rate}")
     if not 0.0 <= t.warmup_ratio < 1.0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.logprobs import TokenizedPair, collate, completion_logps, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
@@ -32,6 +33,8 @@ class TrainResult:
     optimizer_steps: int
     final_loss: float
     history: list[dict[str, float]]
+    resumed_from: int = 0
+    """Optimizer steps restored from a checkpoint (0: trained from the start)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -140,6 +143,7 @@ def train_dpo(
     loss_cfg: LossConfig,
     device: torch.device | str = "cpu",
     callback: MetricsCallback | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with DPO on ``pairs``.
 
@@ -151,7 +155,10 @@ def train_dpo(
         train_cfg: optimisation settings.
         loss_cfg: which loss and its parameters.
         device: where the model is.
-        callback: called with (optimizer step, metrics) after each optimizer step.
+        callback: called with (optimizer step, metrics) after each optimizer step; on resume,
+            first with every step the checkpoint had done.
+        checkpoints: where to save mid-step checkpoints and resume from the latest one. Process
+            0 saves; every process resumes from the same checkpoint.
 
     Returns:
         The number of optimizer steps, the last step's loss and every step's metrics.
@@ -171,9 +178,18 @@ def train_dpo(
     )
     ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
     world, rank = world_and_rank()
-    model.train()
     history: list[dict[str, float]] = []
+    done = 0
+    resumed = checkpoints.restore(model, optimizer, scheduler) if checkpoints is not None else None
+    if resumed is not None:
+        done, history = resumed.step, list(resumed.history)
+        for step, metrics in enumerate(history, start=1):
+            if callback is not None:
+                callback(step, metrics)
+    model.train()
     for step, micro_batches in enumerate(plan, start=1):
+        if step <= done:  # trained before the checkpoint; the plan is the same, so skip its pairs
+            continue
         n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
         # Metric sums stay on the model's device until the step ends: one host sync per step.
         step_sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
@@ -242,5 +258,7 @@ def train_dpo(
         history.append(metrics)
         if callback is not None:
             callback(step, metrics)
+        if checkpoints is not None and rank == 0 and checkpoints.due(step, len(plan)):
+            checkpoints.save(step, model, optimizer, scheduler, history)
     model.eval()
-    return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history)
+    return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)

@@ -1,0 +1,241 @@
+"""Mid-step checkpoints: everything a train step needs to continue after a crash.
+
+A checkpoint is a folder ``step-<n>/`` under the step's checkpoint folder holding the policy's
+weights, AdamW's moments, the scheduler's position, the random states and the metrics so far,
+after ``n`` optimizer steps. The data position is ``n`` itself: the batch plan is a function of
+the seed, so the next optimizer step's pairs are known. Tensors are written as safetensors and
+everything else as JSON: loading a checkpoint runs no pickle.
+
+Writing is atomic. The files go to a temporary folder, ``state.json`` (with every other file's
+size and sha256) is written last, the folder is renamed into place, and only then does the
+``latest`` pointer move to it (written to a temporary name and renamed). A crash at any moment
+leaves the previous checkpoint as ``latest``; a checkpoint whose files do not match its
+``state.json`` is ignored with a warning rather than loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+LATEST = "latest"
+STATE = "state.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a restored checkpoint leaves training."""
+
+    step: int
+    """Optimizer steps already done."""
+    history: list[dict[str, float]]
+    """Their metrics, one dict per optimizer step."""
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state as (tensors, JSON-able rest)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        # AdamW keeps its step count on the CPU unless it is capturable or fused.
+        state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_states() -> tuple[dict[str, torch.Tensor], list[Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, [version, list(internal), gauss]
+
+
+def _set_rng_states(tensors: dict[str, torch.Tensor], python_state: list[Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = python_state
+    random.setstate((version, tuple(internal), gauss))
+
+
+class Checkpoints:
+    """The checkpoints of one train step, in ``root``.
+
+    Args:
+        root: the step's checkpoint folder (one per config, chunk and reference).
+        every: save after every this many optimizer steps, and after the last; 0 saves only
+            after the last.
+        on_saved: called with each checkpoint folder once it is in place (to copy it elsewhere,
+            for instance to object storage).
+    """
+
+    def __init__(self, root: str | Path, every: int, on_saved: Callable[[Path], None] | None = None) -> None:
+        self.root = Path(root)
+        self.every = every
+        self.on_saved = on_saved
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether to save after optimizer step ``step`` of ``total``."""
+        return step == total or (self.every > 0 and step % self.every == 0)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, verified; None if there is none (or it is damaged)."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        problem = self.verify(path)
+        if problem:
+            warnings.warn(f"ignoring checkpoint {path}: {problem}", stacklevel=2)
+            return None
+        return path
+
+    @staticmethod
+    def verify(path: Path) -> str | None:
+        """None if every file of the checkpoint matches its state.json, else what is wrong."""
+        state_path = path / STATE
+        if not state_path.is_file():
+            return "no state.json"
+        try:
+            state = json.loads(state_path.read_text())
+        except ValueError as exc:
+            return f"state.json is not JSON ({exc})"
+        if state.get("format") != FORMAT:
+            return f"format {state.get('format')!r}, expected {FORMAT}"
+        for name, expected in state["files"].items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != expected["size"] or _sha256(f) != expected["sha256"]:
+                return f"{name} does not match its recorded size and sha256"
+        return None
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        history: list[dict[str, float]],
+    ) -> Path:
+        """Write the checkpoint after ``step`` optimizer steps; the older one is removed."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".{final.name}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir()
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            opt_tensors, opt_rest = _optimizer_tensors(optimizer)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            _write_json(tmp / "optimizer.json", opt_rest)
+            sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            _write_json(tmp / "scheduler.json", sched)
+            rng_tensors, python_rng = _rng_states()
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            _write_json(tmp / "rng.json", {"python": python_rng})
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                _fsync(f)
+                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            _write_json(tmp / STATE, {"format": FORMAT, "step": step, "history": history, "files": files})
+            _fsync(tmp / STATE)
+            if final.exists():  # the same step saved before (a resumed run that re-saves it)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        previous = self.latest_name()
+        _replace_atomically(self.root / LATEST, final.name + "\n")
+        if previous and previous != final.name:
+            shutil.rmtree(self.root / previous, ignore_errors=True)
+        if self.on_saved is not None:
+            self.on_saved(final)
+        return final
+
+    def latest_name(self) -> str | None:
+        pointer = self.root / LATEST
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def restore(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> Resumed | None:
+        """Load the latest checkpoint into the model, optimizer and scheduler; None if none."""
+        path = self.latest()
+        if path is None:
+            return None
+        device = next(model.parameters()).device
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+        del missing, unexpected  # strict: a mismatch has raised already
+        rest = json.loads((path / "optimizer.json").read_text())
+        optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), rest, device))
+        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()) | {"lr_lambdas": [None]})
+        _set_rng_states(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())["python"])
+        state = json.loads((path / STATE).read_text())
+        return Resumed(state["step"], state["history"], path)
+
+    def clear(self) -> None:
+        """Remove every checkpoint of this step (once its model is registered)."""
+        shutil.rmtree(self.root, ignore_errors=True)
