@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
 from flows.workspace import workspace_root
+from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
 from tasks import tracking
@@ -91,6 +92,9 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
                     cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics, final,
                     trained.final_loss, trained.optimizer_steps,
                 )  # fmt: skip
+                # Registered: the step's checkpoints are no longer needed.
+                if trained.checkpoint_dir:
+                    Checkpoints(trained.checkpoint_dir, 0).clear()
                 row |= {"train_loss": trained.final_loss, "optimizer_steps": trained.optimizer_steps, "reused": False}
             rows.append(
                 row | {"version": versions[chunk.step], "model_uri": model_uri(ctx.model_name, chunk.step), **metrics}

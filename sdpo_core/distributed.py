@@ -61,7 +61,14 @@ def main(job_path: str) -> int:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-        policy, tokenizer, result = train_from(cfg, job["ref_dir"], job["chunk_path"], job["ref_scores"], device)
+        checkpoints = None
+        if job.get("checkpoint_dir"):
+            from sdpo_core.checkpoint import Checkpoints
+
+            checkpoints = Checkpoints(job["checkpoint_dir"], cfg.train.checkpoint_every)
+        policy, tokenizer, result = train_from(
+            cfg, job["ref_dir"], job["chunk_path"], job["ref_scores"], device, checkpoints=checkpoints
+        )
         if rank == 0:
             out_dir = save_step_model(policy, tokenizer, Path(job["out_dir"]), job["meta"], result)
             (out_dir / HISTORY_FILE).write_text(json.dumps(result.history))
@@ -70,9 +77,12 @@ def main(job_path: str) -> int:
     return 0
 
 
-def job_for(cfg: Any, ref_dir: str, chunk: Any, ref_scores: str, out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The job file's content for :func:`main`."""
+def job_for(
+    cfg: Any, ref_dir: str, chunk: Any, ref_scores: str, out_dir: Path, meta: dict[str, Any], checkpoints: Any = None
+) -> dict[str, Any]:
+    """The job file's content for :func:`main`. Process 0 saves the checkpoints; all resume from them."""
     return {
+        "checkpoint_dir": str(checkpoints.root) if checkpoints is not None else None,
         "config": cfg.to_dict(),
         "ref_dir": ref_dir,
         "chunk_path": chunk.path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo_core import data as data_mod
+from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
 from sdpo_core.evaluate import Scores, gamma, preference_metrics, self_reward_accuracy
 from sdpo_core.logprobs import score_pairs
@@ -105,7 +107,7 @@ def scores_key(cfg: RunConfig, fingerprint: str, pairs_path: str | Path) -> str:
 
 def _save_scores(scores: Scores, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: runs may share the cache
     save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
     tmp.replace(path)
 
@@ -235,17 +237,19 @@ def train_step(
     out_dir: Path,
     callback: MetricsCallback | None = None,
     meta: dict | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[str, TrainResult]:
     """Train M(step) from M(step-1) on the chunk; save it (safetensors + meta.json) to out_dir.
 
-    With ``train.num_processes > 1`` the step runs under torchrun (sdpo_core.distributed) and its
-    metrics reach ``callback`` when it has finished.
+    With ``checkpoints`` the step saves checkpoints as it goes and continues from the newest one
+    if there is one (see :func:`checkpoint_dir`). With ``train.num_processes > 1`` the step runs
+    under torchrun (sdpo_core.distributed) and its metrics reach ``callback`` when it has finished.
     """
     base_meta = {"step": step, "chunk": asdict(chunk), "config_hash": cfg.hash(), **(meta or {})}
     if cfg.train.num_processes > 1:
         from sdpo_core import distributed
 
-        job = distributed.job_for(cfg, ref_dir, chunk, ref_scores_path, Path(out_dir), base_meta)
+        job = distributed.job_for(cfg, ref_dir, chunk, ref_scores_path, Path(out_dir), base_meta, checkpoints)
         history = distributed.launch(
             job, Path(out_dir).with_name(Path(out_dir).name + ".job.json"), cfg.train.num_processes
         )
@@ -255,8 +259,18 @@ def train_step(
         result = TrainResult(len(history), history[-1]["loss"] if history else float("nan"), history)
         return str(out_dir), result
     device = resolve_device(cfg.train.device)
-    policy, tokenizer, result = train_from(cfg, ref_dir, chunk.path, ref_scores_path, device, callback)
+    policy, tokenizer, result = train_from(cfg, ref_dir, chunk.path, ref_scores_path, device, callback, checkpoints)
     return str(save_step_model(policy, tokenizer, Path(out_dir), base_meta, result)), result
+
+
+def checkpoint_dir(cfg: RunConfig, chunk: ChunkInfo, ref_dir: str | Path, root: str | Path) -> Path:
+    """The checkpoint folder of a train step: one per config, chunk content and reference weights.
+
+    A rerun of the same pipeline finds the same folder, so an unfinished step continues; any
+    change to the config, the chunk or M(t-1) gives a new one.
+    """
+    key = hashlib.sha256(f"{cfg.hash()}|{chunk.content_hash}|{model_fingerprint(ref_dir)}".encode()).hexdigest()
+    return Path(root) / f"{cfg.run_name}-step-{chunk.step}-{key[:16]}"
 
 
 def train_from(
@@ -266,6 +280,7 @@ def train_from(
     ref_scores_path: str,
     device: torch.device,
     callback: MetricsCallback | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[Any, Any, TrainResult]:
     """Load M(t-1) as the policy (sDPO: it starts from the reference) and train it on the chunk.
 
@@ -277,7 +292,7 @@ def train_from(
     policy = load_model(cfg.model, ref_dir, device)
     pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(chunk_path)), tokenizer, cfg.data)
     ref = load_scores(ref_scores_path)
-    result = train_dpo(policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback)
+    result = train_dpo(policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback, checkpoints)
     return policy, tokenizer, result
 
 

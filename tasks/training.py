@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
 from sdpo_core.stages import ChunkInfo
 from tasks.context import RunContext
@@ -22,6 +24,30 @@ class TrainedStep:
     run_id: str
     optimizer_steps: int
     final_loss: float
+    checkpoint_dir: str = ""
+    """The step's checkpoints, removed once its model is registered."""
+
+
+def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str) -> Checkpoints:
+    """The train step's checkpoints in the workspace; with storage.uri each one is also uploaded
+    (its files, then the ``latest`` pointer) and a missing local copy is fetched from there."""
+    from sdpo_core.checkpoint import LATEST, STATE, Checkpoints
+    from sdpo_core.stages import checkpoint_dir
+    from tasks.storage import fetch, publish
+
+    root = checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints")
+
+    def upload(path: Path) -> None:
+        publish(ctx, *sorted(p for p in path.iterdir() if p.name != STATE), path / STATE)
+        publish(ctx, root / LATEST)
+
+    if ctx.storage_uri and not (root / LATEST).is_file() and fetch(ctx, root / LATEST):
+        # Saved on another machine: bring the newest checkpoint here (verified when loaded).
+        name = (root / LATEST).read_text().strip()
+        if fetch(ctx, root / name / STATE):
+            for f in json.loads((root / name / STATE).read_text())["files"]:
+                fetch(ctx, root / name / f)
+    return Checkpoints(root, cfg.train.checkpoint_every, upload if ctx.storage_uri else None)
 
 
 @task(
@@ -79,6 +105,11 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
     )
 
     logger = get_run_logger()
+    checkpoints = step_checkpoints(cfg, ctx, chunk, ref_dir)
+    resume = checkpoints.latest()
+    if resume is not None:
+        logger.info("resuming train step %d from checkpoint %s", chunk.step, resume)
+        c.set_tag(run_id, "sdpo.resumed_from", resume.name)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         tracking.log_metrics(c, run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
@@ -101,11 +132,12 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
             Path(ctx.run_dir) / "models" / f"step-{chunk.step}",
             callback=log,
             meta={"reference_uri": ref_uri, "reference_version": ref_version},
+            checkpoints=checkpoints,
         )
     except Exception:
         c.set_terminated(run_id, "FAILED")
         raise
-    return TrainedStep(chunk.step, model_dir, run_id, result.optimizer_steps, result.final_loss)
+    return TrainedStep(chunk.step, model_dir, run_id, result.optimizer_steps, result.final_loss, str(checkpoints.root))
 
 
 @task(

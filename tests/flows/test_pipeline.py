@@ -39,7 +39,7 @@ def write_recipe(tmp_path: Path, name: str, **changes) -> Path:
     }
     for key, value in changes.items():
         section, field = key.split("__")
-        recipe[section][field] = value
+        recipe.setdefault(section, {})[field] = value
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
