@@ -1,8 +1,8 @@
 """The sDPO pipeline flow: prepare, partition, then for each step score, train, evaluate, register.
 
-At step t both the reference and the starting policy are M(t-1), loaded from the registry as
-``models:/<name>@step-<t-1>`` (sDPO, arXiv 2403.19270, section 3.2); the result is registered as
-``step-<t>``. Nothing happens at import time.
+At step t both the reference and the starting policy are M(t-1), loaded from the registry by
+its version, ``models:/<name>/<version>`` (sDPO, arXiv 2403.19270, section 3.2); the result is
+registered with alias ``step-<t>``. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tasks import tracking
 from tasks.data import partition, prepare_data
 from tasks.registry import find_finished_step, open_tracking, register_base, register_step
 from tasks.report import report
-from tasks.tracking import model_uri
+from tasks.tracking import model_uri, version_uri
 from tasks.training import evaluate_step, reference_logps, train_step
 
 
@@ -62,7 +62,8 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
     ctx = open_tracking(cfg, str(root), str(run_dir), prepared)
     try:
         versions = {0: register_base(cfg, ctx)}
-        m0 = model_uri(ctx.model_name, 0)
+        # References are loaded by version, not alias: another run may move the aliases meanwhile.
+        m0 = version_uri(ctx.model_name, versions[0])
         chunks = partition(cfg, ctx, prepared, m0)
         m0_eval = reference_logps(cfg, ctx, m0, prepared.eval_path, "eval")
         prev_eval = m0_eval
@@ -75,11 +76,13 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
             done = find_finished_step(cfg, ctx, chunk, versions[chunk.step - 1], final)
             if done is not None:
                 versions[chunk.step] = done["version"]
-                prev_eval = reference_logps(cfg, ctx, model_uri(ctx.model_name, chunk.step), prepared.eval_path, "eval")
+                prev_eval = reference_logps(
+                    cfg, ctx, version_uri(ctx.model_name, done["version"]), prepared.eval_path, "eval"
+                )
                 row |= {"train_loss": done["train_loss"], "optimizer_steps": done["optimizer_steps"], "reused": True}
                 metrics = done["metrics"]
             else:
-                ref_uri = model_uri(ctx.model_name, chunk.step - 1)
+                ref_uri = version_uri(ctx.model_name, versions[chunk.step - 1])
                 ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
                 if cfg.train.deployment:
                     trained = run_train_deployment(cfg, ctx, chunk, ref_uri, ref_scores)

@@ -42,7 +42,7 @@ def sdpo_train_step(
         config: the pipeline's resolved config (RunConfig.to_dict()).
         context: the pipeline run's RunContext fields (workspace, MLflow run ids).
         chunk: the step's ChunkInfo fields.
-        ref_uri: ``models:/<name>@step-<t-1>``.
+        ref_uri: M(t-1) in the registry, ``models:/<name>/<version>``.
         ref_scores: path of the reference log-probs of the chunk.
         step, label: for the flow run's name.
     """

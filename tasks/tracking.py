@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -134,29 +135,48 @@ def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, ta
 
 
 def model_uri(model_name: str, step: int) -> str:
+    """The alias URI of step ``step``'s model: what users load; it moves with the latest run."""
     return f"models:/{model_name}@step-{step}"
 
 
-def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
-    """Download a registered model (``models:/name@alias``) into the cache; (folder, version).
+def version_uri(model_name: str, version: str | int) -> str:
+    """One registered version, fixed: what a pipeline run loads its references from, so that
+    another run re-pointing the aliases meanwhile cannot change a run's lineage."""
+    return f"models:/{model_name}/{version}"
 
-    Each version is downloaded once; the folder is keyed by name and version.
+
+def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
+    """Download a registered model (``models:/name@alias`` or ``models:/name/version``) into the
+    cache; returns (folder, version).
+
+    Each version is downloaded once; the folder is keyed by name and version. Runs at the same
+    time may download the same version: each into its own temporary folder, the first rename wins.
     """
     import mlflow
 
-    name, alias = uri.removeprefix("models:/").split("@", 1)
-    mv = c.get_model_version_by_alias(name, alias)
-    dest = cache_root / name / str(mv.version)
+    path = uri.removeprefix("models:/")
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        version = str(c.get_model_version_by_alias(name, alias).version)
+    else:
+        name, version = path.rsplit("/", 1)
+        version = str(c.get_model_version(name, version).version)
+    dest = cache_root / name / version
     if not (dest / "config.json").is_file():
-        tmp = cache_root / name / f"{mv.version}.partial"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = cache_root / name / f".{version}.{uuid.uuid4().hex}.partial"
         tmp.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    return str(dest), str(mv.version)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+            if dest.exists() and not (dest / "config.json").is_file():
+                shutil.rmtree(dest)  # left half-made by an older version of this code
+            try:
+                tmp.rename(dest)
+            except OSError:
+                if not (dest / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest), version
 
 
 def fetch_for(ctx: Any, uri: str) -> tuple[str, str]:

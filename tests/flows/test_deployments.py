@@ -56,7 +56,8 @@ def api(url: str, path: str, body: dict) -> list[dict]:
 def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    # Earlier tests in this process may have set MLflow's URIs (mlflow.set_tracking_uri exports one).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
         PREFECT_API_URL=url,
@@ -142,7 +143,8 @@ def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
 
     from mlflow import MlflowClient
 
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     versions = {
         a: c.get_model_version_by_alias("deployed-model", a).version for a in ("step-0", "step-1", "step-2", "final")
     }

@@ -112,7 +112,9 @@ def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
     result = sdpo_pipeline(recipe=str(path), overrides=[])
     assert len(result.rows) == 2
 
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c = MlflowClient(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
     for alias in ("step-0", "step-1", "step-2", "final"):
         mv = c.get_model_version_by_alias("s3-model", alias)
         assert mv.source.startswith("s3://sdpo-test/mlflow/"), mv.source
