@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
-from flows.workspace import workspace_root
+from flows.workspace import within, workspace_root
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
@@ -50,7 +50,7 @@ def _flow_run_name() -> str:
 
 def run_folder(root: Path, run_name: str) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
-    return root / "runs" / f"{run_name}-{stamp}"
+    return within(root, root / "runs" / f"{run_name}-{stamp}")
 
 
 def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:

@@ -15,6 +15,15 @@ def workspace_root() -> Path:
     return Path(os.environ.get("SDPO_HOME", ".sdpo")).resolve()
 
 
+def within(root: Path, path: Path) -> Path:
+    """``path``, after checking that it resolves to a place inside ``root`` (defence in depth:
+    config names are validated, but nothing a run writes may land outside the workspace)."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(Path(root).resolve()):
+        raise ValueError(f"{path}: outside the workspace {root}")
+    return resolved
+
+
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 

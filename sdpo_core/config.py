@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import re
 import textwrap
 import types
 import typing
@@ -419,9 +420,20 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+"""Names that become parts of file paths (run_name, tracking.registered_model): letters, digits,
+'.', '_' and '-', starting with a letter or digit, so that no name can point outside the
+workspace (no '/', no '..')."""
+
+
 def _validate(cfg: RunConfig, problems: list[str]) -> None:
     """Checks of values that types alone do not catch."""
     d, t, p, loss = cfg.data, cfg.train, cfg.partition, cfg.loss
+    for key, value in (("run_name", cfg.run_name), ("tracking.registered_model", cfg.tracking.registered_model)):
+        if isinstance(value, str) and not SAFE_NAME.fullmatch(value):
+            problems.append(
+                f"{key}: {value!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
     if not d.sources:
         problems.append("data.sources: at least one source is required")
     names = [s.name for s in d.sources]

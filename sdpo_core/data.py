@@ -57,6 +57,12 @@ TIED_SCORES = "tied scores"
 REVERSED_SCORES = "rejected scored higher"
 PROMPT_TOO_LONG = "prompt too long"
 IN_EVAL = "also in eval split"
+OVERSIZED = "pair over the size limit"
+
+MAX_PAIR_CHARS = 2_000_000
+"""A pair whose prompt and completions hold more characters than this is dropped (and counted)
+before tokenization: no model here reads that much, and tokenizing a 20 MB line only to
+truncate it took a minute and 4 GB of memory."""
 
 
 @dataclass(frozen=True)
@@ -362,6 +368,12 @@ class SourceReport:
         return asdict(self)
 
 
+def _chars(prompt: str | Sequence[Message]) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(m["content"]) for m in prompt)
+
+
 def load_source(
     source: SourceConfig, skip_bad_rows: bool = False, seed: int = 0
 ) -> tuple[list[PreferencePair], SourceReport]:
@@ -406,6 +418,9 @@ def load_source(
                 continue
             except DroppedRow as exc:
                 report.drop(exc.reason)
+                continue
+            if _chars(prompt) + len(chosen) + len(rejected) > MAX_PAIR_CHARS:
+                report.drop(OVERSIZED)
                 continue
             if not chosen.strip() or not rejected.strip():
                 report.drop(EMPTY_COMPLETION)

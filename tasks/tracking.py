@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from flows.workspace import default_tracking_uri
+from flows.workspace import default_tracking_uri, within
 
 SENSITIVE_MARKERS = ("secret", "password", "token", "key", "credential")
 
@@ -161,7 +161,7 @@ def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
     else:
         name, version = path.rsplit("/", 1)
         version = str(c.get_model_version(name, version).version)
-    dest = cache_root / name / version
+    dest = within(cache_root, cache_root / name / version)
     if not (dest / "config.json").is_file():
         tmp = cache_root / name / f".{version}.{uuid.uuid4().hex}.partial"
         tmp.mkdir(parents=True)

@@ -31,11 +31,12 @@ class TrainedStep:
 def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str) -> Checkpoints:
     """The train step's checkpoints in the workspace; with storage.uri each one is also uploaded
     (its files, then the ``latest`` pointer) and a missing local copy is fetched from there."""
+    from flows.workspace import within
     from sdpo_core.checkpoint import LATEST, STATE, Checkpoints
     from sdpo_core.stages import checkpoint_dir
     from tasks.storage import fetch, publish
 
-    root = checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints")
+    root = within(Path(ctx.root), checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints"))
 
     def upload(path: Path) -> None:
         publish(ctx, *sorted(p for p in path.iterdir() if p.name != STATE), path / STATE)
