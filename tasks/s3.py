@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,27 @@ class UploadError(RuntimeError):
     """An object in S3 is missing or differs from the local file it was uploaded from."""
 
 
+UPLOAD_ATTEMPTS = 4
+"""Whole-file upload attempts (each with botocore's own per-request retries) before giving up."""
+UPLOAD_BACKOFF_SECONDS = 2.0
+"""Wait before the second attempt; doubled for each later one."""
+
+
 def client() -> Any:
+    """An S3 client; botocore retries each request (standard mode, ``AWS_MAX_ATTEMPTS``, default 5)."""
     import boto3
+    from botocore.config import Config
 
     endpoint = (
         os.environ.get("MLFLOW_S3_ENDPOINT_URL")
         or os.environ.get("AWS_ENDPOINT_URL_S3")
         or os.environ.get("AWS_ENDPOINT_URL")
     )
-    return boto3.client("s3", endpoint_url=endpoint)
+    retries = {
+        "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+    }
+    return boto3.client("s3", endpoint_url=endpoint, config=Config(retries=retries, connect_timeout=10))
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -94,16 +107,31 @@ def verify_file(path: Path, bucket: str, key: str, s3: Any) -> None:
 
 
 def upload_file(path: Path, uri: str, s3: Any = None) -> str:
-    """Upload one file to ``uri`` (multipart above 8 MiB) and verify it; returns the URI."""
+    """Upload one file to ``uri`` (multipart above 8 MiB) and verify it; returns the URI.
+
+    An attempt that fails (the endpoint went away mid-upload, or what arrived does not match)
+    is repeated from the start, after a backoff, up to ``UPLOAD_ATTEMPTS`` times; then an
+    UploadError names the file, the URI and the last cause. An incomplete multipart upload is
+    never visible as an object, so nothing partial is left for a registry version to point to.
+    """
+    from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
 
     s3 = s3 or client()
     bucket, key = split_uri(uri)
-    s3.upload_file(
-        str(path), bucket, key, Config=TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
-    )
-    verify_file(path, bucket, key, s3)
-    return uri
+    config = TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
+    last: Exception | None = None
+    for attempt in range(UPLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(UPLOAD_BACKOFF_SECONDS * 2 ** (attempt - 1))
+        try:
+            s3.upload_file(str(path), bucket, key, Config=config)
+            verify_file(path, bucket, key, s3)
+            return uri
+        except (BotoCoreError, ClientError, UploadError, S3UploadFailedError) as exc:
+            last = exc
+    raise UploadError(f"{uri}: upload of {path} failed after {UPLOAD_ATTEMPTS} attempts: {last}")
 
 
 def download_file(uri: str, path: Path, s3: Any = None) -> bool:
