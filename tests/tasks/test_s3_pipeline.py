@@ -158,3 +158,44 @@ def test_a_stage_fetches_missing_inputs_from_storage(tmp_path, s3_server):
     assert chunk.read_text() == '{"a": 1}\n'
     with pytest.raises(FileNotFoundError, match="step-2.jsonl"):
         require(ctx, chunk.with_name("step-2.jsonl"))
+
+
+def test_checkpoints_travel_through_storage(tmp_path, s3_server):
+    """With storage.uri a step's checkpoint is uploaded (files, then the latest pointer) and a
+    machine without it fetches and verifies it before resuming."""
+    import shutil
+
+    import torch
+
+    from sdpo_core.config import load_config
+    from sdpo_core.stages import ChunkInfo
+    from tasks.context import RunContext
+    from tasks.training import step_checkpoints
+
+    cfg = load_config(REPO / "recipes" / "default.yaml")
+    ctx = RunContext(str(tmp_path / "ws"), str(tmp_path / "ws" / "runs" / "r"), "", "", "", "m", "s3://sdpo-test/sdpo")
+    chunk = ChunkInfo(1, "orca", str(tmp_path / "chunk.jsonl"), 4, "abc", None)
+    ref_dir = str(REPO / "models" / "stories260K")
+
+    def trainable():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    model, optimizer, scheduler = trainable()
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    saved = step_checkpoints(cfg, ctx, chunk, ref_dir).save(1, model, optimizer, scheduler, [{"loss": 0.5}])
+    relative = saved.relative_to(tmp_path / "ws").as_posix()
+    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="sdpo-test", Prefix="sdpo/checkpoints/")["Contents"]}
+    assert f"sdpo/{relative}/state.json" in keys and f"sdpo/{relative}/model.safetensors" in keys
+    assert f"sdpo/{saved.parent.relative_to(tmp_path / 'ws').as_posix()}/latest" in keys
+
+    shutil.rmtree(tmp_path / "ws" / "checkpoints")  # another machine: nothing local
+    fresh, fresh_opt, fresh_sched = trainable()
+    resumed = step_checkpoints(cfg, ctx, chunk, ref_dir).restore(fresh, fresh_opt, fresh_sched)
+    assert resumed is not None and resumed.step == 1 and resumed.history == [{"loss": 0.5}]
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
