@@ -4,7 +4,9 @@ With ``train.deployment`` set (e.g. ``sdpo_train_step/sdpo-train-step``), the pi
 train step as a run of that deployment (``run_deployment``) and waits for it: the step runs on
 whichever worker serves the deployment's pool, loads its reference from the registry, trains,
 and leaves its model and a ``trained.json`` record in the run folder, which the pipeline reads to
-go on. The worker needs the run folder: the same machine, a shared volume, or storage.uri on S3.
+go on. The worker keeps its files in its own workspace (``SDPO_HOME``), at the places the
+pipeline's have in the pipeline's, so the two may share one folder (one machine, a shared
+volume) or none: with storage.uri on S3 each side fetches what the other published.
 """
 
 from __future__ import annotations
@@ -46,18 +48,38 @@ def sdpo_train_step(
         ref_scores: path of the reference log-probs of the chunk.
         step, label: for the flow run's name.
     """
+    from flows.workspace import workspace_root
     from tasks.storage import publish
 
-    ctx = RunContext(**context)
-    trained = train_step(from_dict(config), ctx, ChunkInfo(**chunk), ref_uri, ref_scores)
-    files = sorted(str(p) for p in Path(trained.model_dir).rglob("*") if p.is_file())
-    record = asdict(trained) | {"files": files}
+    # The pipeline's paths are under its workspace; this worker's files go under its own (the
+    # same folder when both run on one machine), at the same places relative to it.
+    pipeline_root, root = Path(context["root"]), workspace_root()
+    ctx = RunContext(**(context | {"root": str(root), "run_dir": str(rebase(context["run_dir"], pipeline_root, root))}))
+    chunk_info = ChunkInfo(**(chunk | {"path": str(rebase(chunk["path"], pipeline_root, root))}))
+    trained = train_step(from_dict(config), ctx, chunk_info, ref_uri, str(rebase(ref_scores, pipeline_root, root)))
+    files = sorted(p for p in Path(trained.model_dir).rglob("*") if p.is_file())
+    # The record names files relative to the workspace, for the pipeline to find under its own.
+    record = asdict(trained) | {
+        "model_dir": relative(trained.model_dir, root),
+        "checkpoint_dir": relative(trained.checkpoint_dir, root) if trained.checkpoint_dir else "",
+        "files": [relative(p, root) for p in files],
+    }
     path = record_path(ctx, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     # With storage.uri the pipeline may run elsewhere: it fetches the model and this record.
     publish(ctx, *files, path)
     return record
+
+
+def rebase(path: str | Path, old_root: Path, new_root: Path) -> Path:
+    """``path`` under ``old_root`` moved to the same place under ``new_root`` (others unchanged)."""
+    path = Path(path)
+    return new_root / path.relative_to(old_root) if path.is_relative_to(old_root) else path
+
+
+def relative(path: str | Path, root: Path) -> str:
+    return Path(path).resolve().relative_to(root.resolve()).as_posix()
 
 
 def run_train_deployment(
@@ -87,5 +109,8 @@ def run_train_deployment(
 
     require(ctx, record_path(ctx, chunk.step))
     record = json.loads(record_path(ctx, chunk.step).read_text())
-    require(ctx, *record.pop("files"))
+    root = Path(ctx.root)
+    require(ctx, *(root / f for f in record.pop("files")))
+    record["model_dir"] = str(root / record["model_dir"])
+    record["checkpoint_dir"] = str(root / record["checkpoint_dir"]) if record["checkpoint_dir"] else ""
     return TrainedStep(**record)

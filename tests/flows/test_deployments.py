@@ -52,18 +52,71 @@ def api(url: str, path: str, body: dict) -> list[dict]:
         return json.loads(r.read())
 
 
+@pytest.fixture
+def s3_store(monkeypatch):
+    """moto's S3 server on 127.0.0.1 with a bucket; its endpoint and credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    }.items():
+        monkeypatch.setenv(key, value)
+    from tasks.s3 import client
+
+    s3 = client()
+    s3.create_bucket(Bucket="sdpo-deploy")
+    yield s3
+    server.stop()
+
+
 @pytest.mark.slow
 def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
+    """Both workers share one workspace (one machine, or a shared volume)."""
+    run_deployed_pipeline(tmp_path, {"cpu-pool": tmp_path / "workspace", "gpu-pool": tmp_path / "workspace"}, None)
+    trained = sorted((tmp_path / "workspace" / "runs").glob("deployed-*/models/step-*.trained.json"))
+    assert [p.name for p in trained] == ["step-1.trained.json", "step-2.trained.json"]
+
+
+@pytest.mark.slow
+def test_gpu_worker_without_shared_disk_works_through_s3(tmp_path, s3_store):
+    """Each worker has its own workspace and nothing is shared but the S3 bucket (and MLflow):
+    the train steps' models and records reach the pipeline through storage.uri."""
+    cpu_ws, gpu_ws = tmp_path / "cpu-machine", tmp_path / "gpu-machine"
+    run_deployed_pipeline(tmp_path, {"cpu-pool": cpu_ws, "gpu-pool": gpu_ws}, "s3://sdpo-deploy")
+    # The GPU worker trained and saved the step models in its own workspace ...
+    assert len(list(gpu_ws.glob("runs/deployed-*/models/step-*/model.safetensors"))) == 2
+    assert not list(gpu_ws.glob("runs/deployed-*/data/*")), "the GPU worker fetched only what a step needs"
+    # ... and the pipeline got them (and the records) from the bucket into its own.
+    assert len(list(cpu_ws.glob("runs/deployed-*/models/step-*.trained.json"))) == 2
+    assert len(list(cpu_ws.glob("runs/deployed-*/models/step-*/model.safetensors"))) == 2
+    keys = {o["Key"] for o in s3_store.list_objects_v2(Bucket="sdpo-deploy")["Contents"]}
+    assert any(k.startswith("mlflow/") and k.endswith("/model/model.safetensors") for k in keys)
+    assert any(k.startswith("sdpo/runs/deployed-") and k.endswith("step-1.trained.json") for k in keys)
+
+
+def run_deployed_pipeline(tmp_path: Path, workspaces: dict[str, Path], bucket: str | None) -> None:
+    """Server, pools, deployments, a process worker per pool (each with its own SDPO_HOME), and a
+    pipeline deployment run whose train steps run on the GPU pool; checks the flow runs and registry."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     # Earlier tests in this process may have set MLflow's URIs (mlflow.set_tracking_uri exports one).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PREFECT_") and k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    }
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
         PREFECT_API_URL=url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-        SDPO_HOME=str(tmp_path / "workspace"),
         SDPO_PROJECT_DIR=str(REPO),
         HF_HUB_OFFLINE="1",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
@@ -73,9 +126,10 @@ def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    def start(name: str, *args: str) -> subprocess.Popen:
+    def start(name: str, *args: str, home: Path | None = None) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([prefect, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc_env = env | ({"SDPO_HOME": str(home)} if home else {})
+        proc = subprocess.Popen([prefect, *args], cwd=REPO, env=proc_env, stdout=out, stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc
 
@@ -90,8 +144,8 @@ def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
         for pool in ("cpu-pool", "gpu-pool"):
             run("work-pool", "create", pool, "--type", "process")
         run("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-        start("cpu-worker", "worker", "start", "--pool", "cpu-pool")
-        start("gpu-worker", "worker", "start", "--pool", "gpu-pool")
+        start("cpu-worker", "worker", "start", "--pool", "cpu-pool", home=workspaces["cpu-pool"])
+        start("gpu-worker", "worker", "start", "--pool", "gpu-pool", home=workspaces["gpu-pool"])
 
         recipe = {
             "run_name": "deployed",
@@ -116,6 +170,9 @@ def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
                 "registered_model": "deployed-model",
             },
         }
+        if bucket:
+            recipe["tracking"]["artifact_location"] = f"{bucket}/mlflow"
+            recipe["storage"] = {"uri": f"{bucket}/sdpo"}
         (tmp_path / "deployed.yaml").write_text(yaml.safe_dump(recipe))
         params = json.dumps({"recipe": str(tmp_path / "deployed.yaml"), "overrides": []})
         run("deployment", "run", "sdpo_pipeline/sdpo-pipeline", "--params", params, "--watch", "--watch-timeout", "540")
@@ -149,6 +206,3 @@ def test_pipeline_deployment_runs_train_steps_on_the_gpu_pool(tmp_path):
         a: c.get_model_version_by_alias("deployed-model", a).version for a in ("step-0", "step-1", "step-2", "final")
     }
     assert versions["final"] == versions["step-2"] and len(set(versions.values())) == 3
-    # Each train step left its record in the run folder for the pipeline to read.
-    trained = sorted((tmp_path / "workspace" / "runs").glob("deployed-*/models/step-*.trained.json"))
-    assert [p.name for p in trained] == ["step-1.trained.json", "step-2.trained.json"]
