@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+RESUME_HINT = (
+    "finished steps are registered and the unfinished step's checkpoints are kept: "
+    "run the same command again to continue"
+)
 
 
 def _options_help() -> str:
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo_core.data import DataError
     from sdpo_core.model_io import ModelError
     from sdpo_core.train import TrainingError
+    from tasks.s3 import UploadError
 
     try:
         if args.command == "run":
@@ -155,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except TrainingError as exc:
         print(f"sdpo: training failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except UploadError as exc:
+        print(f"sdpo: storage failed: {exc}", file=sys.stderr)
+        print(f"sdpo: {RESUME_HINT}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -274,3 +274,22 @@ def test_secrets_never_reach_what_a_run_writes(tmp_path):
         assert value not in proc.stdout and value not in proc.stderr
         for path in written:
             assert value.encode() not in path.read_bytes(), f"{value} found in {path}"
+
+
+def test_cli_storage_failure_is_a_clear_message_with_how_to_resume(tmp_path, capsys, monkeypatch):
+    """An upload that fails for good (the S3 endpoint stays down) ends the run with its cause
+    and how to continue, not a traceback."""
+    import flows.pipeline
+    from tasks.s3 import UploadError
+
+    def fail(**_):
+        raise UploadError("s3://bucket/x/model.safetensors: upload of /w/model.safetensors failed after 4 attempts")
+
+    monkeypatch.setattr(flows.pipeline, "sdpo_pipeline", fail)
+    code, err = run_cli(["run", "-c", str(write_recipe(tmp_path, "cli-s3"))], capsys)
+    assert code == 1
+    assert err.splitlines() == [
+        "sdpo: storage failed: s3://bucket/x/model.safetensors: upload of /w/model.safetensors failed after 4 attempts",
+        "sdpo: finished steps are registered and the unfinished step's checkpoints are kept: "
+        "run the same command again to continue",
+    ]
