@@ -11,9 +11,10 @@ from prefect.cache_policies import NO_CACHE
 from sdpo_core.config import RunConfig
 from sdpo_core.stages import ChunkInfo, PreparedData
 from tasks.context import RunContext
+from tasks.retries import IO_RETRIES
 
 
-@task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE, persist_result=False)
+@task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
     """Load, normalise and validate every source; hold out the eval split."""
     from sdpo_core import stages
@@ -21,7 +22,7 @@ def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
     return stages.prepare_data(cfg, Path(run_dir) / "data")
 
 
-@task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False)
+@task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: str) -> list[ChunkInfo]:
     """Split the training pairs into the steps' chunks; log partition.json to the parent run."""
     import json

@@ -10,9 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from sdpo_core.config import RunConfig
 from sdpo_core.stages import ChunkInfo, PreparedData
 from tasks.context import RunContext
-
-# MLflow calls are I/O against a tracking server: worth retrying with backoff.
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
+from tasks.retries import IO_RETRIES
 
 
 @task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.context import RunContext
+from tasks.retries import IO_RETRIES
 
 COLUMNS = [
     ("step", "step", "{}"),
@@ -44,8 +45,7 @@ def format_table(rows: list[dict]) -> str:
     task_run_name="report",
     cache_policy=NO_CACHE,
     persist_result=False,
-    retries=2,
-    retry_delay_seconds=[2, 10],
+    **IO_RETRIES,
 )
 def report(ctx: RunContext, rows: list[dict]) -> str:
     """Write the table and the rows (JSON) to the run folder and the MLflow parent run."""

@@ -13,6 +13,7 @@ from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
 from sdpo_core.stages import ChunkInfo
 from tasks.context import RunContext
+from tasks.retries import IO_RETRIES
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
 
 
 @task(
-    name="reference-logps", task_run_name="logps-{what}-under-{model_uri}", cache_policy=NO_CACHE, persist_result=False
+    name="reference-logps",
+    task_run_name="logps-{what}-under-{model_uri}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    **IO_RETRIES,
 )
 def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
     """Forward-only log-probs of a data file under a registered model (cached by content)."""
@@ -74,6 +79,7 @@ def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path:
     task_run_name="train-step-{chunk.step}-{chunk.label}",
     cache_policy=NO_CACHE,
     persist_result=False,
+    **IO_RETRIES,  # I/O failures only; the retry resumes from the newest checkpoint
 )
 def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, ref_scores: str) -> TrainedStep:
     """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run."""
@@ -146,6 +152,7 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
     task_run_name="evaluate-step-{chunk.step}-{chunk.label}",
     cache_policy=NO_CACHE,
     persist_result=False,
+    **IO_RETRIES,
 )
 def evaluate_step(
     cfg: RunConfig,
