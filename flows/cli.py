@@ -140,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_environment()
+    from sdpo_core.checkpoint import CheckpointBusy
     from sdpo_core.config import ConfigError
     from sdpo_core.data import DataError
     from sdpo_core.model_io import ModelError
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except TrainingError as exc:
         print(f"sdpo: training failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except CheckpointBusy as exc:
+        print(f"sdpo: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except UploadError as exc:
         print(f"sdpo: storage failed: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ volume) or none: with storage.uri on S3 each side fetches what the other publish
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,11 @@ def sdpo_train_step(
     from flows.workspace import workspace_root
     from tasks.storage import publish
 
-    # The pipeline's paths are under its workspace; this worker's files go under its own (the
-    # same folder when both run on one machine), at the same places relative to it.
-    pipeline_root, root = Path(context["root"]), workspace_root()
+    # The pipeline's paths are under its workspace. A worker with its own (SDPO_HOME set) keeps
+    # its files there, at the same places relative to it; without one it uses the pipeline's
+    # folder as is (one machine, or a volume mounted at the same path).
+    pipeline_root = Path(context["root"])
+    root = workspace_root() if os.environ.get("SDPO_HOME") else pipeline_root
     ctx = RunContext(**(context | {"root": str(root), "run_dir": str(rebase(context["run_dir"], pipeline_root, root))}))
     chunk_info = ChunkInfo(**(chunk | {"path": str(rebase(chunk["path"], pipeline_root, root))}))
     trained = train_step(from_dict(config), ctx, chunk_info, ref_uri, str(rebase(ref_scores, pipeline_root, root)))

@@ -15,6 +15,8 @@ leaves the previous checkpoint as ``latest``; a checkpoint whose files do not ma
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ import random
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 LATEST = "latest"
 STATE = "state.json"
+LOCK = ".lock"
 FORMAT = 1
+
+
+class CheckpointBusy(RuntimeError):
+    """Another process holds the step's checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ def _replace_atomically(path: Path, text: str) -> None:
     tmp.write_text(text)
     _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself survives a power loss
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -201,6 +209,7 @@ class Checkpoints:
             if final.exists():  # the same step saved before (a resumed run that re-saves it)
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fsync(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -235,6 +244,24 @@ class Checkpoints:
         _set_rng_states(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())["python"])
         state = json.loads((path / STATE).read_text())
         return Resumed(state["step"], state["history"], path)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this step's lock while training it: a second process training the same step
+        (the same run started twice) fails at once instead of writing the same checkpoints."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CheckpointBusy(
+                    f"{self.root}: another process is training this step (same run name, config, chunk and "
+                    "reference); wait for it, or give this run another run_name"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def clear(self) -> None:
         """Remove every checkpoint of this step (once its model is registered)."""

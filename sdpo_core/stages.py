@@ -7,6 +7,7 @@ finding them in the registry is the caller's business.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -246,6 +247,20 @@ def train_step(
     under torchrun (sdpo_core.distributed) and its metrics reach ``callback`` when it has finished.
     """
     base_meta = {"step": step, "chunk": asdict(chunk), "config_hash": cfg.hash(), **(meta or {})}
+    with checkpoints.exclusive() if checkpoints is not None else contextlib.nullcontext():
+        return _train_step(cfg, ref_dir, chunk, ref_scores_path, Path(out_dir), callback, base_meta, checkpoints)
+
+
+def _train_step(
+    cfg: RunConfig,
+    ref_dir: str,
+    chunk: ChunkInfo,
+    ref_scores_path: str,
+    out_dir: Path,
+    callback: MetricsCallback | None,
+    base_meta: dict,
+    checkpoints: Checkpoints | None,
+) -> tuple[str, TrainResult]:
     if cfg.train.num_processes > 1:
         from sdpo_core import distributed
 
@@ -263,14 +278,34 @@ def train_step(
     return str(save_step_model(policy, tokenizer, Path(out_dir), base_meta, result)), result
 
 
-def checkpoint_dir(cfg: RunConfig, chunk: ChunkInfo, ref_dir: str | Path, root: str | Path) -> Path:
-    """The checkpoint folder of a train step: one per config, chunk content and reference weights.
+# Settings that change where or how fast a step runs, or what is logged, but not what it learns:
+# changing them on a rerun still continues the step from its checkpoint.
+OPERATIONAL_TRAIN_KEYS = (
+    "checkpoint_every", "device", "num_threads", "eval_batch_size", "deployment", "num_processes",
+    "distributed_backend",
+)  # fmt: skip
 
-    A rerun of the same pipeline finds the same folder, so an unfinished step continues; any
-    change to the config, the chunk or M(t-1) gives a new one.
+
+def training_hash(cfg: RunConfig) -> str:
+    """A content id of what a train step learns from: the config without tracking, storage and
+    the operational train settings."""
+    data = cfg.to_dict()
+    data.pop("tracking", None)
+    data.pop("storage", None)
+    for key in OPERATIONAL_TRAIN_KEYS:
+        data["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_dir(cfg: RunConfig, chunk: ChunkInfo, ref_dir: str | Path, root: str | Path) -> Path:
+    """The checkpoint folder of a train step: one per run name, training settings, chunk
+    content and reference weights.
+
+    A rerun of the same pipeline finds the same folder, so an unfinished step continues; a
+    change to what the step learns from (see :func:`training_hash`) gives a new one.
     """
-    key = hashlib.sha256(f"{cfg.hash()}|{chunk.content_hash}|{model_fingerprint(ref_dir)}".encode()).hexdigest()
-    return Path(root) / f"{cfg.run_name}-step-{chunk.step}-{key[:16]}"
+    ids = f"{training_hash(cfg)}|{chunk.content_hash}|{model_fingerprint(ref_dir)}"
+    return Path(root) / f"{cfg.run_name}-step-{chunk.step}-{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
 
 
 def train_from(

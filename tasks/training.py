@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,15 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
     root = within(Path(ctx.root), checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints"))
 
     def upload(path: Path) -> None:
-        publish(ctx, *sorted(p for p in path.iterdir() if p.name != STATE), path / STATE)
-        publish(ctx, root / LATEST)
+        from tasks.s3 import UploadError
+
+        try:
+            publish(ctx, *sorted(p for p in path.iterdir() if p.name != STATE), path / STATE)
+            publish(ctx, root / LATEST)
+        except UploadError as exc:
+            # The local checkpoint is whole; a store that is down must not stop training. The
+            # next checkpoint tries again; only the step's model has to reach the store.
+            warnings.warn(f"checkpoint {path} not uploaded: {exc}", stacklevel=2)
 
     if ctx.storage_uri and not (root / LATEST).is_file() and fetch(ctx, root / LATEST):
         # Saved on another machine: bring the newest checkpoint here (verified when loaded).
@@ -144,6 +152,10 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
     except Exception:
         c.set_terminated(run_id, "FAILED")
         raise
+    if result.resumed_from:
+        logger.info(
+            "train step %d resumed at optimizer step %d of %d", chunk.step, result.resumed_from, result.optimizer_steps
+        )
     return TrainedStep(chunk.step, model_dir, run_id, result.optimizer_steps, result.final_loss, str(checkpoints.root))
 
 

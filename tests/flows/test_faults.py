@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,9 +67,14 @@ def test_killed_mid_step_then_rerun_resumes_and_registers_each_step_once(tmp_pat
     deadline = time.monotonic() + 400
     pointer = None
     while time.monotonic() < deadline and proc.poll() is None:
-        pointers = list(killed_ws.glob("checkpoints/crash-step-*/latest"))
-        if pointers and pointers[0].read_text().strip() >= "step-00000010":
-            pointer = pointers[0]
+        for candidate in killed_ws.glob("checkpoints/crash-step-*/latest"):
+            try:
+                newest = candidate.read_text().strip()
+            except FileNotFoundError:  # a finished step's checkpoints, removed meanwhile
+                continue
+            if newest >= "step-00000010":
+                pointer = candidate
+        if pointer is not None:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -83,7 +89,11 @@ def test_killed_mid_step_then_rerun_resumes_and_registers_each_step_once(tmp_pat
     # 2. Run it again: finished steps are reused, the killed one continues from its checkpoint.
     again = run_cli_process(recipe, killed_ws, {})
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming train step {killed_step} from checkpoint" in again.stderr + again.stdout
+    log = again.stderr + again.stdout
+    assert f"resuming train step {killed_step} from checkpoint" in log
+    resumed_at = re.search(rf"train step {killed_step} resumed at optimizer step (\d+) of (\d+)", log)
+    assert resumed_at is not None, log[-3000:]
+    assert 10 <= int(resumed_at[1]) < int(resumed_at[2]), "training went on from the checkpoint, not from the start"
     versions = {int(v.version): v for v in c.search_model_versions("name = 'model-crash'")}
     assert sorted(versions) == [1, 2, 3], "exactly one version per step"
     for step, version in ((0, "1"), (1, "2"), (2, "3")):
@@ -100,8 +110,13 @@ def test_killed_mid_step_then_rerun_resumes_and_registers_each_step_once(tmp_pat
 
 @pytest.mark.slow
 def test_two_runs_at_once_in_one_workspace_do_not_disturb_each_other(tmp_path: Path) -> None:
+    """Two runs with different names, one workspace, one MLflow database and one registered
+    model: each run's lineage holds only its own versions, though they move the same aliases."""
     workspace = tmp_path / "shared"
-    recipes = {name: write_recipe(tmp_path, name, train__num_threads=1) for name in ("left", "right")}
+    recipes = {
+        name: write_recipe(tmp_path, name, train__num_threads=1, tracking__registered_model="model-shared")
+        for name in ("left", "right")
+    }
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "run", "-c", str(recipe)],
@@ -116,15 +131,16 @@ def test_two_runs_at_once_in_one_workspace_do_not_disturb_each_other(tmp_path: P
     outputs = {name: p.communicate(timeout=600) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, f"{name}:\n{outputs[name][1][-3000:]}"
-    c = registry(tmp_path)  # both track to the same MLflow database
-    for name in recipes:
-        versions = c.search_model_versions(f"name = 'model-{name}'")
-        assert sorted(int(v.version) for v in versions) == [1, 2, 3]
-        for v in versions:
-            if v.tags.get("sdpo.step", "0") != "0":
-                assert v.tags["sdpo.run"] == name
-        final = c.get_model_version_by_alias(f"model-{name}", "final")
-        assert final.tags["sdpo.run"] == name and final.tags["sdpo.step"] == "2"
         assert f"sDPO run '{name}': 2 step(s)" in outputs[name][0]
+    c = registry(tmp_path)  # both track to the same MLflow database
+    versions = {v.version: v for v in c.search_model_versions("name = 'model-shared'")}
+    base = {n for n, v in versions.items() if v.tags.get("sdpo.step", "0") == "0"}
+    for name in recipes:
+        mine = {int(v.tags["sdpo.step"]): v for v in versions.values() if v.tags.get("sdpo.run") == name}
+        assert sorted(mine) == [1, 2], f"{name}: one version per step"
+        assert mine[1].tags["sdpo.reference_version"] in base
+        assert mine[2].tags["sdpo.reference_version"] == mine[1].version, f"{name}: step 2 trained from its own step 1"
+    final = c.get_model_version_by_alias("model-shared", "final")
+    assert final.tags["sdpo.step"] == "2", "the alias points to the step 2 of whichever run finished last"
     runs = sorted(p.name.rsplit("-", 3)[0] for p in (workspace / "runs").iterdir())
     assert runs == ["left", "right"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -136,5 +135,35 @@ def test_due_schedule() -> None:
     assert [s for s in range(1, 8) if Checkpoints("unused", every=0).due(s, 7)] == [7]
 
 
-def test_config_knob_exists() -> None:
-    assert replace(CFG, checkpoint_every=5).checkpoint_every == 5
+def test_a_second_process_cannot_train_the_same_step(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ckpt = Checkpoints(tmp_path / "ckpt", every=1)
+    code = (
+        "import sys; from sdpo_core.checkpoint import Checkpoints, CheckpointBusy\n"
+        "try:\n    with Checkpoints(sys.argv[1], 1).exclusive(): pass\n"
+        "except CheckpointBusy as e:\n    print(e); sys.exit(3)\n"
+    )
+    with ckpt.exclusive():
+        other = subprocess.run([sys.executable, "-c", code, str(ckpt.root)], capture_output=True, text=True, cwd=REPO)
+    assert other.returncode == 3 and "another process is training this step" in other.stdout, other.stderr
+    free = subprocess.run([sys.executable, "-c", code, str(ckpt.root)], capture_output=True, text=True, cwd=REPO)
+    assert free.returncode == 0, "the lock is released when the step ends"
+
+
+def test_checkpoint_folder_ignores_operational_settings(tmp_path: Path) -> None:
+    from sdpo_core.config import load_config
+    from sdpo_core.stages import ChunkInfo, checkpoint_dir
+
+    base = load_config(REPO / "recipes" / "default.yaml")
+    chunk = ChunkInfo(1, "orca", "x.jsonl", 4, "abc", None)
+    ref = REPO / "models" / "stories260K"
+
+    def folder(*overrides: str) -> Path:
+        return checkpoint_dir(load_config(REPO / "recipes" / "default.yaml", list(overrides)), chunk, ref, tmp_path)
+
+    same = folder("train.device=cpu", "train.num_threads=1", "train.checkpoint_every=7", "tracking.experiment=x")
+    assert same == checkpoint_dir(base, chunk, ref, tmp_path)
+    assert folder("train.learning_rate=0.01") != same, "what the step learns from changes the folder"
+    assert folder("run_name=other") != same
