@@ -6,11 +6,13 @@ Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids (no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,41 @@ def tracking_uri(configured: str | None, root: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
 
 
+_READY: set[str] = set()
+"""SQLite tracking URIs whose database this process has created or checked."""
+
+
 def client(uri: str) -> Any:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _READY:
+        with _sqlite_lock(Path(uri.removeprefix("sqlite:///"))):
+            c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store
+            c.search_registered_models(max_results=1)  # and the registry store, on the same database
+        _READY.add(uri)
+        return c
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def _sqlite_lock(db: Path) -> Iterator[None]:
+    """Hold a file lock beside an MLflow SQLite database while this process first opens it.
+
+    MLflow creates or upgrades its tables the first time a process opens the database; two runs
+    starting at once on a new workspace would otherwise race in its migrations (seen: "table
+    _alembic_tmp_experiments already exists", "Online migration expected to match one row").
+    """
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
