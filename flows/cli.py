@@ -107,6 +107,32 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     raise TrackingUnreachable(f"MLflow tracking server {redact_userinfo(uri)} does not answer: {problem}")
 
 
+def create_prefect_database() -> None:
+    """Create the temporary Prefect server's database in a new workspace, under a file lock.
+
+    Without a Prefect server (no ``PREFECT_API_URL``) each run starts a temporary one on the
+    workspace's SQLite database, and each server migrates it on start: two runs starting at
+    once in a new workspace would race in those migrations. The first run creates it here (a
+    ``prefect server database upgrade`` in its own process) while any other waits.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import fcntl
+    import subprocess
+
+    home = Path(os.environ["PREFECT_HOME"])
+    if (home / "prefect.db").is_file():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".create-database.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if not (home / "prefect.db").is_file():
+            subprocess.run(
+                [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+
+
 def _run(args: argparse.Namespace) -> int:
     import yaml
 
@@ -121,6 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.pipeline import sdpo_pipeline
     from tasks.tracking import redact_userinfo
 
+    create_prefect_database()
     result = sdpo_pipeline(recipe=args.config, overrides=list(args.overrides))
     root = configure_environment()
     print()
