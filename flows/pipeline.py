@@ -16,7 +16,6 @@ from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
 from flows.workspace import within, workspace_root
-from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
 from tasks import tracking
@@ -24,7 +23,7 @@ from tasks.data import partition, prepare_data
 from tasks.registry import find_finished_step, open_tracking, register_base, register_step
 from tasks.report import report
 from tasks.tracking import model_uri, version_uri
-from tasks.training import evaluate_step, reference_logps, train_step
+from tasks.training import clear_checkpoints, evaluate_step, reference_logps, train_step
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
                 )  # fmt: skip
                 # Registered: the step's checkpoints are no longer needed.
                 if trained.checkpoint_dir:
-                    Checkpoints(trained.checkpoint_dir, 0).clear()
+                    clear_checkpoints(ctx, trained.checkpoint_dir)
                 row |= {"train_loss": trained.final_loss, "optimizer_steps": trained.optimizer_steps, "reused": False}
             rows.append(
                 row | {"version": versions[chunk.step], "model_uri": model_uri(ctx.model_name, chunk.step), **metrics}

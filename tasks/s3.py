@@ -150,3 +150,16 @@ def download_file(uri: str, path: Path, s3: Any = None) -> bool:
         raise
     tmp.replace(path)
     return True
+
+
+def delete_prefix(uri: str, s3: Any = None) -> int:
+    """Delete every object under ``uri`` (a folder-like prefix); returns how many."""
+    s3 = s3 or client()
+    bucket, prefix = split_uri(uri)
+    deleted = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            deleted += len(keys)
+    return deleted

@@ -45,3 +45,11 @@ def require(ctx: RunContext, *paths: str | Path) -> None:
         if not fetch(ctx, p):
             where = f" nor under {ctx.storage_uri}" if ctx.storage_uri else ""
             raise FileNotFoundError(f"{p}: not on this machine{where}")
+
+
+def remove(ctx: RunContext, folder: str | Path) -> None:
+    """Remove a folder from storage (when the run has one); the local copy is the caller's."""
+    if ctx.storage_uri:
+        from tasks.s3 import delete_prefix
+
+        delete_prefix(_uri(ctx, Path(folder)))

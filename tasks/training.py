@@ -30,15 +30,26 @@ class TrainedStep:
     """The step's checkpoints, removed once its model is registered."""
 
 
+def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
+    """Remove a registered step's checkpoints, here and in storage."""
+    from sdpo_core.checkpoint import Checkpoints
+    from tasks.storage import remove
+
+    Checkpoints(checkpoint_dir, 0).clear()
+    remove(ctx, checkpoint_dir)
+
+
 def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str) -> Checkpoints:
     """The train step's checkpoints in the workspace; with storage.uri each one is also uploaded
     (its files, then the ``latest`` pointer) and a missing local copy is fetched from there."""
     from flows.workspace import within
     from sdpo_core.checkpoint import LATEST, STATE, Checkpoints
     from sdpo_core.stages import checkpoint_dir
-    from tasks.storage import fetch, publish
+    from tasks.storage import fetch, publish, remove
 
     root = within(Path(ctx.root), checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints"))
+
+    uploaded: list[Path] = []
 
     def upload(path: Path) -> None:
         from tasks.s3 import UploadError
@@ -46,6 +57,10 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
         try:
             publish(ctx, *sorted(p for p in path.iterdir() if p.name != STATE), path / STATE)
             publish(ctx, root / LATEST)
+            # The store keeps only the newest checkpoint too, once `latest` points past the older.
+            for older in uploaded:
+                remove(ctx, older)
+            uploaded[:] = [path]
         except UploadError as exc:
             # The local checkpoint is whole; a store that is down must not stop training. The
             # next checkpoint tries again; only the step's model has to reach the store.
@@ -57,6 +72,8 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
         if fetch(ctx, root / name / STATE):
             for f in json.loads((root / name / STATE).read_text())["files"]:
                 fetch(ctx, root / name / f)
+    if (root / LATEST).is_file():  # resuming: the checkpoint the next one replaces
+        uploaded.append(root / (root / LATEST).read_text().strip())
     return Checkpoints(root, cfg.train.checkpoint_every, upload if ctx.storage_uri else None)
 
 

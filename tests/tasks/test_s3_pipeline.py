@@ -170,7 +170,7 @@ def test_checkpoints_travel_through_storage(tmp_path, s3_server):
     from sdpo_core.config import load_config
     from sdpo_core.stages import ChunkInfo
     from tasks.context import RunContext
-    from tasks.training import step_checkpoints
+    from tasks.training import clear_checkpoints, step_checkpoints
 
     cfg = load_config(REPO / "recipes" / "default.yaml")
     ctx = RunContext(str(tmp_path / "ws"), str(tmp_path / "ws" / "runs" / "r"), "", "", "", "m", "s3://sdpo-test/sdpo")
@@ -199,3 +199,13 @@ def test_checkpoints_travel_through_storage(tmp_path, s3_server):
     assert resumed is not None and resumed.step == 1 and resumed.history == [{"loss": 0.5}]
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
     assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+
+    # The next checkpoint replaces this one in the store too; clearing removes the step's folder.
+    ckpt = step_checkpoints(cfg, ctx, chunk, ref_dir)
+    newer = ckpt.save(2, fresh, fresh_opt, fresh_sched, [{"loss": 0.5}, {"loss": 0.4}])
+    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket="sdpo-test", Prefix="sdpo/checkpoints/")["Contents"]}
+    assert f"sdpo/{relative}/state.json" not in keys
+    assert f"sdpo/{newer.relative_to(tmp_path / 'ws').as_posix()}/state.json" in keys
+    clear_checkpoints(ctx, str(ckpt.root))
+    assert "Contents" not in s3_server.list_objects_v2(Bucket="sdpo-test", Prefix="sdpo/checkpoints/")
+    assert not ckpt.root.exists()
