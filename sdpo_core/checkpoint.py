@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -31,6 +30,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from sdpo_core.hashing import sha256_file
 
 LATEST = "latest"
 STATE = "state.json"
@@ -51,14 +52,6 @@ class Resumed:
     history: list[dict[str, float]]
     """Their metrics, one dict per optimizer step."""
     path: Path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -173,7 +166,7 @@ class Checkpoints:
             f = path / name
             if not f.is_file():
                 return f"{name} is missing"
-            if f.stat().st_size != expected["size"] or _sha256(f) != expected["sha256"]:
+            if f.stat().st_size != expected["size"] or sha256_file(f) != expected["sha256"]:
                 return f"{name} does not match its recorded size and sha256"
         return None
 
@@ -203,7 +196,7 @@ class Checkpoints:
             files = {}
             for f in sorted(tmp.iterdir()):
                 _fsync(f)
-                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+                files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
             _write_json(tmp / STATE, {"format": FORMAT, "step": step, "history": history, "files": files})
             _fsync(tmp / STATE)
             if final.exists():  # the same step saved before (a resumed run that re-saves it)

@@ -50,7 +50,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import struct
@@ -62,6 +61,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from sdpo_core.hashing import sha256_file
 
 HEADER_FORMAT = "<7i"
 HEADER_BYTES = struct.calcsize(HEADER_FORMAT)  # 28
@@ -152,15 +153,6 @@ class Llama2cHeader:
         """Size in bytes a checkpoint with this header must have."""
         n_floats = sum(int(np.prod(shape)) for _, shape in self.array_shapes())
         return HEADER_BYTES + FLOAT_BYTES * n_floats
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _require_file(path: Path, what: str) -> Path:
