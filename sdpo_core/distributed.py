@@ -61,6 +61,9 @@ def main(job_path: str) -> int:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
+        # Rank 0 saves the checkpoints on this machine's disk; they are not uploaded to
+        # storage.uri during the step (the in-process path does that), and only rank 0's random
+        # states are saved, which matters only for models with dropout.
         checkpoints = None
         if job.get("checkpoint_dir"):
             from sdpo_core.checkpoint import Checkpoints
