@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows import data_inspect
-from flows.workspace import configure_environment
+from flows.workspace import configure_environment, file_lock
 
 if TYPE_CHECKING:
     from sdpo_core.config import RunConfig
@@ -117,15 +117,12 @@ def create_prefect_database() -> None:
     """
     if os.environ.get("PREFECT_API_URL"):
         return
-    import fcntl
     import subprocess
 
     home = Path(os.environ["PREFECT_HOME"])
     if (home / "prefect.db").is_file():
         return
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".create-database.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with file_lock(home / ".create-database.lock"):
         if not (home / "prefect.db").is_file():
             subprocess.run(
                 [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],

@@ -6,19 +6,17 @@ Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids (no
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from flows.workspace import default_tracking_uri, within
+from flows.workspace import default_tracking_uri, file_lock, within
 
 SENSITIVE_MARKERS = ("secret", "password", "token", "key", "credential")
 
@@ -38,31 +36,17 @@ def client(uri: str) -> Any:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _READY:
-        with _sqlite_lock(Path(uri.removeprefix("sqlite:///"))):
+        # MLflow creates or upgrades its tables the first time a process opens the database; two
+        # runs starting at once on a new workspace would otherwise race in its migrations (seen:
+        # "table _alembic_tmp_experiments already exists", "Online migration expected to match
+        # one row"). So the first opening holds a lock beside the database.
+        db = Path(uri.removeprefix("sqlite:///"))
+        with file_lock(db.with_name(db.name + ".lock")):
             c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking store
             c.search_registered_models(max_results=1)  # and the registry store, on the same database
         _READY.add(uri)
         return c
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-@contextlib.contextmanager
-def _sqlite_lock(db: Path) -> Iterator[None]:
-    """Hold a file lock beside an MLflow SQLite database while this process first opens it.
-
-    MLflow creates or upgrades its tables the first time a process opens the database; two runs
-    starting at once on a new workspace would otherwise race in its migrations (seen: "table
-    _alembic_tmp_experiments already exists", "Online migration expected to match one row").
-    """
-    import fcntl
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
