@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +142,16 @@ def download_file(uri: str, path: Path, s3: Any = None) -> bool:
     s3 = s3 or client()
     bucket, key = split_uri(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # unique: runs may fetch it at once
     try:
         s3.download_file(bucket, key, str(tmp))
+        tmp.replace(path)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return False
         raise
-    tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
