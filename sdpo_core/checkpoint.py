@@ -133,6 +133,8 @@ class Checkpoints:
         self.root = Path(root)
         self.every = every
         self.on_saved = on_saved
+        self._verified: tuple[Path, tuple] | None = None
+        """The last checkpoint that passed verify(), with its files' sizes and times then."""
 
     def due(self, step: int, total: int) -> bool:
         """Whether to save after optimizer step ``step`` of ``total``."""
@@ -144,10 +146,16 @@ class Checkpoints:
         if not pointer.is_file():
             return None
         path = self.root / pointer.read_text().strip()
+        # Hashing a large checkpoint takes a while: one whose files have not changed since it
+        # was verified (checked before training, then loaded) is not hashed again.
+        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*")))
+        if self._verified == (path, files):
+            return path
         problem = self.verify(path)
         if problem:
             warnings.warn(f"ignoring checkpoint {path}: {problem}", stacklevel=2)
             return None
+        self._verified = (path, files)
         return path
 
     @staticmethod
