@@ -81,34 +81,29 @@ def test_multipart_etag_is_verified(tmp_path, s3_server):
 
 @pytest.mark.slow
 def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
-    import yaml
     from mlflow import MlflowClient
 
     from flows.pipeline import sdpo_pipeline
+    from tests.flows.test_pipeline import write_recipe
 
-    recipe = {
-        "run_name": "s3",
-        "model": {"name_or_path": str(REPO / "models" / "stories260K")},
-        "data": {
-            "sources": [
-                {"name": "orca", "path": str(REPO / "data/orca_dpo_pairs_validation_msfoundry.jsonl"), "max_pairs": 16},
-                {"name": "mix", "path": str(REPO / "data/llamafactory_dpo_en_demo.json"), "max_pairs": 16},
-            ],
-            "eval_fraction": 0.25,
-            "max_length": 64,
-            "max_prompt_length": 32,
-        },
-        "train": {"micro_batch_size": 4},
-        "tracking": {
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "experiment": "s3-exp",
-            "registered_model": "s3-model",
-            "artifact_location": "s3://sdpo-test/mlflow",
-        },
-        "storage": {"uri": "s3://sdpo-test/sdpo"},
-    }
-    path = tmp_path / "s3.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    orca, mix = "data/orca_dpo_pairs_validation_msfoundry.jsonl", "data/llamafactory_dpo_en_demo.json"
+    path = write_recipe(
+        tmp_path,
+        "s3",
+        data__sources=[
+            {"name": "orca", "path": str(REPO / orca), "max_pairs": 16},
+            {"name": "mix", "path": str(REPO / mix), "max_pairs": 16},
+        ],
+        data__eval_fraction=0.25,
+        data__max_length=64,
+        data__max_prompt_length=32,
+        train__grad_accum_steps=1,
+        train__learning_rate=5e-4,
+        tracking__experiment="s3-exp",
+        tracking__registered_model="s3-model",
+        tracking__artifact_location="s3://sdpo-test/mlflow",
+        storage__uri="s3://sdpo-test/sdpo",
+    )
     result = sdpo_pipeline(recipe=str(path), overrides=[])
     assert len(result.rows) == 2
 
