@@ -29,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from sdpo_core.hashing import sha256_file
+from sdpo_core.parallel import full_state, load_full_state
 
 LATEST = "latest"
 STATE = "state.json"
 LOCK = ".lock"
-FORMAT = 1
+FORMAT = 2  # 2: weights and optimizer state keyed by parameter name (1: by position)
 
 
 class CheckpointBusy(RuntimeError):
@@ -74,28 +75,26 @@ def _replace_atomically(path: Path, text: str) -> None:
     _fsync(path.parent)  # the rename itself survives a power loss
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state as (tensors, JSON-able rest)."""
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict keyed by parameter name as (tensors, JSON-able rest)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, per_param in state["state"].items():
-        for name, value in per_param.items():
+    for name, per_param in state["state"].items():
+        for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars.setdefault(str(index), {})[name] = value
+                scalars.setdefault(name, {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        # AdamW keeps its step count on the CPU unless it is capturable or fused.
-        state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    for index, values in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for full_key, value in tensors.items():
+        name, key = full_key.rsplit(".", 1)  # parameter names have dots, AdamW's keys do not
+        state.setdefault(name, {})[key] = value
+    for name, values in rest["scalars"].items():
+        state.setdefault(name, {}).update(values)
     groups = [g | {"betas": tuple(g["betas"])} if "betas" in g else g for g in rest["param_groups"]]
     return {"state": state, "param_groups": groups}
 
@@ -185,15 +184,23 @@ class Checkpoints:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         history: list[dict[str, float]],
-    ) -> Path:
-        """Write the checkpoint after ``step`` optimizer steps; the older one is removed."""
+        write: bool = True,
+    ) -> Path | None:
+        """Write the checkpoint after ``step`` optimizer steps; the older one is removed.
+
+        The state is gathered whole first, which is collective for an FSDP-sharded model: then
+        every process calls this and only the one with ``write`` writes (None elsewhere).
+        """
+        weights, optim = full_state(model, optimizer)
+        if not write:
+            return None
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".{final.name}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir()
         try:
-            save_model(model, str(tmp / "model.safetensors"))
-            opt_tensors, opt_rest = _optimizer_tensors(optimizer)
+            save_file(weights, str(tmp / "model.safetensors"))
+            opt_tensors, opt_rest = _optimizer_tensors(optim)
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             _write_json(tmp / "optimizer.json", opt_rest)
             sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -236,11 +243,9 @@ class Checkpoints:
         path = self.latest()
         if path is None:
             return None
-        device = next(model.parameters()).device
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
-        del missing, unexpected  # strict: a mismatch has raised already
         rest = json.loads((path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), rest, device))
+        optim = _optimizer_state(load_file(str(path / "optimizer.safetensors")), rest)
+        load_full_state(model, optimizer, load_file(str(path / "model.safetensors")), optim)
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()) | {"lr_lambdas": [None]})
         _set_rng_states(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())["python"])
         state = json.loads((path / STATE).read_text())

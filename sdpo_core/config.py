@@ -205,6 +205,11 @@ class TrainConfig:
     process on its share of every micro-batch (one per GPU, or CPU processes with gloo)."""
     distributed_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto is nccl on GPUs, gloo on CPUs."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """With num_processes above 1: ddp keeps a whole copy of the model in every process and
+    all-reduces gradients (torch's DistributedDataParallel); fsdp shards parameters, gradients
+    and optimizer state across the processes (torch's fully_shard, one unit per decoder layer),
+    for models whose training state does not fit one GPU. The update is the same."""
     num_threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
 

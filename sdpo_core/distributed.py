@@ -3,8 +3,9 @@
 :func:`sdpo_core.stages.train_step` writes a job file (the resolved config and the step's
 inputs), launches torchrun with ``train.num_processes`` processes and waits. Each process joins
 the process group (NCCL on GPUs, gloo on CPUs), loads M(t-1) and the chunk, and trains its share
-of every micro-batch (:func:`sdpo_core.train.train_dpo` sums the gradients across processes).
-Only rank 0 saves the model and writes the per-step metrics for the caller to log.
+of every micro-batch under torch's DDP or FSDP (``train.parallelism``, see
+:mod:`sdpo_core.parallel`). Only rank 0 saves the model and writes the per-step metrics for the
+caller to log.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def backend(name: str) -> str:
 
 def main(job_path: str) -> int:
     from sdpo_core.config import from_dict
+    from sdpo_core.parallel import plain_copy
     from sdpo_core.stages import save_step_model, train_from
 
     job = json.loads(Path(job_path).read_text())
@@ -72,6 +74,7 @@ def main(job_path: str) -> int:
         policy, tokenizer, result = train_from(
             cfg, job["ref_dir"], job["chunk_path"], job["ref_scores"], device, checkpoints=checkpoints
         )
+        policy = plain_copy(policy)  # under FSDP, process 0 gathers the whole model to save it
         if rank == 0:
             out_dir = save_step_model(policy, tokenizer, Path(job["out_dir"]), job["meta"], result)
             (out_dir / HISTORY_FILE).write_text(json.dumps(result.history))

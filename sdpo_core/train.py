@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import LossConfig, TrainConfig
-from sdpo_core.logprobs import TokenizedPair, collate, completion_logps, pass_tokens
+from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
+from sdpo_core.parallel import gradient_sync, is_sharded, wrap
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 # Per-pair quantities summed over an optimizer step, for its metrics.
@@ -120,20 +122,6 @@ def world_and_rank() -> tuple[int, int]:
     return 1, 0
 
 
-def sync_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum every process's gradients (one all-reduce of a flat buffer), as DDP does.
-
-    Each process's loss is its pairs' sum divided by the step's global pair count, so the sum
-    over processes is the gradient of the whole global batch. A process that had no pairs this
-    step contributes zeros.
-    """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat)
-    for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-        p.grad = synced.view_as(p)
-
-
 def train_dpo(
     model: torch.nn.Module,
     pairs: Sequence[TokenizedPair],
@@ -169,6 +157,11 @@ def train_dpo(
     seed_everything(train_cfg.seed)
     loss_fn = get_loss(loss_cfg.name)
     plan = batch_plan(len(pairs), train_cfg)
+    world, rank = world_and_rank()
+    # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
+    # shards, so the optimizer is built after).
+    module = wrap(model, train_cfg.logprob_chunk_rows, train_cfg.parallelism, world, torch.device(device))
+    sharded = is_sharded(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=train_cfg.learning_rate, betas=train_cfg.adam_betas, weight_decay=train_cfg.weight_decay
@@ -177,7 +170,6 @@ def train_dpo(
         optimizer, lr_lambda(len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
     )
     ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
-    world, rank = world_and_rank()
     history: list[dict[str, float]] = []
     done = 0
     resumed = checkpoints.restore(model, optimizer, scheduler) if checkpoints is not None else None
@@ -194,25 +186,39 @@ def train_dpo(
         # Metric sums stay on the model's device until the step ends: one host sync per step.
         step_sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
         # Data parallel: each process takes every world-th pair of each micro-batch.
-        passes = [
-            piece
+        passes: list[tuple[list[int], float]] = [
+            (piece, 1.0)
             for mb in micro_batches
             if mb[rank::world]
             for piece in split_by_tokens(mb[rank::world], pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
         ]
-        for ids in passes:
-            batch = collate([pairs[i] for i in ids], pad_id, train_cfg.shared_prompt).to(device)
-            logps, tokens = completion_logps(model, batch, train_cfg.logprob_chunk_rows)  # (2b,)
-            b = len(ids)
-            idx = torch.tensor(ids)
-            lp = PairLogps(logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device))
-            losses = loss_fn(lp, loss_cfg)  # (b,)
-            nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
-            if loss_cfg.nll_weight:
-                losses = losses + loss_cfg.nll_weight * nll
-            # Sum over the pass divided by the optimizer step's pair count: the update is the same
-            # for any split of the step into micro-batches and passes.
-            (losses.sum() / n_step).backward()
+        if world > 1:
+            # Every process reduces gradients once per optimizer step, in its last pass; under
+            # FSDP every pass gathers parameters, so all processes run as many passes. A process
+            # short of passes runs one pair with weight 0 (its gradient is zero).
+            needed = torch.tensor(len(passes) if sharded else 1, device=device)
+            if sharded:
+                torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
+            passes += [([micro_batches[0][0]], 0.0)] * (int(needed) - len(passes))
+        for i, (ids, weight) in enumerate(passes):
+            batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
+            with gradient_sync(module, enabled=i == len(passes) - 1):
+                logps, tokens = module(batch)  # (2b,) each
+                b = len(ids)
+                idx = torch.tensor(ids)
+                lp = PairLogps(
+                    logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
+                )
+                losses = loss_fn(lp, loss_cfg)  # (b,)
+                nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
+                if loss_cfg.nll_weight:
+                    losses = losses + loss_cfg.nll_weight * nll
+                # Sum over the pass divided by the optimizer step's pair count: the update is the
+                # same for any split of the step into micro-batches and passes. DDP and FSDP
+                # average gradients over the processes, hence the factor world.
+                (losses.sum() * (weight * world / n_step)).backward()
+            if weight == 0.0:
+                continue
             r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
             step_sums += torch.stack(
                 [
@@ -226,18 +232,15 @@ def train_dpo(
                 ]
             ).double()
         if world > 1:
-            sync_gradients(params)
             torch.distributed.all_reduce(step_sums)
         sums = dict(zip(METRIC_SUMS, step_sums.tolist(), strict=True))
         loss_value = sums["loss"] / n_step
         if not math.isfinite(loss_value):
             raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
-        if train_cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm).item()
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
-            ).item()
+        # With no limit, clipping by infinity only measures the norm (and scales by exactly 1).
+        limit = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -258,7 +261,8 @@ def train_dpo(
         history.append(metrics)
         if callback is not None:
             callback(step, metrics)
-        if checkpoints is not None and rank == 0 and checkpoints.due(step, len(plan)):
-            checkpoints.save(step, model, optimizer, scheduler, history)
+        # Process 0 writes; under FSDP gathering the state takes every process.
+        if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
+            checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
     model.eval()
     return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
