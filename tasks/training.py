@@ -110,10 +110,9 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
     """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run."""
     from sdpo_core.stages import train_step as run_train_step
     from tasks import tracking
-
-    c = tracking.client(ctx.tracking_uri)
     from tasks.storage import require
 
+    c = tracking.client(ctx.tracking_uri)
     require(ctx, chunk.path, ref_scores)
     ref_dir, ref_version = tracking.fetch_for(ctx, ref_uri)
     run_id = tracking.start_run(
