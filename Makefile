@@ -44,8 +44,8 @@ ui-mlflow: $(VENV)/.installed-run
 ui-prefect: $(VENV)/.installed-run
 	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect $(BIN)/prefect server start
 
-# A local Prefect server, the two work pools, the deployments and a process worker for each
-# pool: start runs from the UI at http://127.0.0.1:4200. Stop with Ctrl-C.
+# A local Prefect server, the two work pools, the S3 credentials block type, the deployments and a
+# process worker for each pool: start runs from the UI at http://127.0.0.1:4200. Stop with Ctrl-C.
 serve: $(VENV)/.installed-run
 	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
 	SDPO_PROJECT_DIR=$(CURDIR) PATH=$(abspath $(BIN)):$$PATH bash deployments/serve.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start a Prefect server, create the work pools, register the deployments and serve both pools
-# with process workers. Needs PREFECT_API_URL, PREFECT_HOME and SDPO_PROJECT_DIR (make serve).
+# Start a Prefect server, create the work pools, register the S3 credentials block type and the
+# deployments, and serve both pools with process workers. Needs PREFECT_API_URL, PREFECT_HOME and
+# SDPO_PROJECT_DIR (make serve).
 set -euo pipefail
 cd "$SDPO_PROJECT_DIR"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -14,6 +15,8 @@ done
 for pool in cpu-pool gpu-pool; do
   prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process
 done
+# The S3 credentials block type (storage.credentials_block), so the UI can create such blocks.
+prefect block register -m tasks.blocks
 prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
 prefect worker start --pool cpu-pool & pids+=($!)
 prefect worker start --pool gpu-pool & pids+=($!)

@@ -145,6 +145,11 @@ def _run(args: argparse.Namespace) -> int:
     from tasks.tracking import redact_userinfo
 
     create_prefect_database()
+    if cfg.storage.credentials_block:
+        from tasks.blocks import read_credentials
+
+        # A missing block or an unreachable Prefect API stops the run before its flow run starts.
+        read_credentials(cfg.storage.credentials_block)
     result = sdpo_pipeline(recipe=args.config, overrides=list(args.overrides))
     root = configure_environment()
     print()
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo_core.data import DataError
     from sdpo_core.model_io import ModelError
     from sdpo_core.train import TrainingError
+    from tasks.blocks import CredentialsError
     from tasks.s3 import UploadError
 
     try:
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(convert_llama2c(args.checkpoint, args.tokenizer_model, args.out_dir))
         return 0
-    except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable) as exc:
+    except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable, CredentialsError) as exc:
         print(f"sdpo: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as exc:

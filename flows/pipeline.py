@@ -19,6 +19,7 @@ from flows.workspace import within, workspace_root
 from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
 from tasks import tracking
+from tasks.blocks import s3_credentials
 from tasks.data import partition, prepare_data
 from tasks.registry import find_finished_step, open_tracking, register_base, register_step
 from tasks.report import report
@@ -118,7 +119,9 @@ def sdpo_pipeline(recipe: str | None = "recipes/default.yaml", overrides: list[s
         overrides: ``key.sub=value`` settings applied on top of the recipe.
     """
     cfg = load_config(recipe, overrides or [])
-    return run_pipeline(cfg, workspace_root())
+    # The block's credentials go into this process's environment before any S3 client exists.
+    with s3_credentials(cfg.storage.credentials_block):
+        return run_pipeline(cfg, workspace_root())
 
 
 if __name__ == "__main__":

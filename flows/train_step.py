@@ -21,6 +21,7 @@ from prefect import flow
 
 from sdpo_core.config import RunConfig, from_dict
 from sdpo_core.stages import ChunkInfo
+from tasks.blocks import s3_credentials
 from tasks.context import RunContext
 from tasks.training import TrainedStep, train_step
 
@@ -49,6 +50,16 @@ def sdpo_train_step(
         ref_scores: path of the reference log-probs of the chunk.
         step, label: for the flow run's name.
     """
+    cfg = from_dict(config)
+    # The worker reads the credentials block itself: the secrets are never flow run parameters.
+    with s3_credentials(cfg.storage.credentials_block):
+        return _train_step(cfg, context, chunk, ref_uri, ref_scores, step)
+
+
+def _train_step(
+    cfg: RunConfig, context: dict[str, str | None], chunk: dict[str, Any], ref_uri: str, ref_scores: str, step: int
+) -> dict[str, Any]:
+    """sdpo_train_step's work, once the credentials are in place."""
     from flows.workspace import workspace_root
     from tasks.storage import publish
 
@@ -59,7 +70,7 @@ def sdpo_train_step(
     root = workspace_root() if os.environ.get("SDPO_HOME") else pipeline_root
     ctx = RunContext(**(context | {"root": str(root), "run_dir": str(rebase(context["run_dir"], pipeline_root, root))}))
     chunk_info = ChunkInfo(**(chunk | {"path": str(rebase(chunk["path"], pipeline_root, root))}))
-    trained = train_step(from_dict(config), ctx, chunk_info, ref_uri, str(rebase(ref_scores, pipeline_root, root)))
+    trained = train_step(cfg, ctx, chunk_info, ref_uri, str(rebase(ref_scores, pipeline_root, root)))
     files = sorted(p for p in Path(trained.model_dir).rglob("*") if p.is_file())
     # The record names files relative to the workspace, for the pipeline to find under its own.
     record = asdict(trained) | {

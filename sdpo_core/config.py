@@ -239,6 +239,11 @@ class StorageConfig:
     """``s3://bucket/prefix``: every file one stage hands to another (data splits, chunks,
     partition, cached log-probs, reports) is uploaded there, verified, and downloaded by a stage
     that does not find it locally, so steps can run on other machines. None: the workspace only."""
+    credentials_block: str | None = None
+    """A Prefect block holding the S3 credentials, region and endpoint, ``<block-type-slug>/<name>``
+    (``s3-credentials/prod``, or prefect-aws's ``aws-credentials/<name>``): read when the pipeline
+    and each train step start, its values win over the environment's for every S3 upload and
+    download (boto3 and MLflow). None: boto3's usual chain (environment, config files)."""
 
 
 @dataclass(frozen=True)

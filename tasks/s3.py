@@ -2,7 +2,9 @@
 
 The endpoint comes from ``MLFLOW_S3_ENDPOINT_URL`` (what MLflow's own S3 uploads use) or
 ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``; region and credentials from boto3's usual chain
-(environment, config files, instance roles). Works with AWS, MinIO and any S3-compatible store.
+(environment, config files, instance roles). A Prefect block (storage.credentials_block,
+tasks/blocks.py) puts its values into that environment. Works with AWS, MinIO and any
+S3-compatible store.
 """
 
 from __future__ import annotations
