@@ -9,11 +9,16 @@ chunks of rows, and each chunk's log-prob is ``gather(logits, label) - logsumexp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from sdpo_core import attention
+from sdpo_core.attention import SplitLayout
 
 
 @dataclass(frozen=True)
@@ -59,10 +64,12 @@ class PairBatch:
 class SharedPromptBatch:
     """B pairs as B rows ``[prompt | chosen | rejected | pad]``: the prompt is computed once.
 
-    A 4-D attention mask lets the rejected tokens see the prompt and themselves but not the
-    chosen tokens, and their positions continue from the prompt, so each completion's
-    log-probs are those of ``prompt + completion`` alone; the first rejected token is predicted
-    from the last prompt position, like the first chosen one.
+    The rejected tokens see the prompt and themselves but not the chosen tokens, and their
+    positions continue from the prompt, so each completion's log-probs are those of
+    ``prompt + completion`` alone; the first rejected token is predicted from the last prompt
+    position, like the first chosen one. Models that go through transformers' attention interface
+    compute this as two causal attention calls (``split``, see :mod:`sdpo_core.attention`); others
+    get the 4-D ``attention_mask``.
 
     Attributes:
         input_ids: (B, T) token ids, padded with the pad id.
@@ -70,6 +77,7 @@ class SharedPromptBatch:
         position_ids: (B, T) positions within prompt + completion.
         seq, row, pos, labels: (N,) for every scored token: its sequence (chosen of pair i is i,
             rejected is B + i), its row, the position whose hidden state predicts it, the token.
+        split: where prompt + chosen and prompt + rejected lie in each row, for split attention.
     """
 
     input_ids: torch.Tensor
@@ -79,13 +87,15 @@ class SharedPromptBatch:
     row: torch.Tensor
     pos: torch.Tensor
     labels: torch.Tensor
+    split: SplitLayout
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
-        return SharedPromptBatch(*(t.to(device) for t in vars(self).values()))
+        tensors = (self.input_ids, self.attention_mask, self.position_ids, self.seq, self.row, self.pos, self.labels)
+        return SharedPromptBatch(*(t.to(device) for t in tensors), self.split.to(device))
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
@@ -125,16 +135,20 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
 
 
 def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptBatch:
-    """Lay out pairs as B rows ``[prompt | chosen | rejected]`` with a 4-D attention mask."""
+    """Lay out pairs as B rows ``[prompt | chosen | rejected]`` with a 4-D attention mask and a split layout."""
     b = len(pairs)
-    width = max(pass_tokens(p, True)[1] for p in pairs)
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    width = max(n_p + n_c + n_r for n_p, n_c, n_r in lengths)
+    prefix = max(n_p + n_c for n_p, n_c, _ in lengths)  # A: every row's prompt + chosen
+    rejected_width = max(n_p + n_r for n_p, _, n_r in lengths)  # L: every row's prompt + rejected
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    rejected_index = torch.zeros((b, rejected_width), dtype=torch.long)  # padding slots read column 0
+    output_index = torch.zeros((b, width), dtype=torch.long)  # padding columns read output 0
     seq, row, pos, labels = [], [], [], []
-    for i, p in enumerate(pairs):
-        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+    for i, (p, (n_p, n_c, n_r)) in enumerate(zip(pairs, lengths, strict=True)):
         end = n_p + n_c + n_r
         input_ids[i, :end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
         position_ids[i, : n_p + n_c] = torch.arange(n_p + n_c)
@@ -143,6 +157,12 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
         mask[i, 0, :end, :end] = causal[:end, :end]
         mask[i, 0, n_p + n_c : end, n_p : n_p + n_c] = False  # rejected does not see chosen
         mask[i, 0, end:, :] = causal[end:, :]  # padding rows attend causally (never scored)
+        # Split attention: prompt + rejected gathered from the row; outputs read back from
+        # [prefix outputs (A) | gathered outputs (L)].
+        rejected_index[i, :n_p] = torch.arange(n_p)
+        rejected_index[i, n_p : n_p + n_r] = torch.arange(n_p + n_c, end)
+        output_index[i, : n_p + n_c] = torch.arange(n_p + n_c)
+        output_index[i, n_p + n_c : end] = torch.arange(prefix + n_p, prefix + n_p + n_r)
         # Token k of a completion is predicted at the position before it; the first token of
         # either completion at the last prompt position.
         for offset, n, s in ((n_p, n_c, i), (n_p + n_c, n_r, b + i)):
@@ -152,7 +172,10 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
             pos.extend(predictors[:n])
             labels.extend(input_ids[i, offset : offset + n].tolist())
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return SharedPromptBatch(input_ids, mask, position_ids, as_long(seq), as_long(row), as_long(pos), as_long(labels))
+    split = SplitLayout(prefix, rejected_index, output_index)
+    return SharedPromptBatch(
+        input_ids, mask, position_ids, as_long(seq), as_long(row), as_long(pos), as_long(labels), split
+    )
 
 
 def collate(pairs: Sequence[TokenizedPair], pad_id: int, shared_prompt: bool) -> Batch:
@@ -200,6 +223,42 @@ def _has_plain_head(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
+def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch) -> Any:
+    """``net``'s output on ``batch`` (``net`` is ``model`` or its decoder).
+
+    A shared-prompt batch takes split attention (two causal calls, no mask) where the decoder
+    allows it, and the 4-D mask otherwise; a forward in which split attention turned out not to
+    apply is done again with the mask, and the decoder is not tried again.
+    """
+    if isinstance(batch, SharedPromptBatch):
+        out = _split_forward(model, net, batch)
+        if out is not None:
+            return out
+    inputs = batch.model_inputs()
+    implementation = getattr(getattr(net, "config", None), "_attn_implementation", None)
+    if isinstance(batch, SharedPromptBatch) and implementation == "eager":
+        # Eager attention adds the mask to the scores as it is: a boolean mask would add 0 or 1.
+        dtype = getattr(net, "dtype", torch.float32)
+        blocked = torch.zeros(batch.attention_mask.shape, dtype=dtype, device=batch.attention_mask.device)
+        inputs["attention_mask"] = blocked.masked_fill(~batch.attention_mask, torch.finfo(dtype).min)
+    return net(**inputs, use_cache=False)
+
+
+def _split_forward(model: torch.nn.Module, net: torch.nn.Module, batch: SharedPromptBatch) -> Any | None:
+    """``net``'s output with split attention; None where the decoder cannot take it."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or attention.refusal(decoder, batch.input_ids.shape[1]) is not None:
+        return None
+    with attention.split_attention(decoder, batch.split) as run:
+        out = net(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    problem = attention.completed(run, decoder)
+    if problem is None:
+        return out
+    warnings.warn(f"shared-prompt batches fall back to a 4-D attention mask: {problem}", stacklevel=4)
+    attention.refuse(decoder, problem)
+    return None
+
+
 def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion token counts for each sequence.
 
@@ -215,12 +274,12 @@ def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 204
     """
     seq, rows, cols, labels = batch.targets()  # (N,) each
     if _has_plain_head(model):
-        out = model.get_decoder()(**batch.model_inputs(), use_cache=False)
+        out = _forward(model, model.get_decoder(), batch)
         hidden = out.last_hidden_state[rows, cols]  # (N, D)
         per_token = token_logps(hidden, labels, model.get_output_embeddings(), chunk_rows)
     else:
         # Models that post-process their logits: take them as the model gives them.
-        logits = model(**batch.model_inputs(), use_cache=False).logits
+        logits = _forward(model, model, batch).logits
         per_token = token_logps(logits[rows, cols], labels, torch.nn.Identity(), chunk_rows)  # (N, V) in
     num_seqs = 2 * batch.num_pairs
     logps = torch.zeros(num_seqs, dtype=torch.float32, device=per_token.device).index_add(0, seq, per_token)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdpo_core import attention
 from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig, TrainConfig
 from sdpo_core.data import load_source, tokenize_pair
 from sdpo_core.logprobs import collate, completion_logps, score_pairs
@@ -61,8 +62,13 @@ def test_shared_prompt_logps_and_gradients_equal_padded_rows(pairs, tokenizer):
         torch.testing.assert_close(results[True][2][name], grad, atol=1e-3, rtol=1e-4, msg=name)
 
 
-def test_rejected_tokens_do_not_see_the_chosen_completion(pairs, tokenizer):
-    """Opening the mask (rejected may attend to chosen) must change the rejected log-probs."""
+def test_rejected_tokens_do_not_see_the_chosen_completion(pairs, tokenizer, monkeypatch):
+    """Opening the mask (rejected may attend to chosen) must change the rejected log-probs.
+
+    On the 4-D mask path, which this model would otherwise skip (split attention needs no mask;
+    tests/sdpo_core/test_split_attention.py breaks its indexes instead).
+    """
+    monkeypatch.setattr(attention, "refusal", lambda decoder, width: "the mask is under test")
     model = load_model(MODEL)
     batch = collate(pairs[:2], pad_id(tokenizer), True)
     leaky = dataclasses.replace(batch, attention_mask=torch.ones_like(batch.attention_mask).tril())

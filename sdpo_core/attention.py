@@ -1,0 +1,301 @@
+"""Shared-prompt attention as two plain causal attention calls instead of one 4-D mask.
+
+A shared-prompt row is ``[prompt | chosen | rejected | pad]`` (P, C and R tokens). Its two
+sequences are each causal on their own:
+
+- A = prompt + chosen is a prefix of the row, so causal attention over the first
+  ``max(P + C)`` columns gives every prompt and chosen position its right output.
+- B = prompt + rejected is gathered, per row, into a right-padded ``(B, H, L, D)`` tensor
+  (``L = max(P + R)``); causal attention over it gives the rejected positions theirs.
+
+Queries and keys reach the attention function already rotated with the layout's position ids
+(the rejected tokens' positions continue from the prompt), so both calls see exactly the
+sequence that the two-row layout would. The outputs are put back in row order with one row
+gather. Both calls are square and causal (``is_causal``'s top-left alignment is right for equal
+query and key lengths), so SDPA needs no mask, and kernels that skip masked blocks skip the
+upper triangle (flash kernels on a GPU; on a CPU only past 512 keys, so short rows gain little
+there). Padding at a row's end is seen only by padding queries, and the rejected columns of a
+row that fall inside the first call's ``max(P + C)`` columns are seen there only by queries
+whose outputs are thrown away.
+
+The function is registered under a private name in transformers' ``AttentionInterface`` and is
+selected by swapping ``config._attn_implementation`` of the decoder only while sdpo's own forward
+runs (:func:`split_attention`). The layout reaches it through a context variable, not through
+the model's keyword arguments: that works whatever a model forwards to its layers, and each
+thread (or asyncio task) sees only its own layout. A model that cannot take this path
+(:func:`refusal`) keeps the 4-D mask; one that turns out not to during a forward (an attention
+call with a feature this does not reproduce, or fewer calls than layers) is recomputed with the
+mask by the caller and remembered.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SPLIT_ATTENTION = "sdpo_shared_prompt"
+"""Private name of :func:`split_attention_forward` in transformers' ``AttentionInterface``."""
+
+# Config attributes that, when set, mean an attention this does not reproduce (a sliding window
+# is checked apart: one at least as wide as the rows restricts nothing).
+_CONFIG_FEATURES = ("attention_chunk_size", "attn_logit_softcapping")
+_CONFIG_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+# Attention-call keyword arguments that, when not None, mean the same.
+_CALL_FEATURES = (
+    "softcap",
+    "s_aux",
+    "sinks",
+    "position_bias",
+    "alibi",
+    "window_size",
+    "attention_chunk_size",
+)
+_REPLACEABLE = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where each shared-prompt row's two sequences lie, for :func:`split_attention_forward`.
+
+    Attributes:
+        prefix_width: A = max over rows of P + C: columns [0, A) hold every row's prompt + chosen.
+        rejected_index: (B, L) row column of each token of prompt + rejected, L = max(P + R);
+            right-padded with column 0 (padding slots are seen only by padding slots).
+        output_index: (B, T) for each column, where its output is in the concatenation of the
+            prefix outputs and the gathered outputs, (B, A + L, ...): column t < P + C reads t,
+            rejected column P + C + j reads A + P + j, padding reads 0.
+    """
+
+    prefix_width: int
+    rejected_index: torch.Tensor
+    output_index: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SplitLayout:
+        return SplitLayout(self.prefix_width, self.rejected_index.to(device), self.output_index.to(device))
+
+
+@dataclass
+class _Run:
+    """One forward with split attention: its layout and what the attention calls saw."""
+
+    layout: SplitLayout
+    calls: int = 0
+    problem: str | None = None
+
+
+_ACTIVE: ContextVar[_Run | None] = ContextVar("sdpo_split_attention", default=None)
+# Configs swapped to SPLIT_ATTENTION: id -> (config, implementation before, forwards inside).
+# Counted, so concurrent forwards of one model in several threads restore the config once, last.
+_SWAPPED: dict[int, tuple[Any, str, int]] = {}
+_SWAP_LOCK = threading.Lock()
+# Decoders found unable to take the split path during a forward, with the reason.
+_REFUSED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _call_problem(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    kwargs: dict[str, Any],
+    layout: SplitLayout,
+) -> str | None:
+    """Why this attention call cannot be computed as two causal calls (None: it can)."""
+    for name in _CALL_FEATURES:
+        if kwargs.get(name) is not None:
+            return f"{type(module).__name__} passes {name}"
+    window = kwargs.get("sliding_window")
+    if window is not None and window < query.shape[2]:
+        return f"{type(module).__name__} has a sliding window of {window} < {query.shape[2]} columns"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return f"{type(module).__name__} is not causal"
+    if hasattr(module, "sinks"):
+        return f"{type(module).__name__} has attention sinks"
+    if dropout:
+        return f"{type(module).__name__} uses attention dropout {dropout}"
+    if attention_mask is not None:
+        return f"{type(module).__name__} got an attention mask of its own"
+    b, t = layout.output_index.shape
+    if query.shape[0] != b or query.shape[2] != t or key.shape[2] != t or query.shape[1] % key.shape[1]:
+        return f"{type(module).__name__} attends with shapes {tuple(query.shape)}, {tuple(key.shape)} for rows of {t}"
+    return None
+
+
+def split_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Shared-prompt attention as two causal SDPA calls (an ``AttentionInterface`` function).
+
+    Args:
+        module: the attention module calling.
+        query: (B, H, T, D) rotated queries of the shared-prompt rows.
+        key, value: (B, Hkv, T, D) rotated keys and the values; H is a multiple of Hkv (GQA).
+        attention_mask: None (no mask is built for this implementation).
+        dropout: attention dropout probability; must be 0.
+        scaling: the softmax scale (None: 1 / sqrt(D)).
+        kwargs: the model's other attention arguments; none that changes the attention may be set.
+
+    Returns:
+        (B, T, H, D) attention outputs and None for the weights, as transformers' SDPA gives.
+    """
+    run = _ACTIVE.get()
+    if run is None:
+        raise RuntimeError(
+            f"sdpo's shared-prompt attention ({SPLIT_ATTENTION!r}) was called outside sdpo's forward: "
+            "is the model used by another thread while sdpo computes log-probs with it?"
+        )
+    layout = run.layout
+    problem = _call_problem(module, query, key, attention_mask, dropout, kwargs, layout)
+    if problem is not None:
+        # This forward is thrown away and recomputed with the 4-D mask: any output of the right shape will do.
+        run.problem = run.problem or problem
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+    run.calls += 1
+    b, h, t, _ = query.shape
+    a, width = layout.prefix_width, layout.rejected_index.shape[1]
+    gqa = h != key.shape[1]
+    prefix = F.scaled_dot_product_attention(
+        query[:, :, :a], key[:, :, :a], value[:, :, :a], is_causal=True, scale=scaling, enable_gqa=gqa
+    )  # (B, H, A, D)
+    # Row gathers on (B * T, heads * D) views: the projections lay tokens out as rows, so these
+    # are copies of whole rows (and their backward adds whole rows), not element-wise indexing.
+    offsets = torch.arange(b, device=query.device)[:, None]
+    picked = (layout.rejected_index + offsets * t).flatten()  # (B * L,)
+    q, k, v = (_heads(_rows(x).index_select(0, picked), b, x.shape[-1]) for x in (query, key, value))
+    rejected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # (B, H, L, D)
+    both = torch.cat([_rows(prefix), _rows(rejected)])  # (B * A + B * L, H * D)
+    # output_index reads [prefix (A) | rejected (L)] of its own row: the same in the stacked rows.
+    read = torch.where(layout.output_index < a, offsets * a, b * a + offsets * width - a) + layout.output_index
+    return both.index_select(0, read.flatten()).view(b, t, h, -1), None  # (B, T, H, D)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B * T, H * D): one row per token (a view when the heads lie token-major)."""
+    return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], -1)
+
+
+def _heads(rows: torch.Tensor, b: int, d: int) -> torch.Tensor:
+    """(B * L, H * D) -> (B, H, L, D), the inverse of :func:`_rows`."""
+    return rows.view(b, -1, rows.shape[1] // d, d).transpose(1, 2)
+
+
+def refusal(decoder: torch.nn.Module, width: int) -> str | None:
+    """Why ``decoder`` must keep the 4-D mask for rows of ``width`` columns (None: it can split).
+
+    The rule: the decoder dispatches attention through transformers' ``AttentionInterface``
+    (``_supports_attention_backend``), with ``sdpa`` or ``eager``, every module of it reads the one
+    config that is swapped, and no feature this does not reproduce is on: a sliding window
+    narrower than the rows, chunked attention, attention logit softcapping, attention sinks,
+    non-causal attention, a sub-config, attention dropout while training, or gradient
+    checkpointing while training with gradients (the backward pass would recompute the layers
+    after the config is restored). The attention calls check the rest during the forward.
+    """
+    if decoder in _REFUSED:
+        return _REFUSED[decoder]
+    name = type(decoder).__name__
+    if not getattr(decoder, "_supports_attention_backend", False):
+        return f"{name} does not dispatch attention through transformers' AttentionInterface"
+    cfg = getattr(decoder, "config", None)
+    implementation = getattr(cfg, "_attn_implementation", None)
+    with _SWAP_LOCK:  # swapped by a forward in another thread: what it was before counts
+        implementation = _SWAPPED.get(id(cfg), (cfg, implementation, 0))[1]
+    if implementation not in _REPLACEABLE:
+        return f"{name} uses attention implementation {implementation!r}, not one of {_REPLACEABLE}"
+    if getattr(cfg, "sub_configs", None):
+        return f"{name}'s config has sub-configs"
+    if not getattr(cfg, "is_causal", True):
+        return f"{name} is not causal"
+    for attr in _CONFIG_FEATURES:
+        if getattr(cfg, attr, None) not in (None, False, 0):
+            return f"{name}'s config sets {attr}={getattr(cfg, attr)!r}"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < width:
+        return f"{name}'s config sets sliding_window={window} < {width} columns"
+    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        return f"{name} has layers other than full or sliding-window attention: {sorted(kinds)}"
+    if decoder.training:
+        for attr in _CONFIG_DROPOUTS:
+            if getattr(cfg, attr, None):
+                return f"{name} trains with attention dropout ({attr}={getattr(cfg, attr)!r})"
+    for module in decoder.modules():
+        if getattr(module, "config", cfg) is not cfg:
+            return f"{type(module).__name__} in {name} has a config of its own"
+        if hasattr(module, "sinks"):
+            return f"{type(module).__name__} in {name} has attention sinks"
+        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+            return f"{name} recomputes its layers in the backward pass (gradient checkpointing)"
+    return None
+
+
+def refuse(decoder: torch.nn.Module, reason: str) -> None:
+    """Remember that ``decoder`` cannot split attention: :func:`refusal` gives ``reason`` from now on."""
+    _REFUSED[decoder] = reason
+
+
+@contextmanager
+def split_attention(decoder: torch.nn.Module, layout: SplitLayout) -> Iterator[_Run]:
+    """Within the block, ``decoder``'s attention is :func:`split_attention_forward` over ``layout``.
+
+    ``decoder.config._attn_implementation`` is set to the private name for the block only and
+    restored after it (so a saved config, generation and any later forward are as before). The
+    name is not an attention-mask implementation, so transformers builds no mask for it. The run
+    yielded counts the attention calls and holds the first problem one of them met; the caller
+    checks both (:func:`completed`) before it trusts the outputs.
+
+    Thread safety: each thread's layout is its own (a context variable); the config swap is
+    counted under a lock, so concurrent sdpo forwards of one model are fine. Another use of the
+    same model in another thread during the block meets this function without a layout and fails
+    loudly rather than computing something else.
+    """
+    from transformers import AttentionInterface
+
+    if SPLIT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SPLIT_ATTENTION, split_attention_forward)
+    cfg = decoder.config
+    run = _Run(layout)
+    token = _ACTIVE.set(run)
+    with _SWAP_LOCK:
+        _, before, depth = _SWAPPED.get(id(cfg), (cfg, cfg._attn_implementation, 0))
+        _SWAPPED[id(cfg)] = (cfg, before, depth + 1)
+        cfg._attn_implementation = SPLIT_ATTENTION
+    try:
+        yield run
+    finally:
+        with _SWAP_LOCK:
+            _, before, depth = _SWAPPED.pop(id(cfg))
+            if depth > 1:
+                _SWAPPED[id(cfg)] = (cfg, before, depth - 1)
+            else:
+                cfg._attn_implementation = before
+        _ACTIVE.reset(token)
+
+
+def completed(run: _Run, decoder: torch.nn.Module) -> str | None:
+    """Why the outputs of ``run`` cannot be trusted (None: they can).
+
+    Every layer must have called :func:`split_attention_forward` (a model that attends some other
+    way would have run with no mask at all) and no call may have met a problem.
+    """
+    if run.problem is not None:
+        return run.problem
+    layers = getattr(decoder.config, "num_hidden_layers", None)
+    if run.calls == 0 or (layers is not None and run.calls != layers):
+        return f"{type(decoder).__name__} called the attention interface {run.calls} times for {layers} layers"
+    return None

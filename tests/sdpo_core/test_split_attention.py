@@ -1,0 +1,297 @@
+"""Split attention (two causal calls, no mask) computes what the 4-D mask and two padded rows do.
+
+Pairs of varied prompt/chosen/rejected lengths (length-1 completions, a one-token prompt, rows
+that need padding, chosen longer and shorter than rejected) on the shipped tiny model and on
+small random Llamas with grouped-query, multi-query and multi-head attention, sdpa and eager.
+The fallback to the 4-D mask is taken when the model cannot split (checked before and during
+the forward), and split attention leaves the model's config, saved config and generation as
+they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sdpo_core import attention
+from sdpo_core.attention import SPLIT_ATTENTION, SplitLayout
+from sdpo_core.logprobs import TokenizedPair, collate_pairs, collate_shared, completion_logps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODEL = Path(__file__).resolve().parents[2] / "models" / "stories260K"
+PAD = 0
+# (prompt, chosen, rejected) lengths.
+LENGTHS = [(1, 1, 1), (4, 1, 9), (7, 12, 1), (3, 5, 5), (10, 2, 6), (2, 9, 3)]
+# name -> (key/value heads of 4 query heads, attention implementation); None: the shipped model.
+MODELS: dict[str, tuple[int, str] | None] = {
+    "stories260K": None,  # 8 query heads, 4 key/value heads
+    "gqa-sdpa": (2, "sdpa"),
+    "mqa-eager": (1, "eager"),
+    "mha-sdpa": (4, "sdpa"),
+}
+
+
+def build(name: str) -> LlamaForCausalLM:
+    spec = MODELS[name]
+    if spec is None:
+        return LlamaForCausalLM.from_pretrained(MODEL, use_safetensors=True)
+    kv_heads, implementation = spec
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        # Larger than the default 0.02, so attention is far from uniform and a token seen or not matters.
+        initializer_range=0.2,
+        attn_implementation=implementation,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def make_pairs(lengths: list[tuple[int, int, int]], seed: int = 0) -> list[TokenizedPair]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 256, (n,), generator=gen).tolist()  # noqa: E731
+    return [TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in lengths]
+
+
+PAIRS = make_pairs(LENGTHS)
+
+
+@pytest.fixture
+def split_runs(monkeypatch) -> list[int]:
+    """The attention calls of each forward that took split attention, in order."""
+    calls: list[int] = []
+    original = attention.completed
+
+    def spy(run, decoder):
+        calls.append(run.calls)
+        return original(run, decoder)
+
+    monkeypatch.setattr(attention, "completed", spy)
+    return calls
+
+
+def force_mask(monkeypatch) -> None:
+    monkeypatch.setattr(attention, "refusal", lambda decoder, width: "forced by the test")
+
+
+def logps_and_grads(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Log-probs, token counts and d(mean completion log-prob)/d(params) (O(1) entries)."""
+    model.zero_grad(set_to_none=True)
+    logps, tokens = completion_logps(model, batch, chunk_rows=16)
+    (logps.sum() / tokens.sum()).backward()
+    return logps.detach(), tokens, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_layout_indexes_are_the_two_sequences() -> None:
+    """The gather and output indexes worked out by hand for two rows.
+
+    Row 0: P=2, C=3, R=1 (width 6); row 1: P=1, C=1, R=4 (width 6). A = max(P + C) = 5,
+    L = max(P + R) = 5. Row 0 gathers columns 0 1 | 5 and pads; row 1 gathers 0 | 2 3 4 5.
+    Outputs: row 0 reads 0..4 from the prefix call and column 5 from gathered slot 2 (5 + 2 = 7);
+    row 1 reads 0 1 from the prefix call and columns 2..5 from slots 1..4 (6..9).
+    """
+    batch = collate_shared(make_pairs([(2, 3, 1), (1, 1, 4)]), PAD)
+    assert batch.split.prefix_width == 5
+    assert batch.split.rejected_index.tolist() == [[0, 1, 5, 0, 0], [0, 2, 3, 4, 5]]
+    assert batch.split.output_index.tolist() == [[0, 1, 2, 3, 4, 7], [0, 1, 6, 7, 8, 9]]
+    # The gathered positions are 0, 1, 2, ... within prompt + rejected, as RoPE needs.
+    positions = batch.position_ids.gather(1, batch.split.rejected_index)
+    assert positions.tolist() == [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_split_attention_equals_the_mask_and_padded_rows(name, monkeypatch, split_runs) -> None:
+    """Log-probs and parameter gradients agree across the three ways of computing them.
+
+    In training mode: the dropout of these models is 0, so training splits too.
+    """
+    model = build(name).train()
+    split = logps_and_grads(model, collate_shared(PAIRS, PAD))
+    assert split_runs == [model.config.num_hidden_layers], "the shared layout should split every layer"
+    padded = logps_and_grads(model, collate_pairs(PAIRS, PAD))
+    with monkeypatch.context() as m:
+        force_mask(m)
+        masked = logps_and_grads(model, collate_shared(PAIRS, PAD))
+    assert len(split_runs) == 1
+    assert split[1].tolist() == [c for _, c, _ in LENGTHS] + [r for _, _, r in LENGTHS]
+    for other in (masked, padded):
+        assert_close(split[0], other[0], atol=2e-5, rtol=1e-5)
+        assert torch.equal(split[1], other[1])
+        for param, grad in other[2].items():
+            assert_close(split[2][param], grad, atol=2e-5, rtol=1e-4, msg=param)
+    assert all(g.abs().max() > 1e-4 for g in split[2].values()), "every parameter should get a gradient"
+
+
+@pytest.mark.parametrize("wrong", ["gather", "output"])
+def test_a_wrong_gather_or_output_index_changes_the_rejected_logps(wrong) -> None:
+    """The equality above bites: prompt + rejected gathered from the wrong columns, or rejected
+    outputs read from the prefix call (where they saw the chosen tokens), change the rejected
+    log-probs and leave the chosen ones."""
+    model = build("gqa-sdpa").eval()
+    batch = collate_shared(PAIRS, PAD)
+    s = batch.split
+    b, t = s.output_index.shape
+    if wrong == "gather":  # the row's first L columns: prompt + chosen (+ rejected)
+        bad = SplitLayout(s.prefix_width, torch.arange(s.rejected_index.shape[1]).expand(b, -1), s.output_index)
+    else:
+        bad = SplitLayout(s.prefix_width, s.rejected_index, torch.arange(t).clamp(max=s.prefix_width - 1).expand(b, -1))
+    with torch.no_grad():
+        good, _ = completion_logps(model, batch)
+        broken, _ = completion_logps(model, dataclasses.replace(batch, split=bad))
+    n = len(PAIRS)
+    assert_close(broken[:n], good[:n])
+    assert (broken[n:] - good[n:]).abs().max() > 1e-1
+
+
+def _set(model, attr, value) -> None:
+    setattr(model.config, attr, value)
+
+
+# Each: what to change in a random GQA model, and a word of the reason it must give.
+FALLBACKS = {
+    "sliding window": (lambda m: _set(m, "sliding_window", 4), "sliding_window"),
+    "chunked attention": (lambda m: _set(m, "attention_chunk_size", 4), "attention_chunk_size"),
+    "logit softcapping": (lambda m: _set(m, "attn_logit_softcapping", 30.0), "softcapping"),
+    "chunked layers": (lambda m: _set(m, "layer_types", ["chunked_attention", "full_attention"]), "full or sliding"),
+    "not causal": (lambda m: _set(m, "is_causal", False), "not causal"),
+    "flex attention": (lambda m: _set(m, "_attn_implementation_internal", "flex_attention"), "flex_attention"),
+    "dropout while training": (lambda m: (_set(m, "attention_dropout", 0.1), m.train()), "dropout"),
+    "gradient checkpointing": (lambda m: (m.activation_checkpointing_enable(), m.train()), "gradient checkpointing"),
+    "attention sinks": (
+        lambda m: setattr(m.model.layers[1].self_attn, "sinks", torch.nn.Parameter(torch.zeros(4))),
+        "sinks",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_the_mask_is_kept_when_the_model_cannot_split(case, split_runs) -> None:
+    model = build("gqa-sdpa").eval()
+    width = collate_shared(PAIRS, PAD).input_ids.shape[1]
+    assert attention.refusal(model.model, width) is None
+    change, word = FALLBACKS[case]
+    change(model)
+    reason = attention.refusal(model.model, width)
+    assert reason is not None and word in reason
+    if case in ("flex attention", "not causal"):
+        return  # a forward would use flex attention or no causal mask at all: not this test's business
+    batch = collate_shared(PAIRS, PAD)
+    logps, tokens = completion_logps(model, batch)
+    assert split_runs == []
+    assert tokens.tolist() == [c for _, c, _ in LENGTHS] + [r for _, _, r in LENGTHS]
+    if case == "gradient checkpointing":
+        # The backward pass recomputes the layers: still the padded rows' gradients.
+        (logps.sum() / tokens.sum()).backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.activation_checkpointing_disable()
+        expected = logps_and_grads(model, collate_pairs(PAIRS, PAD))
+        assert_close(logps.detach(), expected[0], atol=2e-5, rtol=1e-5)
+        for param, grad in expected[2].items():
+            assert_close(got[param], grad, atol=2e-5, rtol=1e-4, msg=param)
+
+
+def test_a_sliding_window_as_wide_as_the_rows_still_splits() -> None:
+    """A window of at least the row width restricts nothing (Mistral's 4096 on short rows)."""
+    model = build("gqa-sdpa").eval()
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    model.config.sliding_window = 30
+    assert attention.refusal(model.model, 30) is None
+    assert "sliding_window=30 < 31" in attention.refusal(model.model, 31)
+
+
+def test_modules_outside_the_attention_interface_keep_the_mask() -> None:
+    assert "AttentionInterface" in attention.refusal(torch.nn.Linear(2, 2), 8)
+
+
+@pytest.mark.parametrize("case", ["a layer is not causal", "fewer calls than layers"])
+def test_a_forward_that_cannot_split_is_redone_with_the_mask(case, monkeypatch, split_runs) -> None:
+    """Problems seen only during the forward: it is recomputed with the mask, with a warning, and
+    the model is not split again."""
+    model = build("gqa-sdpa").eval()
+    if case == "a layer is not causal":
+        model.model.layers[1].self_attn.is_causal = False  # only the mask path stays right
+    else:
+        model.config.num_hidden_layers = 3  # as if a third layer attended some other way
+    batch = collate_shared(PAIRS, PAD)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="fall back to a 4-D attention mask"):
+            got, _ = completion_logps(model, batch)
+        again, _ = completion_logps(model, batch)
+        with monkeypatch.context() as m:
+            force_mask(m)
+            expected, _ = completion_logps(model, batch)
+    assert len(split_runs) == 1, "tried once, then remembered"
+    assert attention.refusal(model.model, batch.input_ids.shape[1]) is not None
+    assert_close(got, expected)
+    assert_close(again, expected)
+
+
+def test_the_config_saved_and_generation_are_untouched(tmp_path, split_runs) -> None:
+    model = build("stories260K").eval()
+    prompt = torch.tensor([PAIRS[4].prompt_ids]) % model.config.vocab_size
+    before = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    model.save_pretrained(tmp_path / "before")
+    model.train()
+    logps, tokens = completion_logps(model, collate_shared(PAIRS, PAD))
+    (logps.sum() / tokens.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    assert split_runs == [model.config.num_hidden_layers]
+    assert model.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path / "after")
+    saved = (tmp_path / "after" / "config.json").read_text()
+    assert SPLIT_ATTENTION not in saved
+    assert json.loads(saved) == json.loads((tmp_path / "before" / "config.json").read_text())
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), before)
+
+
+def test_the_config_is_restored_when_the_forward_fails() -> None:
+    model = build("gqa-sdpa").eval()
+    batch = collate_shared(make_pairs([(2, 2, 2)]), PAD)
+    bad = dataclasses.replace(batch, input_ids=batch.input_ids + 10_000)  # out of the vocabulary
+    with pytest.raises(IndexError):
+        completion_logps(model, bad)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_concurrent_forwards_restore_the_config_once() -> None:
+    """Another thread's split forward is in progress: a plain forward here fails loudly (it would
+    otherwise attend without a mask), an sdpo forward here is right, and the config is restored
+    when the last one ends."""
+    model = build("gqa-sdpa").eval()
+    batch = collate_shared(PAIRS, PAD)
+    with torch.no_grad():
+        expected, _ = completion_logps(model, batch)
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with attention.split_attention(model.model, batch.split):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad():
+            with pytest.raises(RuntimeError, match="outside sdpo's forward"):
+                model(input_ids=batch.input_ids)
+            got, _ = completion_logps(model, batch)
+        assert model.config._attn_implementation == SPLIT_ATTENTION  # the other thread's forward goes on
+    finally:
+        leave.set()
+        thread.join()
+    assert model.config._attn_implementation == "sdpa"
+    assert_close(got, expected)
