@@ -179,11 +179,12 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     shared_prompt: Literal["auto"] | bool = "auto"
-    """Compute each pair's prompt once for both completions (one row [prompt|chosen|rejected]
-    with a 4-D attention mask) instead of two padded rows; the log-probs are the same. Needs an
-    attention implementation that takes 4-D masks (eager, sdpa); set false for others. auto is
-    true on a CPU and false on a GPU, where the 4-D mask keeps attention off its fastest
-    kernels (measured in benchmarks/results/gpu)."""
+    """Compute each pair's prompt once for both completions (one row [prompt|chosen|rejected])
+    instead of two padded rows; the log-probs are the same. Attention is two causal calls per
+    layer for models that dispatch it through transformers' attention interface, a 4-D mask for
+    others (eager, sdpa; set false for other implementations). auto is true on a CPU and false on
+    a GPU, where the 4-D mask measured slower (benchmarks/results/gpu; split attention not yet
+    measured there)."""
     max_pass_tokens: Literal["auto"] | int | None = "auto"
     """Padded tokens per forward/backward pass: each micro-batch is cut into length-sorted passes
     of at most this many tokens (2 x pairs x longest row). Same update, less padding and less

@@ -103,8 +103,10 @@ def for_device(cfg: TrainConfig, device: torch.device | str) -> TrainConfig:
     """``cfg`` with its ``auto`` layout settings made concrete for ``device``.
 
     On a CPU: the shared-prompt layout and passes of at most 1024 tokens (less padding and less
-    memory). On a GPU: two padded rows per pair, one pass per micro-batch, because a 4-D mask
-    keeps attention off the fused kernels and small passes leave the GPU idle.
+    memory). On a GPU: two padded rows per pair, one pass per micro-batch: measured with the
+    4-D mask, the shared layout kept attention off the fused kernels, and small passes leave the
+    GPU idle. (Split attention, :mod:`sdpo_core.attention`, now avoids the mask; the shared layout
+    on a GPU is yet to be measured with it.)
     """
     on_gpu = torch.device(device).type != "cpu"
     changes: dict[str, object] = {}
