@@ -8,6 +8,8 @@ its own process (so peak memory is the process's own), alternating, after a warm
 - ``trl``: TRL's DPOTrainer with its reference model held in memory (its default).
 - ``trl_precompute``: TRL's DPOTrainer with ``precompute_ref_log_probs=True``; the precompute,
   done when the trainer is built, is timed.
+- ``sdpo_mask`` (only when asked for): sdpo with split attention turned off, so a shared-prompt
+  layout attends through its 4-D mask; measures what split attention buys.
 
 Both get the pairs as token ids (TRL's own text preprocessing is bypassed, so neither side
 tokenizes differently) and see the same batches in the same order (TRL reads the pairs in
@@ -39,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("sdpo", "trl", "trl_precompute")
+VARIANTS = ("sdpo", "trl", "trl_precompute", "sdpo_mask")
+DEFAULT_VARIANTS = ("sdpo", "trl", "trl_precompute")
 # Model sizes: the shipped model, a ~20M-parameter Llama built from its config (random weights),
 # and a ~0.5B one for GPUs. Random weights are fine for speed; the losses still compare.
 SIZES: dict[str, dict[str, int] | None] = {
@@ -242,7 +245,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if args.variant == "sdpo":
+    if args.variant == "sdpo_mask":
+        from sdpo_core.attention import refuse
+
+        refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
+    if args.variant in ("sdpo", "sdpo_mask"):
         losses = run_sdpo(model, pairs, pad_id, args, train_cfg, loss_cfg)
     else:
         losses = run_trl(model, pairs, pad_id, args, train_cfg, precompute=args.variant == "trl_precompute")
@@ -423,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layout", choices=["auto", "shared", "padded"], default="auto", help="sdpo's batch layout (auto: per device)"
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--out", default="benchmarks/results/dpo_step.json")
     parser.add_argument("--scratch", default="/tmp/sdpo-bench")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -490,12 +499,20 @@ def main(argv: list[str] | None = None) -> int:
                 r["max_loss_diff_vs_trl_precompute"] = max(
                     abs(a - b) for a, b in zip(ours["losses"], per["trl_precompute"]["losses"], strict=True)
                 )
+            if "sdpo_mask" in per:
+                r["speed_vs_sdpo_mask"] = ours["pairs_per_s"] / per["sdpo_mask"]["pairs_per_s"]
+                r["max_loss_diff_vs_sdpo_mask"] = max(
+                    abs(a - b) for a, b in zip(ours["losses"], per["sdpo_mask"]["losses"], strict=True)
+                )
             ratios["sdpo"] = r
         results["sizes"][size] = {"variants": per, "ratios": ratios}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    for size, per in results["sizes"].items():
+        if "speed_vs_sdpo_mask" in per["ratios"].get("sdpo", {}):
+            print(f"{size}: split attention {per['ratios']['sdpo']['speed_vs_sdpo_mask']:.2f}x the 4-D mask")
     print(f"\nmatmul rate {rate / 1e9:.1f} GFLOP/s ({args.dtype}, {results['machine']['device']}); JSON: {out}")
     return 0
 
