@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 REGION = "eu-central-1"
 ENV_KEY_ID = "AKIAENVIRONMENT00001"
 ENV_SECRET = "env-secret-that-must-not-sign"
-SIGNATURE = re.compile(rb"Credential=([A-Za-z0-9]+)/\d{8}/([a-z0-9-]+)/s3/aws4_request")
+SIGNATURE = re.compile(rb"Credential=([A-Za-z0-9_-]+)/\d{8}/([a-z0-9-]+)/s3/aws4_request")
 
 
 class SigningProxy:
@@ -93,6 +93,13 @@ def signed_s3(monkeypatch):
         "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
         monkeypatch.setenv(key, value)
+    # S3 clients made by earlier tests in this process must not lend their credentials: boto3's
+    # default session keeps the first it found, MLflow keeps its clients by endpoint.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    with contextlib.suppress(ImportError, AttributeError):
+        from mlflow.store.artifact.s3_artifact_repo import _cached_get_s3_client
+
+        _cached_get_s3_client.cache_clear()
     admin = boto3.client(
         "s3", endpoint_url=f"http://{host}:{port}", region_name=REGION,
         aws_access_key_id="admin", aws_secret_access_key="admin",
