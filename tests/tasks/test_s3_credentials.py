@@ -15,11 +15,12 @@ import logging
 import os
 import re
 import socket
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.tasks.test_s3_faults import FlakyProxy
 
 REPO = Path(__file__).resolve().parents[2]
 REGION = "eu-central-1"
@@ -28,49 +29,23 @@ ENV_SECRET = "env-secret-that-must-not-sign"
 SIGNATURE = re.compile(rb"Credential=([A-Za-z0-9_-]+)/\d{8}/([a-z0-9-]+)/s3/aws4_request")
 
 
-class SigningProxy:
+class SigningProxy(FlakyProxy):
     """A TCP proxy to ``target`` noting the (key id, region) that signed each request it forwards."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
+        super().__init__(target)
         self.signatures: list[tuple[str, str]] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.up()
 
     def close(self) -> None:
-        self._listener.close()
+        self.down(None)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
-        tail = b""  # a header may straddle two reads
-        try:
-            while data := src.recv(1 << 16):
-                if outbound:
-                    window = tail + data
-                    for match in SIGNATURE.finditer(window):
-                        if match.end() > len(tail):  # not already seen at the end of the last read
-                            self.signatures.append((match[1].decode(), match[2].decode()))
-                    tail = window[-200:]
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
+    def forward(self, data: bytes, before: bytes) -> bool:
+        window = before + data  # a header may straddle two reads
+        for match in SIGNATURE.finditer(window):
+            if match.end() > len(before):  # not already seen at the end of the last read
+                self.signatures.append((match[1].decode(), match[2].decode()))
+        return True
 
 
 @pytest.fixture()

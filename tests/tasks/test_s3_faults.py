@@ -67,17 +67,28 @@ class FlakyProxy:
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
+    def forward(self, data: bytes, before: bytes) -> bool:
+        """Whether to pass on ``data``, the next bytes a client sends (``before``: the up to 200
+        bytes it sent just before, on the same connection). Here: False, and the proxy goes down
+        for ``down_seconds``, once ``cut_after_bytes`` have been forwarded."""
+        if self.cut_after_bytes is None:
+            return True
+        with self._lock:
+            self._forwarded += len(data)
+            trip = self._forwarded > self.cut_after_bytes
+        if trip:
+            self.cut_after_bytes = None
+            self.down(self.down_seconds)
+        return not trip
+
     def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+        before = b""
         try:
             while data := src.recv(1 << 16):
-                if outbound and self.cut_after_bytes is not None:
-                    with self._lock:
-                        self._forwarded += len(data)
-                        trip = self._forwarded > self.cut_after_bytes
-                    if trip:
-                        self.cut_after_bytes = None
-                        self.down(self.down_seconds)
+                if outbound:
+                    if not self.forward(data, before):
                         return
+                    before = (before + data)[-200:]
                 dst.sendall(data)
         except OSError:
             pass
