@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo_core.hashing import sha256_file
-from sdpo_core.parallel import full_state, load_full_state
+from sdpo_core.state import full_state, load_full_state
 
 LATEST = "latest"
 STATE = "state.json"
@@ -245,7 +245,10 @@ class Checkpoints:
             return None
         rest = json.loads((path / "optimizer.json").read_text())
         optim = _optimizer_state(load_file(str(path / "optimizer.safetensors")), rest)
-        load_full_state(model, optimizer, load_file(str(path / "model.safetensors")), optim)
+        try:
+            load_full_state(model, optimizer, load_file(str(path / "model.safetensors")), optim)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise RuntimeError(f"{path}: the checkpoint does not fit this model and optimizer: {exc}") from exc
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()) | {"lr_lambdas": [None]})
         _set_rng_states(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())["python"])
         state = json.loads((path / STATE).read_text())

@@ -28,6 +28,7 @@ COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected"
 PartitionStrategy = Literal["by_source", "random", "easy_to_hard", "sequential"]
 AccuracyForm = Literal["sum", "mean"]
 LossName = Literal["sigmoid", "ipo", "hinge", "dpop"]
+Parallelism = Literal["ddp", "fsdp"]
 
 
 class ConfigError(ValueError):
@@ -206,11 +207,12 @@ class TrainConfig:
     process on its share of every micro-batch (one per GPU, or CPU processes with gloo)."""
     distributed_backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto is nccl on GPUs, gloo on CPUs."""
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    parallelism: Parallelism = "ddp"
     """With num_processes above 1: ddp keeps a whole copy of the model in every process and
-    all-reduces gradients (torch's DistributedDataParallel); fsdp shards parameters, gradients
-    and optimizer state across the processes (torch's fully_shard, one unit per decoder layer),
-    for models whose training state does not fit one GPU. The update is the same."""
+    all-reduces gradients once per optimizer step (torch's DistributedDataParallel); fsdp shards
+    parameters, gradients and optimizer state across the processes (torch's fully_shard, one unit
+    per decoder layer; gradients are reduce-scattered every pass, so they stay sharded), for
+    models whose training state does not fit one GPU. The update is the same."""
     num_threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
 

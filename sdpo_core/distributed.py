@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def main(job_path: str) -> int:
 
     job = json.loads(Path(job_path).read_text())
     cfg = from_dict(job["config"])
-    torch.distributed.init_process_group(backend(cfg.train.distributed_backend))
+    # Rank 0 writes checkpoints while the others wait in the next collective: allow it an hour
+    # (the default, 10 minutes with NCCL, is short for a large model's state).
+    torch.distributed.init_process_group(backend(cfg.train.distributed_backend), timeout=timedelta(hours=1))
     rank, local_rank = torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     try:
         if torch.cuda.is_available() and cfg.train.device != "cpu":

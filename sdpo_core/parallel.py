@@ -7,30 +7,22 @@ LM's own forward). With ``fsdp`` every decoder layer (the classes a Hugging Face
 ``_no_split_modules``) is its own FSDP unit and the wrapper is the root unit holding the
 embeddings, the final norm and the output projection.
 
-State (weights and AdamW's moments) is read and written as full, unsharded state dicts keyed by
-parameter name, through ``torch.distributed.checkpoint.state_dict``: the same files whether the
-step ran in one process, under DDP or under FSDP, so a checkpoint resumes under any of them.
+Checkpoints hold whole state keyed by parameter name (:mod:`sdpo_core.state`), so one written
+under any of these resumes under any other.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from copy import deepcopy
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from sdpo_core.config import Parallelism
 from sdpo_core.logprobs import Batch, completion_logps
-
-PARALLELISMS = ("ddp", "fsdp")
+from sdpo_core.state import is_sharded
 
 
 class PolicyLogps(torch.nn.Module):
@@ -52,7 +44,7 @@ class PolicyLogps(torch.nn.Module):
 
 
 def wrap(
-    model: torch.nn.Module, chunk_rows: int, parallelism: str, world: int, device: torch.device
+    model: torch.nn.Module, chunk_rows: int, parallelism: Parallelism, world: int, device: torch.device
 ) -> torch.nn.Module:
     """The module a train step runs its passes through.
 
@@ -64,7 +56,11 @@ def wrap(
     if world == 1:
         return module
     if parallelism == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
+        # The shards live on the step's device (fully_shard would pick CUDA whenever there is one).
+        mesh = init_device_mesh(device.type, (world,))
 
         layer_names = set(getattr(model, "_no_split_modules", None) or ())
         layers = [m for m in model.modules() if type(m).__name__ in layer_names]
@@ -74,11 +70,11 @@ def wrap(
                 "use ddp"
             )
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
         return module
     if parallelism != "ddp":
-        raise ValueError(f"train.parallelism: {parallelism!r} is not one of {', '.join(PARALLELISMS)}")
+        raise ValueError(f"train.parallelism: {parallelism!r} is not ddp or fsdp")
     from torch.nn.parallel import DistributedDataParallel
 
     # Every process builds the same buffers (rotary tables): no need to broadcast them each pass.
@@ -86,73 +82,21 @@ def wrap(
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the model's parameters are FSDP shards."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 @contextlib.contextmanager
 def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Run a backward pass with or without the cross-process gradient reduction.
+    """Run a backward pass with or without DDP's cross-process gradient reduction.
 
-    Passes before the last one of an optimizer step only accumulate locally; the last reduces.
+    Under DDP, passes before the last one of an optimizer step only accumulate locally, and the
+    last all-reduces. FSDP reduce-scatters every pass regardless: skipping it would keep each
+    process's whole (unsharded) gradient until the last pass, which FSDP is there to avoid.
     """
-    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(module, DistributedDataParallel) and not enabled:
         with module.no_sync():
             yield
-    elif isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(enabled)
-        yield
     else:
         yield
-
-
-def tied_groups(model: torch.nn.Module) -> list[list[str]]:
-    """Names that share one parameter (tied input and output embeddings), in model order."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
-def full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The model's weights and the optimizer's state, whole, keyed by parameter name, on the CPU.
-
-    Collective under FSDP: every process calls it. A tied parameter appears once, under the
-    first of its names.
-    """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
-    weights = get_model_state_dict(model, options=options)
-    for names in tied_groups(model):
-        for name in names[1:]:
-            weights.pop(name, None)
-    # Plain tensors on the CPU (an unsharded model's own state is on its device).
-    weights = {k: v.detach().cpu() for k, v in weights.items()}
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
-    return weights, optim
-
-
-def load_full_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor], optim: dict[str, Any]
-) -> None:
-    """Load whole state (as :func:`full_state` gives it) into a model and optimizer, sharded or not.
-
-    Every process loads the same state; under FSDP each keeps its own shard.
-    """
-    weights = dict(weights)
-    for names in tied_groups(model):
-        present = [n for n in names if n in weights]
-        if present:
-            for name in names:
-                weights.setdefault(name, weights[present[0]])
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optim, options=options)
 
 
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -166,7 +110,11 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module | None:
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() != 0:
         return None
-    copy = type(model)(model.config)  # buffers (rotary tables) as the model builds them
-    copy.load_state_dict(weights, strict=True, assign=True)  # the trained tensors, in their dtype
+    # Built on the CPU (buffers such as rotary tables as the model builds them), then given the
+    # trained tensors in their dtype; its random initialisation is the price of a plain copy.
+    copy = type(model)(model.config)
+    copy.load_state_dict(weights, strict=True, assign=True)
     copy.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        copy.generation_config = deepcopy(model.generation_config)  # as loaded, not rebuilt
     return copy.eval()

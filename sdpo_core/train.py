@@ -19,7 +19,8 @@ from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
-from sdpo_core.parallel import gradient_sync, is_sharded, wrap
+from sdpo_core.parallel import gradient_sync, wrap
+from sdpo_core.state import is_sharded
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 # Per-pair quantities summed over an optimizer step, for its metrics.
@@ -218,7 +219,7 @@ def train_dpo(
                 # Sum over the pass divided by the optimizer step's pair count: the update is the
                 # same for any split of the step into micro-batches and passes. DDP and FSDP
                 # average gradients over the processes, hence the factor world.
-                (losses.sum() * (weight * world / n_step)).backward()
+                (losses.sum() * (weight * world) / n_step).backward()
             if weight == 0.0:
                 continue
             r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
@@ -239,10 +240,13 @@ def train_dpo(
         loss_value = sums["loss"] / n_step
         if not math.isfinite(loss_value):
             raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
-        # With no limit, clipping by infinity only measures the norm (and scales by exactly 1).
-        limit = train_cfg.max_grad_norm if train_cfg.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+        if train_cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # DTensor under FSDP
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"the gradient norm is {grad_norm} at optimizer step {step}; stopping")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -1,8 +1,11 @@
 """A train step under torchrun with 2 gloo processes on the CPU equals one process.
 
 Same model, pairs, reference log-probs and global batch: the per-step losses and metrics must
-agree within float tolerance, under DDP and under FSDP, and only rank 0 writes the model. An
-FSDP step's checkpoint holds the whole model and resumes in a single process.
+agree within float tolerance, under DDP and under FSDP, and only rank 0 writes the model. The
+batches are uneven on purpose (7 pairs, 3 per step, passes of one or two pairs): the ranks run
+different numbers of passes, and in the last step one rank has no pair at all. Checkpoints cross
+over: a 2-process checkpoint resumes in one process, and a one-process run stopped mid-step
+resumes under 2 processes (the AdamW moments must map by parameter name for the rest to match).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def config(processes: int, parallelism: str = "ddp"):
                 "max_prompt_length": 48,
             },
             "train": {
-                "micro_batch_size": 4,
+                "micro_batch_size": 3,
+                "max_pass_tokens": 150,
                 "grad_accum_steps": 1,
                 "learning_rate": 1e-3,
                 "warmup_ratio": 0.0,
@@ -48,11 +52,15 @@ def config(processes: int, parallelism: str = "ddp"):
     )
 
 
+class Crash(Exception):
+    """Stands in for a killed process."""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_gloo_processes_match_one(tmp_path, parallelism):
     cfg = config(1)
-    pairs, _ = load_source(cfg.data.sources[0].__class__(path=cfg.data.sources[0].path, name="orca", max_pairs=8))
+    pairs, _ = load_source(cfg.data.sources[0].__class__(path=cfg.data.sources[0].path, name="orca", max_pairs=7))
     chunk_path = tmp_path / "chunk.jsonl"
     digest = write_pairs(pairs, chunk_path)
     chunk = stages.ChunkInfo(1, "orca", str(chunk_path), len(pairs), digest, None)
@@ -63,34 +71,42 @@ def test_two_gloo_processes_match_one(tmp_path, parallelism):
     ref_path = tmp_path / "ref.safetensors"
     stages._save_scores(ref, ref_path)
 
-    results = {}
-    for processes in (1, 2):
+    def train(processes: int, name: str, checkpoints: Checkpoints) -> tuple[list[dict], dict]:
         seen: list[tuple[int, dict]] = []
-        out = tmp_path / f"model-{processes}"
-        checkpoints = Checkpoints(tmp_path / f"ckpt-{processes}", every=1)
         saved, result = stages.train_step(
             config(processes, parallelism),
             1,
             model_dir,
             chunk,
             str(ref_path),
-            out,
-            callback=lambda s, m, seen=seen: seen.append((s, m)),
+            tmp_path / name,
+            callback=lambda s, m: seen.append((s, m)),
             checkpoints=checkpoints,
         )
-        assert [s for s, _ in seen] == [1, 2]  # 8 pairs, 4 per optimizer step
-        results[processes] = (result.history, load_file(str(Path(saved) / "model.safetensors")))
+        assert [s for s, _ in seen] == [1, 2, 3]  # 7 pairs, 3 per optimizer step
         assert json.loads((Path(saved) / "meta.json").read_text())["step"] == 1
-        assert checkpoints.latest_name() == "step-00000002"
+        return result.history, load_file(str(Path(saved) / "model.safetensors"))
 
-    one, two = results[1][0], results[2][0]
-    for a, b in zip(one, two, strict=True):
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
-    # Adam's early steps are about lr * sign(gradient): compare the weights loosely, the losses tightly.
-    diffs = torch.cat([(results[2][1][k] - t).abs().flatten() for k, t in results[1][1].items()])
-    assert (diffs > 1e-5).float().mean() < 1e-2
+    def assert_same(one: tuple[list[dict], dict], two: tuple[list[dict], dict]) -> None:
+        for a, b in zip(one[0], two[0], strict=True):
+            for key in (
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "logps/chosen",
+                "grad_norm",
+            ):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key
+        # Adam's early steps are about lr * sign(gradient): compare the weights loosely, the losses tightly.
+        diffs = torch.cat([(two[1][k] - t).abs().flatten() for k, t in one[1].items()])
+        assert (diffs > 1e-5).float().mean() < 1e-2
+
+    one = train(1, "model-1", Checkpoints(tmp_path / "ckpt-1", every=1))
+    two = train(2, "model-2", Checkpoints(tmp_path / "ckpt-2", every=1))
+    assert_same(one, two)
     assert not (tmp_path / "model-2" / "rank1").exists()
+    assert Checkpoints(tmp_path / "ckpt-2", 1).latest_name() == "step-00000003"
 
     # The 2-process checkpoint (written whole by rank 0) resumes in one process: restored after
     # its last step, nothing is left to train and the weights are those the step saved.
@@ -98,7 +114,21 @@ def test_two_gloo_processes_match_one(tmp_path, parallelism):
     resumed = train_dpo(
         model, tokenized, ref, pad_id(tokenizer), cfg.train, cfg.loss, checkpoints=Checkpoints(tmp_path / "ckpt-2", 1)
     )
-    assert resumed.resumed_from == 2
-    assert resumed.history == two
-    for name, tensor in results[2][1].items():
+    assert resumed.resumed_from == 3
+    assert resumed.history == two[0]
+    for name, tensor in two[1].items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+    # One process stopped during optimizer step 2 (checkpoint after step 1), then resumed under 2
+    # processes: steps 2 and 3 continue from its weights and AdamW moments.
+    def crash(step: int, _metrics: dict) -> None:
+        if step == 2:
+            raise Crash("killed during optimizer step 2")
+
+    with pytest.raises(Crash):
+        train_dpo(
+            load_model(cfg.model), tokenized, ref, pad_id(tokenizer), cfg.train, cfg.loss, callback=crash,
+            checkpoints=Checkpoints(tmp_path / "ckpt-crossed", every=1),
+        )  # fmt: skip
+    assert Checkpoints(tmp_path / "ckpt-crossed", 1).latest_name() == "step-00000001"
+    assert_same(one, train(2, "model-crossed", Checkpoints(tmp_path / "ckpt-crossed", every=1)))
