@@ -124,7 +124,9 @@ def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
 def s3_credentials(reference: str | None) -> Iterator[None]:
     """Inside the ``with``, this process's S3 clients use the block's values (None: unchanged).
 
-    On exit the environment is restored, and S3 clients made afterwards use it again.
+    On exit the environment is restored, and S3 clients made afterwards use it again. The
+    environment is the process's: two flows with different blocks must not overlap in one process
+    (a pipeline runs its steps one after the other; a train-step deployment runs on its worker).
     """
     if reference is None:
         yield

@@ -156,6 +156,21 @@ def test_half_a_key_pair_is_refused(prefect_harness):
     assert "AKIAHALFPAIR" not in str(err.value)
 
 
+def test_block_values_are_read_whole(prefect_harness):
+    """The secret comes out of the block as saved (not its masked form)."""
+    from tasks.blocks import S3Credentials, read_credentials
+
+    S3Credentials(
+        aws_access_key_id="AKIAWHOLE00000000001", aws_secret_access_key="whole-secret-0123", region_name="eu-west-3"
+    ).save("whole", overwrite=True)
+    assert read_credentials("s3-credentials/whole") == {
+        "AWS_ACCESS_KEY_ID": "AKIAWHOLE00000000001",
+        "AWS_SECRET_ACCESS_KEY": "whole-secret-0123",
+        "AWS_SESSION_TOKEN": None,  # removed from the environment: a token there belongs to another key
+        "AWS_DEFAULT_REGION": "eu-west-3",
+    }
+
+
 def test_region_only_block_keeps_the_environments_credentials(prefect_harness):
     from tasks.blocks import S3Credentials, read_credentials
 
