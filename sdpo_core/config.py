@@ -518,6 +518,12 @@ def _validate(cfg: RunConfig, problems: list[str]) -> None:
         )
     if cfg.storage.uri is not None and not cfg.storage.uri.startswith("s3://"):
         problems.append(f"storage.uri: must be s3://bucket/prefix, got {cfg.storage.uri!r}")
+    block = cfg.storage.credentials_block
+    if block is not None and not re.fullmatch(r"[a-z0-9-]+/[a-z0-9-]+", block):
+        problems.append(
+            f"storage.credentials_block: must be <block-type-slug>/<block-name> in lowercase letters, digits "
+            f"and dashes (e.g. s3-credentials/prod), got {block!r}"
+        )
     if not cfg.run_name or any(c in cfg.run_name for c in "/\\:") or cfg.run_name.startswith("."):
         problems.append(f"run_name: must be a plain name without slashes, got {cfg.run_name!r}")
 

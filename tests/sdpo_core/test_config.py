@@ -104,6 +104,7 @@ def test_value_problems_reported_together() -> None:
         loss={"beta": -1.0, "name": "ipo", "label_smoothing": 0.1},
         train={"learning_rate": 0.0},
         run_name="a/b",
+        storage={"credentials_block": "S3 Credentials/prod"},
     )
     with pytest.raises(ConfigError) as info:
         from_dict(data)
@@ -115,7 +116,9 @@ def test_value_problems_reported_together() -> None:
         "loss.label_smoothing",
         "train.learning_rate",
         "run_name",
+        "storage.credentials_block",
     }
+    assert from_dict(_minimal(storage={"credentials_block": "s3-credentials/prod"})).storage.credentials_block
 
 
 def test_no_sources_is_an_error() -> None:
