@@ -196,9 +196,9 @@ def train_dpo(
             for piece in split_by_tokens(mb[rank::world], pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
         ]
         if world > 1:
-            # Every process reduces gradients once per optimizer step, in its last pass; under
-            # FSDP every pass gathers parameters, so all processes run as many passes. A process
-            # short of passes runs one pair with weight 0 (its gradient is zero).
+            # DDP reduces gradients in each process's last pass, so each needs at least one; FSDP
+            # gathers parameters and reduce-scatters gradients in every pass, so all processes run
+            # as many passes. A process short of passes runs one pair with weight 0 (zero gradient).
             needed = torch.tensor(len(passes) if sharded else 1, device=device)
             if sharded:
                 torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
