@@ -69,20 +69,21 @@ class SharedPromptBatch:
     ``prompt + completion`` alone; the first rejected token is predicted from the last prompt
     position, like the first chosen one. Models that go through transformers' attention interface
     compute this as two causal attention calls (``split``, see :mod:`sdpo_core.attention`); others
-    get the 4-D ``attention_mask``.
+    get the 4-D ``attention_mask``, which is built only for them: (B, T, T) booleans would
+    otherwise be made for every pass and thrown away.
 
     Attributes:
         input_ids: (B, T) token ids, padded with the pad id.
-        attention_mask: (B, 1, T, T) True where a query position may attend to a key position.
         position_ids: (B, T) positions within prompt + completion.
+        lengths: (B, 3) prompt, chosen and rejected lengths of each row.
         seq, row, pos, labels: (N,) for every scored token: its sequence (chosen of pair i is i,
             rejected is B + i), its row, the position whose hidden state predicts it, the token.
         split: where prompt + chosen and prompt + rejected lie in each row, for split attention.
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    lengths: torch.Tensor
     seq: torch.Tensor
     row: torch.Tensor
     pos: torch.Tensor
@@ -94,8 +95,23 @@ class SharedPromptBatch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> SharedPromptBatch:
-        tensors = (self.input_ids, self.attention_mask, self.position_ids, self.seq, self.row, self.pos, self.labels)
+        tensors = (self.input_ids, self.position_ids, self.lengths, self.seq, self.row, self.pos, self.labels)
         return SharedPromptBatch(*(t.to(device) for t in tensors), self.split.to(device))
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) True where a query position may attend to a key position, built on the batch's device.
+
+        Causal, except that rejected queries do not see the chosen keys; padding queries (never
+        scored) attend causally.
+        """
+        width = self.input_ids.shape[1]
+        cols = torch.arange(width, device=self.input_ids.device)
+        query, key = cols[None, :, None], cols[None, None, :]  # (1, T, 1), (1, 1, T)
+        n_p, n_c, n_r = (self.lengths[:, i, None, None] for i in range(3))  # (B, 1, 1) each
+        rejected_query = (query >= n_p + n_c) & (query < n_p + n_c + n_r)
+        chosen_key = (key >= n_p) & (key < n_p + n_c)
+        return ((key <= query) & ~(rejected_query & chosen_key)).unsqueeze(1)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
@@ -135,7 +151,7 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
 
 
 def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptBatch:
-    """Lay out pairs as B rows ``[prompt | chosen | rejected]`` with a 4-D attention mask and a split layout."""
+    """Lay out pairs as B rows ``[prompt | chosen | rejected]`` with a split layout (and a 4-D mask on demand)."""
     b = len(pairs)
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
     width = max(n_p + n_c + n_r for n_p, n_c, n_r in lengths)
@@ -143,8 +159,6 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
     rejected_width = max(n_p + n_r for n_p, _, n_r in lengths)  # L: every row's prompt + rejected
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
     rejected_index = torch.zeros((b, rejected_width), dtype=torch.long)  # padding slots read column 0
     output_index = torch.zeros((b, width), dtype=torch.long)  # padding columns read output 0
     seq, row, pos, labels = [], [], [], []
@@ -154,9 +168,6 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
         position_ids[i, : n_p + n_c] = torch.arange(n_p + n_c)
         position_ids[i, n_p + n_c : end] = torch.arange(n_p, n_p + n_r)
         position_ids[i, end:] = torch.arange(width - end)  # padding: any valid position
-        mask[i, 0, :end, :end] = causal[:end, :end]
-        mask[i, 0, n_p + n_c : end, n_p : n_p + n_c] = False  # rejected does not see chosen
-        mask[i, 0, end:, :] = causal[end:, :]  # padding rows attend causally (never scored)
         # Split attention: prompt + rejected gathered from the row; outputs read back from
         # [prefix outputs (A) | gathered outputs (L)].
         rejected_index[i, :n_p] = torch.arange(n_p)
@@ -174,7 +185,7 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     split = SplitLayout(prefix, rejected_index, output_index)
     return SharedPromptBatch(
-        input_ids, mask, position_ids, as_long(seq), as_long(row), as_long(pos), as_long(labels), split
+        input_ids, position_ids, as_long(lengths), as_long(seq), as_long(row), as_long(pos), as_long(labels), split
     )
 
 
@@ -239,8 +250,9 @@ def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch) -> Any:
     if isinstance(batch, SharedPromptBatch) and implementation == "eager":
         # Eager attention adds the mask to the scores as it is: a boolean mask would add 0 or 1.
         dtype = getattr(net, "dtype", torch.float32)
-        blocked = torch.zeros(batch.attention_mask.shape, dtype=dtype, device=batch.attention_mask.device)
-        inputs["attention_mask"] = blocked.masked_fill(~batch.attention_mask, torch.finfo(dtype).min)
+        allowed = inputs["attention_mask"]
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        inputs["attention_mask"] = blocked.masked_fill(~allowed, torch.finfo(dtype).min)
     return net(**inputs, use_cache=False)
 
 

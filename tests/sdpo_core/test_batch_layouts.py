@@ -7,7 +7,6 @@ length-sorted passes must not change the update.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from sdpo_core import attention
 from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig, TrainConfig
 from sdpo_core.data import load_source, tokenize_pair
-from sdpo_core.logprobs import collate, completion_logps, score_pairs
+from sdpo_core.logprobs import SharedPromptBatch, collate, completion_logps, score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
 from sdpo_core.train import split_by_tokens, train_dpo
 
@@ -71,10 +70,11 @@ def test_rejected_tokens_do_not_see_the_chosen_completion(pairs, tokenizer, monk
     monkeypatch.setattr(attention, "refusal", lambda decoder, width: "the mask is under test")
     model = load_model(MODEL)
     batch = collate(pairs[:2], pad_id(tokenizer), True)
-    leaky = dataclasses.replace(batch, attention_mask=torch.ones_like(batch.attention_mask).tril())
     with torch.no_grad():
         good, _ = completion_logps(model, batch)
-        bad, _ = completion_logps(model, leaky)
+        mask = SharedPromptBatch.attention_mask.fget
+        monkeypatch.setattr(SharedPromptBatch, "attention_mask", property(lambda b: torch.ones_like(mask(b)).tril()))
+        bad, _ = completion_logps(model, batch)
     torch.testing.assert_close(good[:2], bad[:2])  # chosen rows see the same tokens either way
     assert (good[2:] - bad[2:]).abs().max() > 1e-2
 

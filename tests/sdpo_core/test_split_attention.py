@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sdpo_core import attention
 from sdpo_core.attention import SPLIT_ATTENTION, SplitLayout
-from sdpo_core.logprobs import TokenizedPair, collate_pairs, collate_shared, completion_logps
+from sdpo_core.logprobs import SharedPromptBatch, TokenizedPair, collate_pairs, collate_shared, completion_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = Path(__file__).resolve().parents[2] / "models" / "stories260K"
@@ -109,6 +109,39 @@ def test_the_layout_indexes_are_the_two_sequences() -> None:
     # The gathered positions are 0, 1, 2, ... within prompt + rejected, as RoPE needs.
     positions = batch.position_ids.gather(1, batch.split.rejected_index)
     assert positions.tolist() == [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]
+
+
+def test_the_mask_worked_out_by_hand() -> None:
+    """Row 0 of the example above (P=2, C=3, R=1, no padding) and row 1 padded by one column.
+
+    Causal, except that the rejected query (column 5 of row 0) does not see chosen keys 2..4;
+    row 1 (P=1, C=1, R=2, width 4 of 6) attends causally on its padding columns 4 and 5.
+    """
+    batch = collate_shared(make_pairs([(2, 3, 1), (1, 1, 2)]), PAD)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    row0, row1 = causal.clone(), causal.clone()
+    row0[5, 2:5] = False
+    row1[2:4, 1] = False  # rejected queries 2, 3 do not see chosen key 1
+    assert batch.attention_mask.shape == (2, 1, 6, 6)
+    assert torch.equal(batch.attention_mask[:, 0], torch.stack([row0, row1]))
+
+
+def test_split_attention_never_builds_the_mask(monkeypatch, split_runs) -> None:
+    """The (B, 1, T, T) mask is made only for the mask path, not for every pass."""
+    built: list[int] = []
+    original = SharedPromptBatch.attention_mask
+
+    def counted(batch):
+        built.append(batch.input_ids.shape[1])
+        return original.fget(batch)
+
+    monkeypatch.setattr(SharedPromptBatch, "attention_mask", property(counted))
+    model = build(next(iter(MODELS))).train()
+    logps_and_grads(model, collate_shared(PAIRS, PAD))
+    assert split_runs and not built
+    force_mask(monkeypatch)
+    logps_and_grads(model, collate_shared(PAIRS, PAD))
+    assert len(built) == 1
 
 
 @pytest.mark.parametrize("name", list(MODELS))
