@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,17 @@ def run_sdpo(
     return [h["loss"] for h in result.history]
 
 
-def run_trl(
-    model: Any, pairs: list[Any], pad_id: int, args: argparse.Namespace, train_cfg: Any, precompute: bool
-) -> list[float]:
+def prepare_trl(
+    model: Any, pairs: list[Any], args: argparse.Namespace, train_cfg: Any, precompute: bool
+) -> Callable[[], list[float]]:
+    """Everything TRL needs before it trains, done before the clock starts; returns the timed part.
+
+    Outside the timed part: importing ``trl`` and ``datasets`` (about a second here, which sdpo's
+    side does not pay either: its libraries are imported before the clock too), loading the
+    tokenizer and building the dataset. Inside: copying the reference model (its default holds
+    one), building the ``DPOConfig`` and ``DPOTrainer`` (where ``precompute_ref_log_probs`` runs)
+    and training.
+    """
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -159,36 +168,7 @@ def run_trl(
     dataset = datasets.Dataset.from_list(rows)
     # The ids are given: skip TRL's text preprocessing (extract prompt, add EOS, tokenize).
     DPOTrainer._prepare_dataset = lambda self, ds, *a, **k: ds  # type: ignore[method-assign]
-    # Options that only some transformers versions have are passed where they exist.
-    optional = {"activation_checkpointing": False}
-    known = {f.name for f in dataclasses.fields(DPOConfig)}
-    config = DPOConfig(
-        **{k: v for k, v in optional.items() if k in known},
-        output_dir=str(Path(args.scratch) / "trl"),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=train_cfg.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=train_cfg.max_grad_norm,
-        num_train_epochs=1,
-        beta=args.beta,
-        loss_type=["sigmoid"],
-        max_length=None,
-        precompute_ref_log_probs=precompute,
-        precompute_ref_batch_size=args.batch_size,
-        bf16=args.dtype == "bfloat16",
-        fp16=False,
-        gradient_checkpointing=False,
-        padding_free=False,
-        use_cpu=args.device == "cpu",
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        seed=train_cfg.seed,
-        dataloader_num_workers=0,
-    )
+    tok = load_tokenizer(ModelConfig(name_or_path=str(REPO / "models" / "stories260K")))
     losses: list[float] = []
 
     class Record(TrainerCallback):
@@ -196,18 +176,73 @@ def run_trl(
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    tok = load_tokenizer(ModelConfig(name_or_path=str(REPO / "models" / "stories260K")))
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None if precompute else copy.deepcopy(model).eval(),
-        args=config,
-        train_dataset=dataset,
-        processing_class=tok,
-        callbacks=[Record()],
-    )
-    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
-    trainer.train()
-    return losses
+    def run() -> list[float]:
+        # Options that only some transformers versions have are passed where they exist.
+        optional = {"activation_checkpointing": False}
+        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        config = DPOConfig(
+            **{k: v for k, v in optional.items() if k in known},
+            output_dir=str(Path(args.scratch) / "trl"),
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            learning_rate=train_cfg.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=train_cfg.max_grad_norm,
+            num_train_epochs=1,
+            beta=args.beta,
+            loss_type=["sigmoid"],
+            max_length=None,
+            precompute_ref_log_probs=precompute,
+            precompute_ref_batch_size=args.batch_size,
+            bf16=args.dtype == "bfloat16",
+            fp16=False,
+            gradient_checkpointing=False,
+            padding_free=False,
+            use_cpu=args.device == "cpu",
+            report_to=[],
+            logging_steps=1,
+            save_strategy="no",
+            seed=train_cfg.seed,
+            dataloader_num_workers=0,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None if precompute else copy.deepcopy(model).eval(),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=[Record()],
+        )
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        trainer.train()
+        return losses
+
+    return run
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak), MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set peak (VmHWM) to its current size, as Linux allows.
+
+    Returns whether it was reset: ``/proc/self/clear_refs`` takes "5" for this since Linux 4.0.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,21 +276,25 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     train_cfg = for_device(train_cfg, args.device)
     loss_cfg = LossConfig(name="sigmoid", beta=args.beta)
     warm_up(model, pairs, pad_id, args.device)
+    if args.variant in ("sdpo", "sdpo_mask"):
+        if args.variant == "sdpo_mask":
+            from sdpo_core.attention import refuse
+
+            refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
+        step = lambda: run_sdpo(model, pairs, pad_id, args, train_cfg, loss_cfg)  # noqa: E731
+    else:
+        step = prepare_trl(model, pairs, args, train_cfg, precompute=args.variant == "trl_precompute")
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    rss_before = proc_status_mib("VmRSS")
+    step_peak_known = reset_peak_rss()
     start = time.perf_counter()
-    if args.variant == "sdpo_mask":
-        from sdpo_core.attention import refuse
-
-        refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
-    if args.variant in ("sdpo", "sdpo_mask"):
-        losses = run_sdpo(model, pairs, pad_id, args, train_cfg, loss_cfg)
-    else:
-        losses = run_trl(model, pairs, pad_id, args, train_cfg, precompute=args.variant == "trl_precompute")
+    losses = step()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    step_peak = proc_status_mib("VmHWM") if step_peak_known else None
     # Tokens as DPO lays them out (the prompt once per completion): what tokens/s counts.
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     # Distinct tokens (the prompt once): the model FLOPs a pair needs, whatever the layout.
@@ -270,6 +309,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "pairs_per_s": len(pairs) / seconds,
         "tokens_per_s": tokens / seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # What the timed step added on top of the process as it stood (libraries, model, data).
+        "step_rss_mib": step_peak - rss_before if step_peak is not None and rss_before is not None else None,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
@@ -378,6 +419,10 @@ def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, An
         med["tokens"] = mine[0]["tokens"]
         if "peak_gpu_mib" in mine[0]:
             med["peak_gpu_mib"] = statistics.median(r["peak_gpu_mib"] for r in mine)
+        steps = [r["step_rss_mib"] for r in mine if r.get("step_rss_mib") is not None]
+        med["step_rss_mib"] = statistics.median(steps) if len(steps) == len(mine) else None
+        # The time sdpo's FLOPs would take at the measured matmul rate with nothing else running.
+        med["flops_floor_seconds"] = mine[0]["train_flops"] / rate
         out[variant] = med
     return out
 
@@ -390,7 +435,8 @@ def table(results: dict[str, Any]) -> str:
     gpu = results["machine"]["device"] != "cpu"
     head = (
         f"{'size':<6} {'variant':<16} {'pairs/s':>9} {'tokens/s':>10} {'peak GPU MiB' if gpu else 'peak RSS MiB':>13} "
-        f"{'MFU':>7} {'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9}"
+        f"{'step MiB':>9} {'MFU':>7} {'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9} "
+        f"{'step mem x trl':>14}"
     )
     lines = [head, "-" * len(head)]
 
@@ -402,10 +448,20 @@ def table(results: dict[str, Any]) -> str:
             ratios = per["ratios"].get(variant, {})
             memory = r["peak_gpu_mib"] if gpu else r["peak_rss_mib"]
             memory_ratio = ratios.get("gpu_memory_vs_trl" if gpu else "memory_vs_trl")
+            step = f"{r['step_rss_mib']:>9.0f}" if r.get("step_rss_mib") is not None else f"{'':>9}"
             lines.append(
                 f"{size:<6} {variant:<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.0f} {memory:>13.0f} "
-                f"{r['mfu']:>7.2%} {r['final_loss']:>11.5f} {ratio(ratios.get('speed_vs_trl'), 6)} "
-                f"{ratio(ratios.get('speed_vs_trl_precompute'), 9)} {ratio(memory_ratio, 9)}"
+                f"{step} {r['mfu']:>7.2%} {r['final_loss']:>11.5f} {ratio(ratios.get('speed_vs_trl'), 6)} "
+                f"{ratio(ratios.get('speed_vs_trl_precompute'), 9)} {ratio(memory_ratio, 9)} "
+                f"{ratio(ratios.get('step_memory_vs_trl'), 14)}"
+            )
+    for size, per in results["sizes"].items():
+        bound = per["ratios"].get("sdpo", {}).get("speed_bound_vs_trl")
+        if bound is not None:
+            floor = per["variants"]["sdpo"]["flops_floor_seconds"]
+            lines.append(
+                f"{size}: sdpo's FLOPs alone at the measured matmul rate take {floor:.2f} s: "
+                f"at most {bound:.2f}x TRL's default on this machine"
             )
     return "\n".join(lines)
 
@@ -488,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                 r["memory_vs_trl"] = ours["peak_rss_mib"] / per["trl"]["peak_rss_mib"]
                 if "peak_gpu_mib" in ours:
                     r["gpu_memory_vs_trl"] = ours["peak_gpu_mib"] / per["trl"]["peak_gpu_mib"]
+                if ours["step_rss_mib"] is not None and per["trl"]["step_rss_mib"] is not None:
+                    r["step_memory_vs_trl"] = ours["step_rss_mib"] / per["trl"]["step_rss_mib"]
+                # The most speed any implementation of sdpo's computation could show here.
+                r["speed_bound_vs_trl"] = per["trl"]["seconds"] / ours["flops_floor_seconds"]
                 r["max_loss_diff_vs_trl"] = max(
                     abs(a - b) for a, b in zip(ours["losses"], per["trl"]["losses"], strict=True)
                 )
