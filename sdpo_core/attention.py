@@ -5,18 +5,19 @@ sequences are each causal on their own:
 
 - A = prompt + chosen is a prefix of the row, so causal attention over the first
   ``max(P + C)`` columns gives every prompt and chosen position its right output.
-- B = prompt + rejected is gathered, per row, into a right-padded ``(B, H, L, D)`` tensor
-  (``L = max(P + R)``); causal attention over it gives the rejected positions theirs.
+- The rejected tokens' queries, gathered per row into ``(B, H, max R, D)``, attend to the
+  row's prompt + rejected keys and values, gathered into ``(B, Hkv, L, D)`` (``L = max(P + R)``):
+  rejected token j of a row sees keys ``0 .. P + j`` of its gathered sequence. The prompt's
+  queries are not computed twice: their outputs come from the first call.
 
 Queries and keys reach the attention function already rotated with the layout's position ids
 (the rejected tokens' positions continue from the prompt), so both calls see exactly the
 sequence that the two-row layout would. The outputs are put back in row order with one row
-gather. Both calls are square and causal (``is_causal``'s top-left alignment is right for equal
-query and key lengths), so SDPA needs no mask, and kernels that skip masked blocks skip the
-upper triangle (flash kernels on a GPU; on a CPU only past 512 keys, so short rows gain little
-there). Padding at a row's end is seen only by padding queries, and the rejected columns of a
-row that fall inside the first call's ``max(P + C)`` columns are seen there only by queries
-whose outputs are thrown away.
+gather. The first call is square and causal, so it needs no mask (``is_causal``); the second
+is ``max R`` queries by L keys, with a small ``(B, 1, max R, L)`` boolean mask, because P
+differs between rows. Padding at a row's end is seen only by padding queries, and the rejected
+columns of a row that fall inside the first call's ``max(P + C)`` columns are seen there only
+by queries whose outputs are thrown away.
 
 The function is registered under a private name in transformers' ``AttentionInterface`` and is
 selected by swapping ``config._attn_implementation`` of the decoder only while sdpo's own forward
@@ -68,18 +69,25 @@ class SplitLayout:
     Attributes:
         prefix_width: A = max over rows of P + C: columns [0, A) hold every row's prompt + chosen.
         rejected_index: (B, L) row column of each token of prompt + rejected, L = max(P + R);
-            right-padded with column 0 (padding slots are seen only by padding slots).
+            right-padded with column 0 (keys and values of the second call).
+        query_index: (B, M) row column of each rejected token, M = max R; right-padded with
+            column 0 (queries of the second call).
+        rejected_mask: (B, 1, M, L) True where rejected query j may attend to gathered key k:
+            k <= P + j. Padding query slots see at least the prompt, so no row is all False.
         output_index: (B, T) for each column, where its output is in the concatenation of the
-            prefix outputs and the gathered outputs, (B, A + L, ...): column t < P + C reads t,
-            rejected column P + C + j reads A + P + j, padding reads 0.
+            prefix outputs and the rejected outputs, (B, A + M, ...): column t < P + C reads t,
+            rejected column P + C + j reads A + j, padding reads 0.
     """
 
     prefix_width: int
     rejected_index: torch.Tensor
+    query_index: torch.Tensor
+    rejected_mask: torch.Tensor
     output_index: torch.Tensor
 
     def to(self, device: torch.device | str) -> SplitLayout:
-        return SplitLayout(self.prefix_width, self.rejected_index.to(device), self.output_index.to(device))
+        tensors = (self.rejected_index, self.query_index, self.rejected_mask, self.output_index)
+        return SplitLayout(self.prefix_width, *(t.to(device) for t in tensors))
 
 
 @dataclass
@@ -168,7 +176,7 @@ def split_attention_forward(
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     run.calls += 1
     b, h, t, _ = query.shape
-    a, width = layout.prefix_width, layout.rejected_index.shape[1]
+    a, m = layout.prefix_width, layout.query_index.shape[1]
     gqa = h != key.shape[1]
     prefix = F.scaled_dot_product_attention(
         query[:, :, :a], key[:, :, :a], value[:, :, :a], is_causal=True, scale=scaling, enable_gqa=gqa
@@ -177,11 +185,14 @@ def split_attention_forward(
     # are copies of whole rows (and their backward adds whole rows), not element-wise indexing.
     offsets = torch.arange(b, device=query.device)[:, None]
     picked = (layout.rejected_index + offsets * t).flatten()  # (B * L,)
-    q, k, v = (_heads(_rows(x).index_select(0, picked), b, x.shape[-1]) for x in (query, key, value))
-    rejected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # (B, H, L, D)
-    both = torch.cat([_rows(prefix), _rows(rejected)])  # (B * A + B * L, H * D)
-    # output_index reads [prefix (A) | rejected (L)] of its own row: the same in the stacked rows.
-    read = torch.where(layout.output_index < a, offsets * a, b * a + offsets * width - a) + layout.output_index
+    k, v = (_heads(_rows(x).index_select(0, picked), b, x.shape[-1]) for x in (key, value))
+    q = _heads(_rows(query).index_select(0, (layout.query_index + offsets * t).flatten()), b, query.shape[-1])
+    rejected = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=layout.rejected_mask, scale=scaling, enable_gqa=gqa
+    )  # (B, H, M, D)
+    both = torch.cat([_rows(prefix), _rows(rejected)])  # (B * A + B * M, H * D)
+    # output_index reads [prefix (A) | rejected (M)] of its own row: the same in the stacked rows.
+    read = torch.where(layout.output_index < a, offsets * a, b * a + offsets * m - a) + layout.output_index
     return both.index_select(0, read.flatten()).view(b, t, h, -1), None  # (B, T, H, D)
 
 

@@ -159,7 +159,9 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
     rejected_width = max(n_p + n_r for n_p, _, n_r in lengths)  # L: every row's prompt + rejected
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((b, width), dtype=torch.long)
+    most_rejected = max(n_r for _, _, n_r in lengths)  # M
     rejected_index = torch.zeros((b, rejected_width), dtype=torch.long)  # padding slots read column 0
+    query_index = torch.zeros((b, most_rejected), dtype=torch.long)
     output_index = torch.zeros((b, width), dtype=torch.long)  # padding columns read output 0
     seq, row, pos, labels = [], [], [], []
     for i, (p, (n_p, n_c, n_r)) in enumerate(zip(pairs, lengths, strict=True)):
@@ -172,8 +174,9 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
         # [prefix outputs (A) | gathered outputs (L)].
         rejected_index[i, :n_p] = torch.arange(n_p)
         rejected_index[i, n_p : n_p + n_r] = torch.arange(n_p + n_c, end)
+        query_index[i, :n_r] = torch.arange(n_p + n_c, end)
         output_index[i, : n_p + n_c] = torch.arange(n_p + n_c)
-        output_index[i, n_p + n_c : end] = torch.arange(prefix + n_p, prefix + n_p + n_r)
+        output_index[i, n_p + n_c : end] = torch.arange(prefix, prefix + n_r)
         # Token k of a completion is predicted at the position before it; the first token of
         # either completion at the last prompt position.
         for offset, n, s in ((n_p, n_c, i), (n_p + n_c, n_r, b + i)):
@@ -183,7 +186,11 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
             pos.extend(predictors[:n])
             labels.extend(input_ids[i, offset : offset + n].tolist())
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    split = SplitLayout(prefix, rejected_index, output_index)
+    # Rejected query j of a row is slot P + j of its gathered prompt + rejected: it sees keys 0 .. P + j.
+    prompt_lengths = torch.tensor([n_p for n_p, _, _ in lengths], dtype=torch.long)
+    last_key = prompt_lengths[:, None, None] + torch.arange(most_rejected)[None, :, None]  # (B, M, 1)
+    rejected_mask = (torch.arange(rejected_width)[None, None, :] <= last_key).unsqueeze(1)  # (B, 1, M, L)
+    split = SplitLayout(prefix, rejected_index, query_index, rejected_mask, output_index)
     return SharedPromptBatch(
         input_ids, position_ids, as_long(lengths), as_long(seq), as_long(row), as_long(pos), as_long(labels), split
     )

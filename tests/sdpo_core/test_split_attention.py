@@ -21,7 +21,7 @@ from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sdpo_core import attention
-from sdpo_core.attention import SPLIT_ATTENTION, SplitLayout
+from sdpo_core.attention import SPLIT_ATTENTION
 from sdpo_core.logprobs import SharedPromptBatch, TokenizedPair, collate_pairs, collate_shared, completion_logps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,19 +95,25 @@ def logps_and_grads(model, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str,
 
 
 def test_the_layout_indexes_are_the_two_sequences() -> None:
-    """The gather and output indexes worked out by hand for two rows.
+    """The gather indexes, the rejected queries' mask and the output indexes worked out by hand.
 
     Row 0: P=2, C=3, R=1 (width 6); row 1: P=1, C=1, R=4 (width 6). A = max(P + C) = 5,
-    L = max(P + R) = 5. Row 0 gathers columns 0 1 | 5 and pads; row 1 gathers 0 | 2 3 4 5.
-    Outputs: row 0 reads 0..4 from the prefix call and column 5 from gathered slot 2 (5 + 2 = 7);
-    row 1 reads 0 1 from the prefix call and columns 2..5 from slots 1..4 (6..9).
+    L = max(P + R) = 5, M = max R = 4. Keys and values: row 0 gathers columns 0 1 | 5 and pads,
+    row 1 gathers 0 | 2 3 4 5. Queries: row 0's rejected token is column 5, row 1's are 2..5.
+    Rejected query j sees gathered keys 0 .. P + j. Outputs: row 0 reads 0..4 from the prefix
+    call and column 5 from rejected query 0 (5 + 0); row 1 reads 0 1 from the prefix call and
+    columns 2..5 from rejected queries 0..3 (5..8).
     """
     batch = collate_shared(make_pairs([(2, 3, 1), (1, 1, 4)]), PAD)
-    assert batch.split.prefix_width == 5
-    assert batch.split.rejected_index.tolist() == [[0, 1, 5, 0, 0], [0, 2, 3, 4, 5]]
-    assert batch.split.output_index.tolist() == [[0, 1, 2, 3, 4, 7], [0, 1, 6, 7, 8, 9]]
+    s = batch.split
+    assert s.prefix_width == 5
+    assert s.rejected_index.tolist() == [[0, 1, 5, 0, 0], [0, 2, 3, 4, 5]]
+    assert s.query_index.tolist() == [[5, 0, 0, 0], [2, 3, 4, 5]]
+    sees = lambda p: [[int(k <= p + j) for k in range(5)] for j in range(4)]  # noqa: E731
+    assert s.rejected_mask.int().tolist() == [[sees(2)], [sees(1)]]
+    assert s.output_index.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 5, 6, 7, 8]]
     # The gathered positions are 0, 1, 2, ... within prompt + rejected, as RoPE needs.
-    positions = batch.position_ids.gather(1, batch.split.rejected_index)
+    positions = batch.position_ids.gather(1, s.rejected_index)
     assert positions.tolist() == [[0, 1, 2, 0, 0], [0, 1, 2, 3, 4]]
 
 
@@ -167,19 +173,21 @@ def test_split_attention_equals_the_mask_and_padded_rows(name, monkeypatch, spli
     assert all(g.abs().max() > 1e-4 for g in split[2].values()), "every parameter should get a gradient"
 
 
-@pytest.mark.parametrize("wrong", ["gather", "output"])
-def test_a_wrong_gather_or_output_index_changes_the_rejected_logps(wrong) -> None:
-    """The equality above bites: prompt + rejected gathered from the wrong columns, or rejected
-    outputs read from the prefix call (where they saw the chosen tokens), change the rejected
-    log-probs and leave the chosen ones."""
+@pytest.mark.parametrize("wrong", ["gather", "mask", "output"])
+def test_a_wrong_gather_mask_or_output_index_changes_the_rejected_logps(wrong) -> None:
+    """The equality above bites: prompt + rejected gathered from the wrong columns, rejected
+    queries seeing later tokens, or rejected outputs read from the prefix call (where they saw
+    the chosen tokens), change the rejected log-probs and leave the chosen ones."""
     model = build("gqa-sdpa").eval()
     batch = collate_shared(PAIRS, PAD)
     s = batch.split
     b, t = s.output_index.shape
     if wrong == "gather":  # the row's first L columns: prompt + chosen (+ rejected)
-        bad = SplitLayout(s.prefix_width, torch.arange(s.rejected_index.shape[1]).expand(b, -1), s.output_index)
+        bad = dataclasses.replace(s, rejected_index=torch.arange(s.rejected_index.shape[1]).expand(b, -1))
+    elif wrong == "mask":  # rejected queries see every gathered key, their own future included
+        bad = dataclasses.replace(s, rejected_mask=torch.ones_like(s.rejected_mask))
     else:
-        bad = SplitLayout(s.prefix_width, s.rejected_index, torch.arange(t).clamp(max=s.prefix_width - 1).expand(b, -1))
+        bad = dataclasses.replace(s, output_index=torch.arange(t).clamp(max=s.prefix_width - 1).expand(b, -1))
     with torch.no_grad():
         good, _ = completion_logps(model, batch)
         broken, _ = completion_logps(model, dataclasses.replace(batch, split=bad))
