@@ -6,7 +6,9 @@
 #    reference model in memory (its default) and with precomputed reference log-probs, two
 #    alternating rounds, MFU against the card's
 #    measured bf16 matrix-multiply rate.
-# 2. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
+# 2. sdpo alone with the shared-prompt layout and with smaller passes (what the GPU defaults are
+#    chosen from).
+# 3. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
 #    GPU: Prefect's temporary server, MLflow on SQLite, every step registered.
 # Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name.
 set -uo pipefail
@@ -27,10 +29,24 @@ timeout "${BENCH_TIMEOUT:-300}" $python -m benchmarks.dpo_step --device cuda --d
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"
 
+# What the defaults were chosen from, on the same card: the shared-prompt layout (split
+# attention) against padded rows, and smaller passes for memory. One round each, sdpo only.
+start=$SECONDS
+explore_rc=0
+for run in "shared_onepass:shared -1" "padded_4096:padded 4096" "shared_4096:shared 4096"; do
+    name=${run%%:*} settings=(${run#*:})
+    timeout "${EXPLORE_TIMEOUT:-120}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
+        --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --repeats 1 --variants sdpo \
+        --layout "${settings[0]}" --pass-tokens "${settings[1]}" --out "$out/layout_$name.json" 2>&1 |
+        tee -a "$out/explore.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || explore_rc=1
+done
+echo "layouts: exit $explore_rc after $((SECONDS - start)) s"
+
 start=$SECONDS
 home=$(mktemp -d)
 SDPO_HOME=$home timeout "${PIPELINE_TIMEOUT:-240}" $python -m flows.cli run --config recipes/random.yaml \
     partition.num_steps=2 run_name=gpu-two-steps train.device=cuda 2>&1 | tee "$out/pipeline.log"
 pipeline_rc=${PIPESTATUS[0]}
 echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
-exit $((bench_rc || pipeline_rc))
+exit $((bench_rc || explore_rc || pipeline_rc))
