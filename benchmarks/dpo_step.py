@@ -15,12 +15,22 @@ Both get the pairs as token ids (TRL's own text preprocessing is bypassed, so ne
 tokenizes differently) and see the same batches in the same order (TRL reads the pairs in
 sdpo's seeded batch order with a sequential sampler), so their losses are comparable.
 
+The clock covers the whole step: for sdpo the reference log-probs and the training loop; for
+TRL copying the reference model, building the trainer (and precomputing, where asked) and
+training. Libraries are imported, the model built, the pairs tokenized and the warm-up run
+before it, on both sides (until 2026-11-27 TRL's ``import trl, datasets``, about a second on the
+2-core machine, fell inside TRL's timed window).
+
 Reported per variant: pairs/s and tokens/s of the whole step (tokens as DPO lays them out, the
-prompt once per completion), peak resident memory (ru_maxrss), the first and last losses, and
-model FLOP utilisation: (6 N tokens for the policy + 2 N tokens for the reference pass) / time,
-over this machine's measured matrix-multiply rate in the same dtype, with tokens counted once
-per pair (prompt + chosen + rejected) for every variant, so sharing the prompt earns no MFU.
-Writes JSON (``--out``) and prints a table.
+prompt once per completion); peak resident memory of the process (ru_maxrss) and, on Linux,
+"step MiB": the resident-set peak during the timed step (reset through /proc/self/clear_refs)
+minus the resident set when it began, that is what the step itself added; the first and last
+losses; and model FLOP utilisation: (6 N tokens for the policy + 2 N tokens for the reference
+pass) / time, over this machine's measured matrix-multiply rate in the same dtype, with tokens
+counted once per pair (prompt + chosen + rejected) for every variant, so sharing the prompt
+earns no MFU. The same count gives a bound: sdpo's FLOPs at the measured rate with nothing else
+running, against TRL's time, is the most speed-up any implementation of sdpo's computation
+could show on this machine. Writes JSON (``--out``) and prints a table.
 """
 
 from __future__ import annotations

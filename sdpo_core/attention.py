@@ -1,4 +1,4 @@
-"""Shared-prompt attention as two plain causal attention calls instead of one 4-D mask.
+"""Shared-prompt attention as two attention calls instead of one over a 4-D mask.
 
 A shared-prompt row is ``[prompt | chosen | rejected | pad]`` (P, C and R tokens). Its two
 sequences are each causal on their own:
@@ -117,7 +117,7 @@ def _call_problem(
     kwargs: dict[str, Any],
     layout: SplitLayout,
 ) -> str | None:
-    """Why this attention call cannot be computed as two causal calls (None: it can)."""
+    """Why this attention call cannot be split in two (None: it can)."""
     for name in _CALL_FEATURES:
         if kwargs.get(name) is not None:
             return f"{type(module).__name__} passes {name}"
@@ -148,7 +148,7 @@ def split_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Shared-prompt attention as two causal SDPA calls (an ``AttentionInterface`` function).
+    """Shared-prompt attention as two SDPA calls (an ``AttentionInterface`` function).
 
     Args:
         module: the attention module calling.

@@ -68,7 +68,7 @@ class SharedPromptBatch:
     positions continue from the prompt, so each completion's log-probs are those of
     ``prompt + completion`` alone; the first rejected token is predicted from the last prompt
     position, like the first chosen one. Models that go through transformers' attention interface
-    compute this as two causal attention calls (``split``, see :mod:`sdpo_core.attention`); others
+    compute this as two attention calls (``split``, see :mod:`sdpo_core.attention`); others
     get the 4-D ``attention_mask``, which is built only for them: (B, T, T) booleans would
     otherwise be made for every pass and thrown away.
 
@@ -170,8 +170,8 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
         position_ids[i, : n_p + n_c] = torch.arange(n_p + n_c)
         position_ids[i, n_p + n_c : end] = torch.arange(n_p, n_p + n_r)
         position_ids[i, end:] = torch.arange(width - end)  # padding: any valid position
-        # Split attention: prompt + rejected gathered from the row; outputs read back from
-        # [prefix outputs (A) | gathered outputs (L)].
+        # Split attention: prompt + rejected (keys, values) and the rejected tokens (queries)
+        # gathered from the row; outputs read back from [prefix outputs (A) | rejected outputs (M)].
         rejected_index[i, :n_p] = torch.arange(n_p)
         rejected_index[i, n_p : n_p + n_r] = torch.arange(n_p + n_c, end)
         query_index[i, :n_r] = torch.arange(n_p + n_c, end)
@@ -244,7 +244,7 @@ def _has_plain_head(model: torch.nn.Module) -> bool:
 def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch) -> Any:
     """``net``'s output on ``batch`` (``net`` is ``model`` or its decoder).
 
-    A shared-prompt batch takes split attention (two causal calls, no mask) where the decoder
+    A shared-prompt batch takes split attention (two calls, no (B, 1, T, T) mask) where the decoder
     allows it, and the 4-D mask otherwise; a forward in which split attention turned out not to
     apply is done again with the mask, and the decoder is not tried again.
     """
