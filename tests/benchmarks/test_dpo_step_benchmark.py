@@ -57,4 +57,7 @@ def test_benchmark_runs_and_losses_match_trl(tmp_path):
     assert ratios["max_loss_diff_vs_trl"] < 1e-4
     assert ratios["max_loss_diff_vs_trl_precompute"] < 1e-4
     assert ratios["speed_bound_vs_trl"] > 0 and ratios["step_memory_vs_trl"] > 0
+    # The matmul rate: sampled before the first round and after each (one round here).
+    samples = result["machine"]["matmul_flops_samples"]
+    assert len(samples) == 2 and result["machine"]["matmul_flops"] == max(samples)
     assert "sdpo" in proc.stdout and "x trl" in proc.stdout  # the table
