@@ -28,9 +28,10 @@ minus the resident set when it began, that is what the step itself added; the fi
 losses; and model FLOP utilisation: (6 N tokens for the policy + 2 N tokens for the reference
 pass) / time, over this machine's measured matrix-multiply rate in the same dtype, with tokens
 counted once per pair (prompt + chosen + rejected) for every variant, so sharing the prompt
-earns no MFU. The same count gives a bound: sdpo's FLOPs at the measured rate with nothing else
-running, against TRL's time, is the most speed-up any implementation of sdpo's computation
-could show on this machine. Writes JSON (``--out``) and prints a table.
+earns no MFU. The same count gives an estimate of the ceiling: sdpo's FLOPs at the measured rate
+with nothing else running, against TRL's time, is about the most speed-up any implementation of
+sdpo's computation could show on this machine (about: the output projection runs only on
+completion tokens, and the rate is that of one 1024^3 product). Writes JSON (``--out``) and prints a table.
 """
 
 from __future__ import annotations
@@ -156,9 +157,9 @@ def prepare_trl(
 
     Outside the timed part: importing ``trl`` and ``datasets`` (about a second here, which sdpo's
     side does not pay either: its libraries are imported before the clock too), loading the
-    tokenizer and building the dataset. Inside: copying the reference model (its default holds
-    one), building the ``DPOConfig`` and ``DPOTrainer`` (where ``precompute_ref_log_probs`` runs)
-    and training.
+    tokenizer, building the dataset and the ``DPOConfig`` (as sdpo's config is built before the
+    clock). Inside: copying the reference model (its default holds one), building the
+    ``DPOTrainer`` (where ``precompute_ref_log_probs`` runs) and training.
     """
     import datasets
     import torch
@@ -186,37 +187,38 @@ def prepare_trl(
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    # Options that only some transformers versions have are passed where they exist.
+    optional = {"activation_checkpointing": False}
+    known = {f.name for f in dataclasses.fields(DPOConfig)}
+    config = DPOConfig(
+        **{k: v for k, v in optional.items() if k in known},
+        output_dir=str(Path(args.scratch) / "trl"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=train_cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=train_cfg.max_grad_norm,
+        num_train_epochs=1,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=None,
+        precompute_ref_log_probs=precompute,
+        precompute_ref_batch_size=args.batch_size,
+        bf16=args.dtype == "bfloat16",
+        fp16=False,
+        gradient_checkpointing=False,
+        padding_free=False,
+        use_cpu=args.device == "cpu",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=train_cfg.seed,
+        dataloader_num_workers=0,
+    )
+
     def run() -> list[float]:
-        # Options that only some transformers versions have are passed where they exist.
-        optional = {"activation_checkpointing": False}
-        known = {f.name for f in dataclasses.fields(DPOConfig)}
-        config = DPOConfig(
-            **{k: v for k, v in optional.items() if k in known},
-            output_dir=str(Path(args.scratch) / "trl"),
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1,
-            learning_rate=train_cfg.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=train_cfg.max_grad_norm,
-            num_train_epochs=1,
-            beta=args.beta,
-            loss_type=["sigmoid"],
-            max_length=None,
-            precompute_ref_log_probs=precompute,
-            precompute_ref_batch_size=args.batch_size,
-            bf16=args.dtype == "bfloat16",
-            fp16=False,
-            gradient_checkpointing=False,
-            padding_free=False,
-            use_cpu=args.device == "cpu",
-            report_to=[],
-            logging_steps=1,
-            save_strategy="no",
-            seed=train_cfg.seed,
-            dataloader_num_workers=0,
-        )
         trainer = DPOTrainer(
             model=model,
             ref_model=None if precompute else copy.deepcopy(model).eval(),
@@ -241,6 +243,23 @@ def proc_status_mib(field: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside the process back to the system (glibc's ``malloc_trim``).
+
+    Without it, what the warm-up freed stays resident, the step reuses it, and the step's own
+    memory reads too small. No-op where the C library has no ``malloc_trim``.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> bool:
@@ -297,8 +316,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    release_free_memory()
     rss_before = proc_status_mib("VmRSS")
     step_peak_known = reset_peak_rss()
+    modules_before = len(sys.modules)
     start = time.perf_counter()
     losses = step()
     if args.device.startswith("cuda"):
@@ -321,6 +342,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # What the timed step added on top of the process as it stood (libraries, model, data).
         "step_rss_mib": step_peak - rss_before if step_peak is not None and rss_before is not None else None,
+        # Modules first imported inside the timed window (what set-up still fell inside it).
+        "modules_imported_in_step": len(sys.modules) - modules_before,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
@@ -429,6 +452,7 @@ def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, An
         med["tokens"] = mine[0]["tokens"]
         if "peak_gpu_mib" in mine[0]:
             med["peak_gpu_mib"] = statistics.median(r["peak_gpu_mib"] for r in mine)
+        med["modules_imported_in_step"] = max(r["modules_imported_in_step"] for r in mine)
         steps = [r["step_rss_mib"] for r in mine if r.get("step_rss_mib") is not None]
         med["step_rss_mib"] = statistics.median(steps) if len(steps) == len(mine) else None
         # The time sdpo's FLOPs would take at the measured matmul rate with nothing else running.
@@ -471,7 +495,7 @@ def table(results: dict[str, Any]) -> str:
             floor = per["variants"]["sdpo"]["flops_floor_seconds"]
             lines.append(
                 f"{size}: sdpo's FLOPs alone at the measured matmul rate take {floor:.2f} s: "
-                f"at most {bound:.2f}x TRL's default on this machine"
+                f"about {bound:.2f}x TRL's default at most, on this machine"
             )
     return "\n".join(lines)
 
@@ -564,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["gpu_memory_vs_trl"] = ours["peak_gpu_mib"] / per["trl"]["peak_gpu_mib"]
                 if ours["step_rss_mib"] is not None and per["trl"]["step_rss_mib"] is not None:
                     r["step_memory_vs_trl"] = ours["step_rss_mib"] / per["trl"]["step_rss_mib"]
-                # The most speed any implementation of sdpo's computation could show here.
+                # About the most speed any implementation of sdpo's computation could show here.
                 r["speed_bound_vs_trl"] = per["trl"]["seconds"] / ours["flops_floor_seconds"]
                 r["max_loss_diff_vs_trl"] = max(
                     abs(a - b) for a, b in zip(ours["losses"], per["trl"]["losses"], strict=True)

@@ -15,7 +15,11 @@ Queries and keys reach the attention function already rotated with the layout's 
 sequence that the two-row layout would. The outputs are put back in row order with one row
 gather. The first call is square and causal, so it needs no mask (``is_causal``); the second
 is ``max R`` queries by L keys, with a small ``(B, 1, max R, L)`` boolean mask, because P
-differs between rows. Padding at a row's end is seen only by padding queries, and the rejected
+differs between rows. That rectangle is for CPUs, where it measured 1.4x to 3x faster than a
+square causal call over prompt + rejected (torch's CPU kernel does not skip masked blocks of
+short rows). Elsewhere (:data:`RECTANGLE_DEVICES`) the second call stays square and causal,
+so GPUs keep their fused causal kernels (which take no mask with grouped-query attention), and
+the rejected outputs are picked from it. Padding at a row's end is seen only by padding queries, and the rejected
 columns of a row that fall inside the first call's ``max(P + C)`` columns are seen there only
 by queries whose outputs are thrown away.
 
@@ -60,6 +64,8 @@ _CALL_FEATURES = (
     "attention_chunk_size",
 )
 _REPLACEABLE = ("sdpa", "eager")
+RECTANGLE_DEVICES = ("cpu",)
+"""Device types on which the rejected queries attend alone (a masked rectangle, see above)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ class SplitLayout:
             right-padded with column 0 (keys and values of the second call).
         query_index: (B, M) row column of each rejected token, M = max R; right-padded with
             column 0 (queries of the second call).
+        query_slot: (B, M) where each rejected token is in its gathered prompt + rejected,
+            P + j; padding slots hold 0.
         rejected_mask: (B, 1, M, L) True where rejected query j may attend to gathered key k:
             k <= P + j. Padding query slots see at least the prompt, so no row is all False.
         output_index: (B, T) for each column, where its output is in the concatenation of the
@@ -82,11 +90,12 @@ class SplitLayout:
     prefix_width: int
     rejected_index: torch.Tensor
     query_index: torch.Tensor
+    query_slot: torch.Tensor
     rejected_mask: torch.Tensor
     output_index: torch.Tensor
 
     def to(self, device: torch.device | str) -> SplitLayout:
-        tensors = (self.rejected_index, self.query_index, self.rejected_mask, self.output_index)
+        tensors = (self.rejected_index, self.query_index, self.query_slot, self.rejected_mask, self.output_index)
         return SplitLayout(self.prefix_width, *(t.to(device) for t in tensors))
 
 
@@ -186,11 +195,17 @@ def split_attention_forward(
     offsets = torch.arange(b, device=query.device)[:, None]
     picked = (layout.rejected_index + offsets * t).flatten()  # (B * L,)
     k, v = (_heads(_rows(x).index_select(0, picked), b, x.shape[-1]) for x in (key, value))
-    q = _heads(_rows(query).index_select(0, (layout.query_index + offsets * t).flatten()), b, query.shape[-1])
-    rejected = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=layout.rejected_mask, scale=scaling, enable_gqa=gqa
-    )  # (B, H, M, D)
-    both = torch.cat([_rows(prefix), _rows(rejected)])  # (B * A + B * M, H * D)
+    d = query.shape[-1]
+    if query.device.type in RECTANGLE_DEVICES:
+        q = _heads(_rows(query).index_select(0, (layout.query_index + offsets * t).flatten()), b, d)
+        rejected = _rows(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=layout.rejected_mask, scale=scaling, enable_gqa=gqa)
+        )  # (B * M, H * D)
+    else:
+        q = _heads(_rows(query).index_select(0, picked), b, d)
+        square = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)  # (B, H, L, D)
+        rejected = _rows(square).index_select(0, (layout.query_slot + offsets * k.shape[2]).flatten())
+    both = torch.cat([_rows(prefix), rejected])  # (B * A + B * M, H * D)
     # output_index reads [prefix (A) | rejected (M)] of its own row: the same in the stacked rows.
     read = torch.where(layout.output_index < a, offsets * a, b * a + offsets * m - a) + layout.output_index
     return both.index_select(0, read.flatten()).view(b, t, h, -1), None  # (B, T, H, D)

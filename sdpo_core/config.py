@@ -183,9 +183,9 @@ class TrainConfig:
     """Compute each pair's prompt once for both completions (one row [prompt|chosen|rejected])
     instead of two padded rows; the log-probs are the same. Attention is split in two calls per
     layer (prompt + chosen, causal; the rejected tokens over prompt + rejected) for models that
-    dispatch it through transformers' attention interface, a 4-D mask for others (eager, sdpa; set false for other implementations). auto is true on a CPU and false on
-    a GPU, where the 4-D mask measured slower (benchmarks/results/gpu; split attention not yet
-    measured there)."""
+    dispatch it through transformers' attention interface, a 4-D mask for others (eager, sdpa;
+    set false for other implementations). auto is true on a CPU and false on a GPU, where the
+    4-D mask measured slower (benchmarks/results/gpu; split attention not yet measured there)."""
     max_pass_tokens: Literal["auto"] | int | None = "auto"
     """Padded tokens per forward/backward pass: each micro-batch is cut into length-sorted passes
     of at most this many tokens (2 x pairs x longest row). Same update, less padding and less

@@ -162,6 +162,7 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
     most_rejected = max(n_r for _, _, n_r in lengths)  # M
     rejected_index = torch.zeros((b, rejected_width), dtype=torch.long)  # padding slots read column 0
     query_index = torch.zeros((b, most_rejected), dtype=torch.long)
+    query_slot = torch.zeros((b, most_rejected), dtype=torch.long)
     output_index = torch.zeros((b, width), dtype=torch.long)  # padding columns read output 0
     seq, row, pos, labels = [], [], [], []
     for i, (p, (n_p, n_c, n_r)) in enumerate(zip(pairs, lengths, strict=True)):
@@ -175,6 +176,7 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
         rejected_index[i, :n_p] = torch.arange(n_p)
         rejected_index[i, n_p : n_p + n_r] = torch.arange(n_p + n_c, end)
         query_index[i, :n_r] = torch.arange(n_p + n_c, end)
+        query_slot[i, :n_r] = torch.arange(n_p, n_p + n_r)
         output_index[i, : n_p + n_c] = torch.arange(n_p + n_c)
         output_index[i, n_p + n_c : end] = torch.arange(prefix, prefix + n_r)
         # Token k of a completion is predicted at the position before it; the first token of
@@ -190,7 +192,7 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
     prompt_lengths = torch.tensor([n_p for n_p, _, _ in lengths], dtype=torch.long)
     last_key = prompt_lengths[:, None, None] + torch.arange(most_rejected)[None, :, None]  # (B, M, 1)
     rejected_mask = (torch.arange(rejected_width)[None, None, :] <= last_key).unsqueeze(1)  # (B, 1, M, L)
-    split = SplitLayout(prefix, rejected_index, query_index, rejected_mask, output_index)
+    split = SplitLayout(prefix, rejected_index, query_index, query_slot, rejected_mask, output_index)
     return SharedPromptBatch(
         input_ids, position_ids, as_long(lengths), as_long(seq), as_long(row), as_long(pos), as_long(labels), split
     )

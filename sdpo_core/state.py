@@ -19,6 +19,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+# Parameter-group options that choose how the optimizer computes, not what.
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are FSDP shards."""
@@ -67,4 +70,16 @@ def load_full_state(
                 weights.setdefault(name, weights[present[0]])
     options = StateDictOptions(full_state_dict=True, strict=True)
     set_model_state_dict(model, weights, options=options)
+    # Loading replaces each parameter group with the saved one, implementation flags included:
+    # a step saved unfused (under FSDP, or before fused AdamW) would resume unfused, and one
+    # saved fused would run fused on FSDP's shards. The optimizer keeps the flags it was built with.
+    built = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, optim, options=options)
+    for group, flags in zip(optimizer.param_groups, built, strict=True):
+        group.update(flags)
+        # Fused and capturable kernels keep the step count on the parameter's device, the others on the CPU.
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[param]["step"] = step.to(param.device if on_device else "cpu")

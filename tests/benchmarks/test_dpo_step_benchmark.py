@@ -51,12 +51,13 @@ def test_benchmark_runs_and_losses_match_trl(tmp_path):
     for variant in tiny["variants"].values():
         assert len(variant["losses"]) == 4  # 16 pairs, 4 per optimizer step
         assert variant["pairs_per_s"] > 0 and variant["peak_rss_mib"] > 0 and 0 < variant["mfu"]
-        # The step's own memory: measured in the step's window (Linux resets the peak for it).
-        assert 0 < variant["step_rss_mib"] < variant["peak_rss_mib"]
+        # The step's own memory: measured in the step's window where Linux lets the peak be reset.
+        if variant["step_rss_mib"] is not None:
+            assert 0 < variant["step_rss_mib"] < variant["peak_rss_mib"]
     ratios = tiny["ratios"]["sdpo"]
     assert ratios["max_loss_diff_vs_trl"] < 1e-4
     assert ratios["max_loss_diff_vs_trl_precompute"] < 1e-4
-    assert ratios["speed_bound_vs_trl"] > 0 and ratios["step_memory_vs_trl"] > 0
+    assert ratios["speed_bound_vs_trl"] > 0
     # The matmul rate: sampled before the first round and after each (one round here).
     samples = result["machine"]["matmul_flops_samples"]
     assert len(samples) == 2 and result["machine"]["matmul_flops"] == max(samples)

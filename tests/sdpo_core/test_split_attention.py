@@ -1,4 +1,4 @@
-"""Split attention (two causal calls, no mask) computes what the 4-D mask and two padded rows do.
+"""Split attention (two calls, no (B, 1, T, T) mask) computes what the 4-D mask and two padded rows do.
 
 Pairs of varied prompt/chosen/rejected lengths (length-1 completions, a one-token prompt, rows
 that need padding, chosen longer and shorter than rejected) on the shipped tiny model and on
@@ -109,6 +109,7 @@ def test_the_layout_indexes_are_the_two_sequences() -> None:
     assert s.prefix_width == 5
     assert s.rejected_index.tolist() == [[0, 1, 5, 0, 0], [0, 2, 3, 4, 5]]
     assert s.query_index.tolist() == [[5, 0, 0, 0], [2, 3, 4, 5]]
+    assert s.query_slot.tolist() == [[2, 0, 0, 0], [1, 2, 3, 4]]
     sees = lambda p: [[int(k <= p + j) for k in range(5)] for j in range(4)]  # noqa: E731
     assert s.rejected_mask.int().tolist() == [[sees(2)], [sees(1)]]
     assert s.output_index.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 5, 6, 7, 8]]
@@ -150,12 +151,16 @@ def test_split_attention_never_builds_the_mask(monkeypatch, split_runs) -> None:
     assert len(built) == 1
 
 
+@pytest.mark.parametrize("second_call", ["rectangle", "square"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_split_attention_equals_the_mask_and_padded_rows(name, monkeypatch, split_runs) -> None:
+def test_split_attention_equals_the_mask_and_padded_rows(name, second_call, monkeypatch, split_runs) -> None:
     """Log-probs and parameter gradients agree across the three ways of computing them.
 
-    In training mode: the dropout of these models is 0, so training splits too.
+    Both shapes of the second call: the rejected queries alone (CPUs) and a square causal call
+    over prompt + rejected (GPUs), both run here on the CPU. In training mode: the dropout of
+    these models is 0, so training splits too.
     """
+    monkeypatch.setattr(attention, "RECTANGLE_DEVICES", ("cpu",) if second_call == "rectangle" else ())
     model = build(name).train()
     split = logps_and_grads(model, collate_shared(PAIRS, PAD))
     assert split_runs == [model.config.num_hidden_layers], "the shared layout should split every layer"
@@ -173,11 +178,12 @@ def test_split_attention_equals_the_mask_and_padded_rows(name, monkeypatch, spli
     assert all(g.abs().max() > 1e-4 for g in split[2].values()), "every parameter should get a gradient"
 
 
-@pytest.mark.parametrize("wrong", ["gather", "mask", "output"])
-def test_a_wrong_gather_mask_or_output_index_changes_the_rejected_logps(wrong) -> None:
+@pytest.mark.parametrize("wrong", ["gather", "mask", "slot", "output"])
+def test_a_wrong_gather_mask_or_output_index_changes_the_rejected_logps(wrong, monkeypatch) -> None:
     """The equality above bites: prompt + rejected gathered from the wrong columns, rejected
-    queries seeing later tokens, or rejected outputs read from the prefix call (where they saw
-    the chosen tokens), change the rejected log-probs and leave the chosen ones."""
+    queries seeing later tokens, the square call read at the wrong slots, or rejected outputs
+    read from the prefix call (where they saw the chosen tokens), change the rejected log-probs
+    and leave the chosen ones."""
     model = build("gqa-sdpa").eval()
     batch = collate_shared(PAIRS, PAD)
     s = batch.split
@@ -186,6 +192,9 @@ def test_a_wrong_gather_mask_or_output_index_changes_the_rejected_logps(wrong) -
         bad = dataclasses.replace(s, rejected_index=torch.arange(s.rejected_index.shape[1]).expand(b, -1))
     elif wrong == "mask":  # rejected queries see every gathered key, their own future included
         bad = dataclasses.replace(s, rejected_mask=torch.ones_like(s.rejected_mask))
+    elif wrong == "slot":  # the square call's outputs read one slot late (GPU shape)
+        monkeypatch.setattr(attention, "RECTANGLE_DEVICES", ())
+        bad = dataclasses.replace(s, query_slot=(s.query_slot + 1).clamp(max=s.rejected_index.shape[1] - 1))
     else:
         bad = dataclasses.replace(s, output_index=torch.arange(t).clamp(max=s.prefix_width - 1).expand(b, -1))
     with torch.no_grad():
