@@ -6,11 +6,12 @@
 #    reference model in memory (its default) and with precomputed reference log-probs, two
 #    alternating rounds, MFU against the card's
 #    measured bf16 matrix-multiply rate.
-# 2. sdpo alone with the shared-prompt layout and with smaller passes (what the GPU defaults are
-#    chosen from).
-# 3. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
+# 2. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
 #    GPU: Prefect's temporary server, MLflow on SQLite, every step registered.
-# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name.
+# 3. sdpo alone with the shared-prompt layout and with smaller passes (what the GPU defaults are
+#    chosen from).
+# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name, 8
+# files. The time limits add up to 570 s, so the whole script fits one 10-minute device call.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 python=${PYTHON:-python3}
@@ -23,19 +24,27 @@ $python -c 'import torch, transformers; print("torch", torch.__version__, "trans
 cat "$out/gpu.txt"
 
 start=$SECONDS
-timeout "${BENCH_TIMEOUT:-300}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
+timeout "${BENCH_TIMEOUT:-270}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
     --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 \
     --repeats 2 --variants sdpo,trl,trl_precompute --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"
+
+start=$SECONDS
+home=$(mktemp -d)
+SDPO_HOME=$home timeout "${PIPELINE_TIMEOUT:-120}" $python -m flows.cli run --config recipes/random.yaml \
+    partition.num_steps=2 run_name=gpu-two-steps train.device=cuda 2>&1 | tee "$out/pipeline.log"
+pipeline_rc=${PIPESTATUS[0]}
+echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
 
 # What the defaults were chosen from, on the same card: the shared-prompt layout (split
 # attention) against padded rows, and smaller passes for memory. One round each, sdpo only.
 start=$SECONDS
 explore_rc=0
 for run in "shared_onepass:shared -1" "padded_4096:padded 4096" "shared_4096:shared 4096"; do
-    name=${run%%:*} settings=(${run#*:})
-    timeout "${EXPLORE_TIMEOUT:-120}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
+    name=${run%%:*}
+    read -r -a settings <<<"${run#*:}"
+    timeout "${EXPLORE_TIMEOUT:-70}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
         --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --repeats 1 --variants sdpo \
         --layout "${settings[0]}" --pass-tokens "${settings[1]}" --out "$out/layout_$name.json" 2>&1 |
         tee -a "$out/explore.log"
@@ -43,10 +52,4 @@ for run in "shared_onepass:shared -1" "padded_4096:padded 4096" "shared_4096:sha
 done
 echo "layouts: exit $explore_rc after $((SECONDS - start)) s"
 
-start=$SECONDS
-home=$(mktemp -d)
-SDPO_HOME=$home timeout "${PIPELINE_TIMEOUT:-240}" $python -m flows.cli run --config recipes/random.yaml \
-    partition.num_steps=2 run_name=gpu-two-steps train.device=cuda 2>&1 | tee "$out/pipeline.log"
-pipeline_rc=${PIPESTATUS[0]}
-echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
 exit $((bench_rc || explore_rc || pipeline_rc))
