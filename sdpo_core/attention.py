@@ -15,9 +15,10 @@ Queries and keys reach the attention function already rotated with the layout's 
 sequence that the two-row layout would. The outputs are put back in row order with one row
 gather. The first call is square and causal, so it needs no mask (``is_causal``); the second
 is ``max R`` queries by L keys, with a small ``(B, 1, max R, L)`` boolean mask, because P
-differs between rows. That rectangle is for CPUs, where it measured 1.4x to 3x faster than a
-square causal call over prompt + rejected (torch's CPU kernel does not skip masked blocks of
-short rows). Elsewhere (:data:`RECTANGLE_DEVICES`) the second call stays square and causal,
+differs between rows. That rectangle is for CPUs, where it measured 1.4x to 2.7x faster than a
+square causal call over prompt + rejected, and even with a short prompt and a long rejected
+completion (``python -m benchmarks.kernels``; torch's CPU kernel does not skip the masked blocks
+of short rows). Elsewhere (:data:`RECTANGLE_DEVICES`) the second call stays square and causal,
 so GPUs keep their fused causal kernels (which take no mask with grouped-query attention), and
 the rejected outputs are picked from it. Padding at a row's end is seen only by padding queries, and the rejected
 columns of a row that fall inside the first call's ``max(P + C)`` columns are seen there only
