@@ -581,31 +581,21 @@ def main(argv: list[str] | None = None) -> int:
         if "sdpo" in per:
             ours = per["sdpo"]
             r = {}
-            if "trl" in per:
-                r["speed_vs_trl"] = ours["pairs_per_s"] / per["trl"]["pairs_per_s"]
-                r["memory_vs_trl"] = ours["peak_rss_mib"] / per["trl"]["peak_rss_mib"]
+            for other, theirs in per.items():
+                if other == "sdpo":
+                    continue
+                r[f"speed_vs_{other}"] = ours["pairs_per_s"] / theirs["pairs_per_s"]
+                r[f"memory_vs_{other}"] = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
                 if "peak_gpu_mib" in ours:
-                    r["gpu_memory_vs_trl"] = ours["peak_gpu_mib"] / per["trl"]["peak_gpu_mib"]
-                if ours["step_rss_mib"] is not None and per["trl"]["step_rss_mib"] is not None:
-                    r["step_memory_vs_trl"] = ours["step_rss_mib"] / per["trl"]["step_rss_mib"]
+                    r[f"gpu_memory_vs_{other}"] = ours["peak_gpu_mib"] / theirs["peak_gpu_mib"]
+                if ours["step_rss_mib"] is not None and theirs["step_rss_mib"] is not None:
+                    r[f"step_memory_vs_{other}"] = ours["step_rss_mib"] / theirs["step_rss_mib"]
+                r[f"max_loss_diff_vs_{other}"] = max(
+                    abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)
+                )
+            if "trl" in per:
                 # About the most speed any implementation of sdpo's computation could show here.
                 r["speed_bound_vs_trl"] = per["trl"]["seconds"] / ours["flops_floor_seconds"]
-                r["max_loss_diff_vs_trl"] = max(
-                    abs(a - b) for a, b in zip(ours["losses"], per["trl"]["losses"], strict=True)
-                )
-            if "trl_precompute" in per:
-                r["speed_vs_trl_precompute"] = ours["pairs_per_s"] / per["trl_precompute"]["pairs_per_s"]
-                r["memory_vs_trl_precompute"] = ours["peak_rss_mib"] / per["trl_precompute"]["peak_rss_mib"]
-                if "peak_gpu_mib" in ours:
-                    r["gpu_memory_vs_trl_precompute"] = ours["peak_gpu_mib"] / per["trl_precompute"]["peak_gpu_mib"]
-                r["max_loss_diff_vs_trl_precompute"] = max(
-                    abs(a - b) for a, b in zip(ours["losses"], per["trl_precompute"]["losses"], strict=True)
-                )
-            if "sdpo_mask" in per:
-                r["speed_vs_sdpo_mask"] = ours["pairs_per_s"] / per["sdpo_mask"]["pairs_per_s"]
-                r["max_loss_diff_vs_sdpo_mask"] = max(
-                    abs(a - b) for a, b in zip(ours["losses"], per["sdpo_mask"]["losses"], strict=True)
-                )
             ratios["sdpo"] = r
         results["sizes"][size] = {"variants": per, "ratios": ratios}
     out = Path(args.out)
