@@ -5,7 +5,7 @@
   mask, forward and backward, GQA (8 query heads, 4 key/value heads, 64 wide), for several
   prompt and rejected lengths P and R. Which one sdpo uses depends on the device
   (``attention.RECTANGLE_DEVICES``).
-- ``adamw``: one AdamW step over the parameter shapes of the benchmark's 20M model, with torch's
+- ``adamw``: one AdamW step over the parameter shapes of ``benchmarks.dpo_step``'s 20M model, with torch's
   default (a loop over parameters on a CPU), ``foreach=True`` and ``fused=True``.
 
 Each case alternates its variants, after a warm-up, and reports the median time in milliseconds
@@ -29,12 +29,6 @@ import torch.nn.functional as F
 # (pairs B, prompt P, rejected R): the benchmark's default rows (192 tokens) up to 1024-token rows.
 ATTENTION_CASES = ((8, 96, 96), (4, 192, 192), (2, 384, 384), (1, 512, 512), (1, 256, 768), (1, 768, 256))
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
-# The 20M model of benchmarks.dpo_step: hidden 512, intermediate 1376, 7 layers, 4 of 8 KV heads.
-ADAMW_SHAPES = (
-    [(512, 512), (256, 512), (256, 512), (512, 512), (1376, 512), (1376, 512), (512, 1376)] * 7
-    + [(512,)] * 15
-    + [(512, 512)]
-)
 
 
 def timed(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
@@ -73,8 +67,12 @@ def attention_case(b: int, p: int, r: int, device: str, rounds: int) -> dict[str
 
 
 def adamw_case(device: str, rounds: int) -> dict[str, Any]:
+    from benchmarks.dpo_step import build_model
+
+    # The parameter shapes of the DPO step benchmark's 20M model, built on the meta device (no memory).
+    shapes = [p.shape for p in build_model("20m", torch.float32, "meta").parameters()]
     gen = torch.Generator(device=device).manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in ADAMW_SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in shapes]
     for param in params:
         param.grad = torch.randn(param.shape, device=device, generator=gen)
     optimizers = {
