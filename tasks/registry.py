@@ -71,7 +71,7 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     # The same M0 registered before (same weights): reuse its version, so reruns add none.
     existing = tracking.find_version(c, ctx.model_name, {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint})
     if existing is not None:
-        c.set_registered_model_alias(ctx.model_name, "step-0", existing.version)
+        tracking.set_alias(c, ctx.model_name, "step-0", existing.version)
         return str(existing.version)
     run_id = tracking.start_run(c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"})
     tags = {
@@ -158,9 +158,9 @@ def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_ve
     )
     if found is None:
         return None
-    c.set_registered_model_alias(ctx.model_name, f"step-{chunk.step}", found.version)
+    tracking.set_alias(c, ctx.model_name, f"step-{chunk.step}", found.version)
     if final:
-        c.set_registered_model_alias(ctx.model_name, "final", found.version)
+        tracking.set_alias(c, ctx.model_name, "final", found.version)
     metrics = {
         k.removeprefix("sdpo."): float(v) for k, v in found.tags.items() if k.startswith(("sdpo.eval/", "sdpo.chunk/"))
     }

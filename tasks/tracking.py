@@ -134,19 +134,54 @@ def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, ta
         from tasks.s3 import verify_upload
 
         verify_upload(Path(model_dir), source)
+    ensure_registered_model(c, model_name)
+    version = c.create_model_version(model_name, source, run_id=run_id, tags=tags).version
+    set_alias(c, model_name, f"step-{step}", version)
+    if final:
+        set_alias(c, model_name, "final", version)
+    return str(version)
+
+
+def ensure_registered_model(c: Any, model_name: str) -> None:
+    """Create the registered model unless it exists; another run creating it first is fine."""
     from mlflow.exceptions import MlflowException
 
     try:
         c.get_registered_model(model_name)
+        return
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
+    try:
         c.create_registered_model(model_name, description="sDPO step models; alias step-<t> is M_t.")
-    version = c.create_model_version(model_name, source, run_id=run_id, tags=tags).version
-    c.set_registered_model_alias(model_name, f"step-{step}", version)
-    if final:
-        c.set_registered_model_alias(model_name, "final", version)
-    return str(version)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+ALIAS_ATTEMPTS = 5
+
+
+def set_alias(c: Any, model_name: str, alias: str, version: str | int) -> None:
+    """Point ``alias`` at ``version``, retrying when another run set the same alias at once.
+
+    MLflow's SQL store sets an alias by reading the row and then inserting or updating it. Two
+    runs moving one alias at the same moment can both read "absent" and both insert: the second
+    insert breaks the unique key and comes back as BAD_REQUEST. Setting an alias is idempotent,
+    so trying again (it now finds the row and updates it) is safe. Other errors are raised at once.
+    """
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, ALIAS_ATTEMPTS + 1):
+        try:
+            c.set_registered_model_alias(model_name, alias, version)
+            return
+        except MlflowException as exc:
+            if exc.error_code != "BAD_REQUEST" or attempt == ALIAS_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
 
 
 def model_uri(model_name: str, step: int) -> str:
