@@ -53,17 +53,25 @@ def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
     """The experiment's id, creating it with the given artifact location when it is new.
 
     An existing experiment keeps its location; asking for another one is an error, not a silent
-    change of where models go.
+    change of where models go. Another run creating it between the lookup and the creation is
+    fine: the lookup is made again.
     """
+    from mlflow.exceptions import MlflowException
+
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
-            raise ValueError(
-                f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, not at "
-                f"{artifact_location}; choose another tracking.experiment for the new location"
-            )
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_location)
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = c.get_experiment_by_name(name)
+    if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        raise ValueError(
+            f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, not at "
+            f"{artifact_location}; choose another tracking.experiment for the new location"
+        )
+    return exp.experiment_id
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:

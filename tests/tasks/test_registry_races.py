@@ -85,3 +85,28 @@ def test_registered_model_other_errors_are_raised(client: MlflowClient) -> None:
     racing = RacingClient(client, "create_registered_model", [MlflowException("no", error_code=BAD_REQUEST)])
     with pytest.raises(MlflowException, match="no"):
         tracking.ensure_registered_model(racing, "other")
+
+
+def test_experiment_created_by_another_run_in_between(client: MlflowClient, tmp_path: Path) -> None:
+    first = RacingLookup(client)
+    assert (
+        tracking.ensure_experiment(first, "e", str(tmp_path / "art"))
+        == client.get_experiment_by_name("e").experiment_id
+    )
+    assert first.lookups == 2
+    with pytest.raises(ValueError, match="keeps its artifacts"):
+        tracking.ensure_experiment(RacingLookup(client), "e", str(tmp_path / "elsewhere"))
+
+
+class RacingLookup:
+    """The first lookup misses the experiment the other run is creating; later ones see it."""
+
+    def __init__(self, inner: MlflowClient) -> None:
+        self.inner, self.lookups = inner, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def get_experiment_by_name(self, name: str):
+        self.lookups += 1
+        return None if self.lookups == 1 else self.inner.get_experiment_by_name(name)
