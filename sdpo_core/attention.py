@@ -31,7 +31,8 @@ the model's keyword arguments: that works whatever a model forwards to its layer
 thread (or asyncio task) sees only its own layout. A model that cannot take this path
 (:func:`refusal`) keeps the 4-D mask; one that turns out not to during a forward (an attention
 call with a feature this does not reproduce, or fewer calls than layers) is recomputed with the
-mask by the caller and remembered.
+mask by the caller and remembered (under FSDP by every process together, so their parameter
+gathers stay paired).
 """
 
 from __future__ import annotations

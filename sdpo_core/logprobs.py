@@ -272,12 +272,34 @@ def _split_forward(model: torch.nn.Module, net: torch.nn.Module, batch: SharedPr
         return None
     with attention.split_attention(decoder, batch.split) as run:
         out = net(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    problem = attention.completed(run, decoder)
+    problem = _agreed(attention.completed(run, decoder), decoder, batch.input_ids.device)
     if problem is None:
         return out
     warnings.warn(f"shared-prompt batches fall back to a 4-D attention mask: {problem}", stacklevel=4)
     attention.refuse(decoder, problem)
     return None
+
+
+def _agreed(problem: str | None, decoder: torch.nn.Module, device: torch.device) -> str | None:
+    """``problem``, or another process's, when the decoder's layers are FSDP units.
+
+    Each FSDP unit gathers its parameters in every forward, so a process that did its forward
+    again with the mask alone would pair its gathers with the other processes' next collectives.
+    All processes run as many passes (see :func:`sdpo_core.train.train_dpo`), so one small
+    all-reduce per pass lets them fall back together. DDP and one process have no collective
+    in the forward and need none.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return problem
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in decoder.modules()):
+        return problem
+    failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if problem is None and failed.item():
+        return "another process's forward could not split attention in the same pass"
+    return problem
 
 
 def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

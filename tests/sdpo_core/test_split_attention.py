@@ -345,3 +345,31 @@ def test_concurrent_forwards_restore_the_config_once() -> None:
         thread.join()
     assert model.config._attn_implementation == "sdpa"
     assert_close(got, expected)
+
+
+@pytest.mark.slow
+def test_an_fsdp_fallback_on_one_process_is_taken_by_all(tmp_path) -> None:
+    """Under FSDP each forward gathers parameters: when split attention fails on one process only,
+    all redo the pass with the mask, so their collectives stay paired (else a hang or a timeout)."""
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("fsdp_fallback_worker.py")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=MODEL.parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["refusal"] is not None, f"rank {rank} still splits attention"
+        for key in ("logps", "again"):
+            assert_close(torch.tensor(got[key]), torch.tensor(got["expected"]), rtol=1e-5, atol=1e-5)
+    assert "injected on rank 1" in json.loads((tmp_path / "rank1.json").read_text())["refusal"]
+    assert "another process" in json.loads((tmp_path / "rank0.json").read_text())["refusal"]

@@ -1,0 +1,71 @@
+"""Two gloo processes under FSDP; split attention fails on rank 1 only, during the forward.
+
+Run by ``test_split_attention.py`` as
+``python -m torch.distributed.run --standalone --nproc_per_node=2 <this file> OUT``. Each rank
+writes ``OUT/rank<r>.json``: its policy log-probs from the FSDP module (forward and backward),
+the same log-probs computed with the 4-D mask on an unsharded copy, and whether its decoder
+refuses split attention afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sdpo_core import attention, parallel
+from sdpo_core.logprobs import TokenizedPair, collate_shared, completion_logps
+
+
+def main(out: Path) -> None:
+    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)  # the same weights on both ranks
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(10 + rank)  # each rank its own pairs
+    ids = lambda n: torch.randint(3, 256, (n,), generator=gen).tolist()  # noqa: E731
+    pairs = [TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in [(3, 4, 2), (5, 1, 6), (2, 7, 3)]]
+    batch = collate_shared(pairs, 0)
+
+    reference = copy.deepcopy(model)
+    attention.refuse(reference.model, "reference: the 4-D mask")
+    with torch.no_grad():
+        expected, _ = completion_logps(reference, batch)
+
+    if rank == 1:
+        original = attention._call_problem
+        attention._call_problem = lambda *a: "injected on rank 1" if a[0] is not None else original(*a)
+    module = parallel.wrap(model, 16, "fsdp", 2, torch.device("cpu"))
+    logps, _ = module(batch)
+    logps.sum().backward()
+    again, _ = module(batch)  # a second pass: the ranks must still pair their collectives
+    again.sum().backward()
+    result = {
+        "logps": logps.tolist(),
+        "again": again.tolist(),
+        "expected": expected.tolist(),
+        "refusal": attention.refusal(model.model, batch.input_ids.shape[1]),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
