@@ -84,6 +84,8 @@ class SplitLayout:
             P + j; padding slots hold 0.
         rejected_mask: (B, 1, M, L) True where rejected query j may attend to gathered key k:
             k <= P + j. Padding query slots see at least the prompt, so no row is all False.
+            Only the rectangle of :data:`RECTANGLE_DEVICES` reads it; moving the layout to
+            another device drops it (None), as the square call there picks with ``query_slot``.
         output_index: (B, T) for each column, where its output is in the concatenation of the
             prefix outputs and the rejected outputs, (B, A + M, ...): column t < P + C reads t,
             rejected column P + C + j reads A + j, padding reads 0.
@@ -93,12 +95,21 @@ class SplitLayout:
     rejected_index: torch.Tensor
     query_index: torch.Tensor
     query_slot: torch.Tensor
-    rejected_mask: torch.Tensor
+    rejected_mask: torch.Tensor | None
     output_index: torch.Tensor
 
     def to(self, device: torch.device | str) -> SplitLayout:
-        tensors = (self.rejected_index, self.query_index, self.query_slot, self.rejected_mask, self.output_index)
-        return SplitLayout(self.prefix_width, *(t.to(device) for t in tensors))
+        mask = self.rejected_mask
+        if torch.device(device).type not in RECTANGLE_DEVICES:
+            mask = None
+        return SplitLayout(
+            self.prefix_width,
+            self.rejected_index.to(device),
+            self.query_index.to(device),
+            self.query_slot.to(device),
+            None if mask is None else mask.to(device),
+            self.output_index.to(device),
+        )
 
 
 @dataclass
@@ -198,7 +209,7 @@ def split_attention_forward(
     picked = (layout.rejected_index + offsets * t).flatten()  # (B * L,)
     k, v = (_heads(_rows(x).index_select(0, picked), b, x.shape[-1]) for x in (key, value))
     d = query.shape[-1]
-    if query.device.type in RECTANGLE_DEVICES:
+    if query.device.type in RECTANGLE_DEVICES and layout.rejected_mask is not None:
         q = _heads(_rows(query).index_select(0, (layout.query_index + offsets * t).flatten()), b, d)
         rejected = _rows(
             F.scaled_dot_product_attention(q, k, v, attn_mask=layout.rejected_mask, scale=scaling, enable_gqa=gqa)

@@ -178,6 +178,27 @@ def test_split_attention_equals_the_mask_and_padded_rows(name, second_call, monk
     assert all(g.abs().max() > 1e-4 for g in split[2].values()), "every parameter should get a gradient"
 
 
+def test_a_layout_moved_off_the_rectangle_devices_drops_its_mask(monkeypatch) -> None:
+    """A GPU's square call needs no rejected mask, so moving the layout there does not copy it;
+    a layout without one takes the square call even on a CPU, and gives the same log-probs."""
+    batch = collate_shared(PAIRS, PAD)
+    assert batch.split.to("cpu").rejected_mask is not None
+    moved = batch.split.to("meta")  # stands in for a GPU: not in RECTANGLE_DEVICES
+    assert moved.rejected_mask is None
+    assert moved.query_slot.device.type == "meta" and moved.output_index.device.type == "meta"
+    model = build("gqa-sdpa").eval()
+    with torch.no_grad():
+        rectangle, _ = completion_logps(model, batch)
+        monkeypatch.setattr(attention, "RECTANGLE_DEVICES", ())
+        without_mask = dataclasses.replace(batch, split=batch.split.to("cpu"))
+        assert without_mask.split.rejected_mask is None
+        square, _ = completion_logps(model, without_mask)
+        monkeypatch.setattr(attention, "RECTANGLE_DEVICES", ("cpu",))
+        guarded, _ = completion_logps(model, without_mask)  # a CPU, but no mask: the square call
+    assert_close(square, rectangle, atol=2e-5, rtol=1e-5)
+    assert_close(guarded, rectangle, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("wrong", ["gather", "mask", "slot", "output"])
 def test_a_wrong_gather_mask_or_output_index_changes_the_rejected_logps(wrong, monkeypatch) -> None:
     """The equality above bites: prompt + rejected gathered from the wrong columns, rejected
