@@ -461,6 +461,13 @@ def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, An
     return out
 
 
+def round_ratios(runs: list[dict[str, Any]], other: str) -> list[float]:
+    """sdpo's pairs per second over ``other``'s, for each round in which both ran."""
+    speed = {(r["variant"], r["round"]): r["pairs_per_s"] for r in runs}
+    rounds = sorted({r["round"] for r in runs})
+    return [speed["sdpo", i] / speed[other, i] for i in rounds if ("sdpo", i) in speed and (other, i) in speed]
+
+
 def table(results: dict[str, Any]) -> str:
     """The results as a text table; ratios are sdpo's against each TRL variant.
 
@@ -490,6 +497,11 @@ def table(results: dict[str, Any]) -> str:
                 f"{ratio(ratios.get('step_memory_vs_trl'), 14)}"
             )
     for size, per in results["sizes"].items():
+        for key, values in per["ratios"].get("sdpo", {}).items():
+            if key.endswith("_by_round") and len(values) > 1:
+                other = key.removeprefix("speed_vs_").removesuffix("_by_round")
+                spread = ", ".join(f"{v:.2f}" for v in values)
+                lines.append(f"{size}: sdpo x {other} in each round: {spread}")
         bound = per["ratios"].get("sdpo", {}).get("speed_bound_vs_trl")
         if bound is not None:
             floor = per["variants"]["sdpo"]["flops_floor_seconds"]
@@ -567,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
             for variant in order:
                 run = spawn(args, variant, size)
+                run["round"] = rnd
                 print(
                     f"{size} {variant}: {run['pairs_per_s']:.2f} pairs/s, {run['peak_rss_mib']:.0f} MiB, loss {run['final_loss']:.5f}",
                     file=sys.stderr,
@@ -585,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                 if other == "sdpo":
                     continue
                 r[f"speed_vs_{other}"] = ours["pairs_per_s"] / theirs["pairs_per_s"]
+                # The same ratio within each round: how far one round may be from the median's.
+                r[f"speed_vs_{other}_by_round"] = round_ratios(runs, other)
                 r[f"memory_vs_{other}"] = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
                 if "peak_gpu_mib" in ours:
                     r[f"gpu_memory_vs_{other}"] = ours["peak_gpu_mib"] / theirs["peak_gpu_mib"]

@@ -58,7 +58,19 @@ def test_benchmark_runs_and_losses_match_trl(tmp_path):
     assert ratios["max_loss_diff_vs_trl"] < 1e-4
     assert ratios["max_loss_diff_vs_trl_precompute"] < 1e-4
     assert ratios["speed_bound_vs_trl"] > 0
+    # One round: its ratio is the median's.
+    assert ratios["speed_vs_trl_by_round"] == [ratios["speed_vs_trl"]]
     # The matmul rate: sampled before the first round and after each (one round here).
     samples = result["machine"]["matmul_flops_samples"]
     assert len(samples) == 2 and result["machine"]["matmul_flops"] == max(samples)
     assert "sdpo" in proc.stdout and "x trl" in proc.stdout  # the table
+
+
+def test_round_ratios_pair_the_runs_of_each_round():
+    from benchmarks.dpo_step import round_ratios
+
+    runs = [
+        {"variant": v, "round": i, "pairs_per_s": speed}
+        for v, i, speed in [("sdpo", 0, 3.0), ("trl", 0, 2.0), ("trl", 1, 1.0), ("sdpo", 1, 2.5), ("trl", 2, 9.0)]
+    ]
+    assert round_ratios(runs, "trl") == [1.5, 2.5]  # round 2 has no sdpo run
