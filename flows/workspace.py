@@ -6,9 +6,7 @@ their settings from the environment at import time.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -24,20 +22,6 @@ def within(root: Path, path: Path) -> Path:
     if not resolved.is_relative_to(Path(root).resolve()):
         raise ValueError(f"{path}: outside the workspace {root}")
     return resolved
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if needed), waiting for other processes."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def default_tracking_uri(root: Path) -> str:

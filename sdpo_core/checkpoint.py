@@ -16,7 +16,6 @@ leaves the previous checkpoint as ``latest``; a checkpoint whose files do not ma
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo_core.hashing import sha256_file
+from sdpo_core.locks import file_lock
 from sdpo_core.state import full_state, load_full_state
 
 LATEST = "latest"
@@ -258,19 +258,15 @@ class Checkpoints:
     def exclusive(self) -> Iterator[None]:
         """Hold this step's lock while training it: a second process training the same step
         (the same run started twice) fails at once instead of writing the same checkpoints."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK, "w") as fh:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.enter_context(file_lock(self.root / LOCK, wait=False))
             except BlockingIOError:
                 raise CheckpointBusy(
                     f"{self.root}: another process is training this step (same run name, config, chunk and "
                     "reference); wait for it, or give this run another run_name"
                 ) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            yield
 
     def clear(self) -> None:
         """Remove every checkpoint of this step (once its model is registered)."""
