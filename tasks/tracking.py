@@ -176,8 +176,9 @@ def set_alias(c: Any, model_name: str, alias: str, version: str | int) -> None:
 
     MLflow's SQL store sets an alias by reading the row and then inserting or updating it. Two
     runs moving one alias at the same moment can both read "absent" and both insert: the second
-    insert breaks the unique key and comes back as BAD_REQUEST. Setting an alias is idempotent,
-    so trying again (it now finds the row and updates it) is safe. Other errors are raised at once.
+    insert breaks the unique key and comes back as BAD_REQUEST (a SQLite database locked by the
+    other writer comes back as TEMPORARILY_UNAVAILABLE). Setting an alias is idempotent, so trying
+    again (it now finds the row and updates it) is safe. Other errors are raised at once.
     """
     import time
 
@@ -188,7 +189,7 @@ def set_alias(c: Any, model_name: str, alias: str, version: str | int) -> None:
             c.set_registered_model_alias(model_name, alias, version)
             return
         except MlflowException as exc:
-            if exc.error_code != "BAD_REQUEST" or attempt == ALIAS_ATTEMPTS:
+            if exc.error_code not in ("BAD_REQUEST", "TEMPORARILY_UNAVAILABLE") or attempt == ALIAS_ATTEMPTS:
                 raise
             time.sleep(0.05 * attempt)
 

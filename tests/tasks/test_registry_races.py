@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
 from tasks import tracking
 
@@ -48,7 +48,8 @@ def unique_key_error() -> MlflowException:
 
 
 def test_set_alias_tries_again_after_losing_the_insert_race(client: MlflowClient) -> None:
-    racing = RacingClient(client, "set_registered_model_alias", [unique_key_error(), unique_key_error()])
+    locked = MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+    racing = RacingClient(client, "set_registered_model_alias", [unique_key_error(), locked])
     tracking.set_alias(racing, "m", "step-1", 2)
     assert racing.calls == 3
     assert str(client.get_model_version_by_alias("m", "step-1").version) == "2"
