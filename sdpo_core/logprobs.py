@@ -266,13 +266,29 @@ def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch) -> Any:
 
 
 def _split_forward(model: torch.nn.Module, net: torch.nn.Module, batch: SharedPromptBatch) -> Any | None:
-    """``net``'s output with split attention; None where the decoder cannot take it."""
+    """``net``'s output with split attention; None where the decoder cannot take it.
+
+    Under FSDP every process must take the same path in each pass: each FSDP unit gathers its
+    parameters in every forward, so a process that did its forward again with the mask alone
+    would pair its gathers with the other processes' next collectives (a hang). So the processes
+    judge the pass by its widest row in any process (a sliding window narrower than that refuses
+    everywhere), and a problem met during one process's forward sends all of them to the mask.
+    All processes run as many passes (see :func:`sdpo_core.train.train_dpo`), so these two small
+    all-reduces pair up. DDP and one process have no collective in the forward and need neither.
+    """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or attention.refusal(decoder, batch.input_ids.shape[1]) is not None:
+    if decoder is None:
+        return None
+    device = batch.input_ids.device
+    sharded = _fsdp_units(decoder)
+    width = _max_over_processes(batch.input_ids.shape[1], device) if sharded else batch.input_ids.shape[1]
+    if attention.refusal(decoder, width) is not None:
         return None
     with attention.split_attention(decoder, batch.split) as run:
         out = net(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    problem = _agreed(attention.completed(run, decoder), decoder, batch.input_ids.device)
+    problem = attention.completed(run, decoder)
+    if sharded and _max_over_processes(int(problem is not None), device) and problem is None:
+        problem = "another process's forward could not split attention in the same pass"
     if problem is None:
         return out
     warnings.warn(f"shared-prompt batches fall back to a 4-D attention mask: {problem}", stacklevel=4)
@@ -280,26 +296,20 @@ def _split_forward(model: torch.nn.Module, net: torch.nn.Module, batch: SharedPr
     return None
 
 
-def _agreed(problem: str | None, decoder: torch.nn.Module, device: torch.device) -> str | None:
-    """``problem``, or another process's, when the decoder's layers are FSDP units.
-
-    Each FSDP unit gathers its parameters in every forward, so a process that did its forward
-    again with the mask alone would pair its gathers with the other processes' next collectives.
-    All processes run as many passes (see :func:`sdpo_core.train.train_dpo`), so one small
-    all-reduce per pass lets them fall back together. DDP and one process have no collective
-    in the forward and need none.
-    """
+def _fsdp_units(decoder: torch.nn.Module) -> bool:
+    """Whether ``decoder`` holds FSDP units (its processes gather parameters in each forward)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return problem
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    if not any(isinstance(m, FSDPModule) for m in decoder.modules()):
-        return problem
-    failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-    if problem is None and failed.item():
-        return "another process's forward could not split attention in the same pass"
-    return problem
+    return any(isinstance(m, FSDPModule) for m in decoder.modules())
+
+
+def _max_over_processes(value: int, device: torch.device) -> int:
+    """The largest ``value`` any process of the default group passed (every process must call)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,8 @@ def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
         raise ValueError(
             f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, not at "
@@ -189,9 +191,20 @@ def set_alias(c: Any, model_name: str, alias: str, version: str | int) -> None:
             c.set_registered_model_alias(model_name, alias, version)
             return
         except MlflowException as exc:
-            if exc.error_code not in ("BAD_REQUEST", "TEMPORARILY_UNAVAILABLE") or attempt == ALIAS_ATTEMPTS:
+            if not _lost_race(exc) or attempt == ALIAS_ATTEMPTS:
                 raise
             time.sleep(0.05 * attempt)
+
+
+# How SQL databases word a broken unique key (SQLite, PostgreSQL, MySQL), as MLflow passes it on.
+_UNIQUE_KEY_MARKERS = ("IntegrityError", "UNIQUE constraint", "duplicate key", "Duplicate entry")
+
+
+def _lost_race(exc: Any) -> bool:
+    """Whether an MLflow error is another writer's doing: a broken unique key or a locked database."""
+    if exc.error_code == "TEMPORARILY_UNAVAILABLE":
+        return True
+    return exc.error_code == "BAD_REQUEST" and any(marker in str(exc) for marker in _UNIQUE_KEY_MARKERS)
 
 
 def model_uri(model_name: str, step: int) -> str:

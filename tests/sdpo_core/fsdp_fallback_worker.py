@@ -1,10 +1,14 @@
-"""Two gloo processes under FSDP; split attention fails on rank 1 only, during the forward.
+"""Two gloo processes under FSDP whose ranks could disagree about split attention.
 
 Run by ``test_split_attention.py`` as
-``python -m torch.distributed.run --standalone --nproc_per_node=2 <this file> OUT``. Each rank
-writes ``OUT/rank<r>.json``: its policy log-probs from the FSDP module (forward and backward),
-the same log-probs computed with the 4-D mask on an unsharded copy, and whether its decoder
-refuses split attention afterwards.
+``python -m torch.distributed.run --standalone --nproc_per_node=2 <this file> OUT SCENARIO``:
+
+- ``injected``: split attention fails on rank 1 only, during the forward;
+- ``window``: a sliding window narrower than rank 0's rows but wider than rank 1's.
+
+Each rank writes ``OUT/rank<r>.json``: its policy log-probs from the FSDP module over two passes
+(forward and backward), the same log-probs computed with the 4-D mask on an unsharded copy, and
+whether its decoder refuses split attention for its own rows afterwards.
 """
 
 from __future__ import annotations
@@ -16,39 +20,44 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from sdpo_core import attention, parallel
 from sdpo_core.logprobs import TokenizedPair, collate_shared, completion_logps
 
+SIZES = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    attn_implementation="sdpa",
+)
+# (P, C, R) of each rank's pairs: rows of 22 and 16 columns on rank 0, of 5 on rank 1.
+LENGTHS = {0: [(5, 8, 9), (3, 6, 7)], 1: [(1, 2, 2), (2, 1, 2)]}
 
-def main(out: Path) -> None:
+
+def main(out: Path, scenario: str) -> None:
     torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)  # the same weights on both ranks
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config)
+    if scenario == "window":
+        model = MistralForCausalLM(MistralConfig(sliding_window=12, **SIZES))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SIZES))
     gen = torch.Generator().manual_seed(10 + rank)  # each rank its own pairs
     ids = lambda n: torch.randint(3, 256, (n,), generator=gen).tolist()  # noqa: E731
-    pairs = [TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in [(3, 4, 2), (5, 1, 6), (2, 7, 3)]]
-    batch = collate_shared(pairs, 0)
+    batch = collate_shared([TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in LENGTHS[rank]], 0)
 
     reference = copy.deepcopy(model)
     attention.refuse(reference.model, "reference: the 4-D mask")
     with torch.no_grad():
         expected, _ = completion_logps(reference, batch)
 
-    if rank == 1:
+    if scenario == "injected" and rank == 1:
         original = attention._call_problem
         attention._call_problem = lambda *a: "injected on rank 1" if a[0] is not None else original(*a)
     module = parallel.wrap(model, 16, "fsdp", 2, torch.device("cpu"))
@@ -68,4 +77,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

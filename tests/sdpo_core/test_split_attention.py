@@ -368,29 +368,34 @@ def test_concurrent_forwards_restore_the_config_once() -> None:
     assert_close(got, expected)
 
 
-@pytest.mark.slow
-def test_an_fsdp_fallback_on_one_process_is_taken_by_all(tmp_path) -> None:
-    """Under FSDP each forward gathers parameters: when split attention fails on one process only,
-    all redo the pass with the mask, so their collectives stay paired (else a hang or a timeout)."""
+def run_fsdp_worker(out: Path, scenario: str) -> dict[int, dict]:
     import subprocess
     import sys
 
     worker = Path(__file__).with_name("fsdp_fallback_worker.py")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(worker),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=MODEL.parents[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(out)]
+    proc = subprocess.run([*cmd, scenario], capture_output=True, text=True, timeout=300, cwd=MODEL.parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got["refusal"] is not None, f"rank {rank} still splits attention"
+    results = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    for got in results.values():
         for key in ("logps", "again"):
             assert_close(torch.tensor(got[key]), torch.tensor(got["expected"]), rtol=1e-5, atol=1e-5)
-    assert "injected on rank 1" in json.loads((tmp_path / "rank1.json").read_text())["refusal"]
-    assert "another process" in json.loads((tmp_path / "rank0.json").read_text())["refusal"]
+    return results
+
+
+@pytest.mark.slow
+def test_an_fsdp_fallback_on_one_process_is_taken_by_all(tmp_path) -> None:
+    """Under FSDP each forward gathers parameters: when split attention fails on one process only,
+    all redo the pass with the mask, so their collectives stay paired (else a hang or a timeout)."""
+    results = run_fsdp_worker(tmp_path, "injected")
+    assert "injected on rank 1" in results[1]["refusal"]
+    assert "another process" in results[0]["refusal"]
+
+
+@pytest.mark.slow
+def test_under_fsdp_a_sliding_window_is_judged_by_the_widest_rows_of_any_process(tmp_path) -> None:
+    """A window narrower than rank 0's rows (22 columns) but not rank 1's (5): both take the mask
+    for that pass, and rank 1 is not refused for good (rows narrower than the window still split)."""
+    results = run_fsdp_worker(tmp_path, "window")
+    assert "sliding_window=12 < 22" in results[0]["refusal"]
+    assert results[1]["refusal"] is None

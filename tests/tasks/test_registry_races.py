@@ -68,6 +68,11 @@ def test_set_alias_raises_other_errors_at_once(client: MlflowClient) -> None:
         tracking.set_alias(racing, "m", "step-1", 99)  # no such version
     assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST"
     assert racing.calls == 1
+    other = MlflowException("(sqlite3.DataError) value too long", error_code=BAD_REQUEST)
+    racing = RacingClient(client, "set_registered_model_alias", [other])
+    with pytest.raises(MlflowException, match="too long"):
+        tracking.set_alias(racing, "m", "step-1", 2)
+    assert racing.calls == 1
 
 
 def test_registered_model_created_by_another_run_in_between(client: MlflowClient) -> None:
