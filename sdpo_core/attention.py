@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +117,7 @@ class _Run:
     """One forward with split attention: its layout and what the attention calls saw."""
 
     layout: SplitLayout
+    config: Any = None
     calls: int = 0
     problem: str | None = None
 
@@ -241,9 +242,10 @@ def refusal(decoder: torch.nn.Module, width: int) -> str | None:
     (``_supports_attention_backend``), with ``sdpa`` or ``eager``, every module of it reads the one
     config that is swapped, and no feature this does not reproduce is on: a sliding window
     narrower than the rows, chunked attention, attention logit softcapping, attention sinks,
-    non-causal attention, a sub-config, attention dropout while training, or gradient
-    checkpointing while training with gradients (the backward pass would recompute the layers
-    after the config is restored). The attention calls check the rest during the forward.
+    non-causal attention, a sub-config, attention dropout while training, or activation
+    checkpointing while training with gradients, unless it recomputes with
+    :func:`replay_contexts` (otherwise the backward pass would recompute the layers after the
+    config is restored). The attention calls check the rest during the forward.
     """
     if decoder in _REFUSED:
         return _REFUSED[decoder]
@@ -278,7 +280,8 @@ def refusal(decoder: torch.nn.Module, width: int) -> str | None:
             return f"{type(module).__name__} in {name} has a config of its own"
         if hasattr(module, "sinks"):
             return f"{type(module).__name__} in {name} has attention sinks"
-        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+        checkpointed = getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled()
+        if checkpointed and not replays_split_attention(module):
             return f"{name} recomputes its layers in the backward pass (gradient checkpointing)"
     return None
 
@@ -307,15 +310,24 @@ def split_attention(decoder: torch.nn.Module, layout: SplitLayout) -> Iterator[_
 
     if SPLIT_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(SPLIT_ATTENTION, split_attention_forward)
-    cfg = decoder.config
-    run = _Run(layout)
+    run = _Run(layout, decoder.config)
     token = _ACTIVE.set(run)
+    try:
+        with _swapped(decoder.config):
+            yield run
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextmanager
+def _swapped(cfg: Any) -> Iterator[None]:
+    """``cfg._attn_implementation`` is :data:`SPLIT_ATTENTION` within the block (counted, see _SWAPPED)."""
     with _SWAP_LOCK:
         _, before, depth = _SWAPPED.get(id(cfg), (cfg, cfg._attn_implementation, 0))
         _SWAPPED[id(cfg)] = (cfg, before, depth + 1)
         cfg._attn_implementation = SPLIT_ATTENTION
     try:
-        yield run
+        yield
     finally:
         with _SWAP_LOCK:
             _, before, depth = _SWAPPED.pop(id(cfg))
@@ -323,7 +335,38 @@ def split_attention(decoder: torch.nn.Module, layout: SplitLayout) -> Iterator[_
                 _SWAPPED[id(cfg)] = (cfg, before, depth - 1)
             else:
                 cfg._attn_implementation = before
+
+
+def replay_contexts() -> tuple[Any, Any]:
+    """``context_fn`` for ``torch.utils.checkpoint``: a recomputed layer attends as it did.
+
+    Activation checkpointing runs a layer's forward again in the backward pass, after
+    :func:`split_attention` has ended. Called when the layer first runs, this captures the
+    forward's layout (if any); the second context, entered around the recomputation, puts that
+    layout and the swapped config back for its duration. Outside split attention both contexts do
+    nothing. :func:`refusal` accepts checkpointed layers only with this function as their
+    ``context_fn`` (:func:`sdpo_core.train.enable_activation_checkpointing`).
+    """
+    run = _ACTIVE.get()
+    if run is None:
+        return nullcontext(), nullcontext()
+    return nullcontext(), _replay(run)
+
+
+@contextmanager
+def _replay(run: _Run) -> Iterator[None]:
+    token = _ACTIVE.set(_Run(run.layout, run.config))
+    try:
+        with _swapped(run.config):
+            yield
+    finally:
         _ACTIVE.reset(token)
+
+
+def replays_split_attention(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s activation checkpointing recomputes with :func:`replay_contexts`."""
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    return getattr(func, "keywords", {}).get("context_fn") is replay_contexts
 
 
 def completed(run: _Run, decoder: torch.nn.Module) -> str | None:

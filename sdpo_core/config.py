@@ -191,6 +191,11 @@ class TrainConfig:
     of at most this many tokens (2 x pairs x longest row). Same update, less padding and less
     activation memory; None runs each micro-batch in one pass. auto is 1024 on a CPU and None
     on a GPU."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder layer's input during the forward and recompute the layer in the
+    backward pass (torch's non-reentrant activation checkpointing, through transformers): far
+    less activation memory for about one more forward pass of compute. Split attention is
+    recomputed with its own layout, so the shared-prompt layout keeps it."""
     logprob_chunk_rows: int = 2048
     """Completion tokens per chunk of the output projection and log-softmax."""
     eval_batch_size: int = 16

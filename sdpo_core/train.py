@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.distributed.tensor import DTensor
 
+from sdpo_core import attention
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
@@ -161,6 +162,8 @@ def train_dpo(
     loss_fn = get_loss(loss_cfg.name)
     plan = batch_plan(len(pairs), train_cfg)
     world, rank = world_and_rank()
+    if train_cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
     # shards, so the optimizer is built after).
     module = wrap(model, train_cfg.logprob_chunk_rows, train_cfg.parallelism, world, torch.device(device))
@@ -279,4 +282,18 @@ def train_dpo(
         if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
             checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
     model.eval()
+    if train_cfg.gradient_checkpointing:
+        model.activation_checkpointing_disable()
     return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on transformers' activation checkpointing of each decoder layer, non-reentrant, with
+    split attention's replay (:func:`sdpo_core.attention.replay_contexts`) around recomputation."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"train.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing"
+        )
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": attention.replay_contexts}
+    )

@@ -380,6 +380,7 @@ def run_fsdp_worker(out: Path, scenario: str) -> dict[int, dict]:
     for got in results.values():
         for key in ("logps", "again"):
             assert_close(torch.tensor(got[key]), torch.tensor(got["expected"]), rtol=1e-5, atol=1e-5)
+        assert got["grad_error"] < 1e-4 * got["grad_scale"], got
     return results
 
 
@@ -399,3 +400,13 @@ def test_under_fsdp_a_sliding_window_is_judged_by_the_widest_rows_of_any_process
     results = run_fsdp_worker(tmp_path, "window")
     assert "sliding_window=12 < 22" in results[0]["refusal"]
     assert results[1]["refusal"] is None
+
+
+@pytest.mark.slow
+def test_under_fsdp_checkpointed_layers_split_attention_and_match_gradients(tmp_path) -> None:
+    """Activation checkpointing under FSDP: the recomputed layers replay split attention, every
+    forward splits, and the gradients equal an unsharded model's with the mask."""
+    results = run_fsdp_worker(tmp_path, "checkpointing")
+    for got in results.values():
+        assert got["refusal"] is None
+        assert got["split_forwards"] == 2
