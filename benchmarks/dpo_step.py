@@ -32,6 +32,10 @@ earns no MFU. The same count gives an estimate of the ceiling: sdpo's FLOPs at t
 with nothing else running, against TRL's time, is about the most speed-up any implementation of
 sdpo's computation could show on this machine (about: the output projection runs only on
 completion tokens, and the rate is that of one 1024^3 product). Writes JSON (``--out``) and prints a table.
+
+``--gradient-checkpointing`` turns on activation checkpointing on both sides (TRL's
+``gradient_checkpointing``, sdpo's ``train.gradient_checkpointing``, both non-reentrant); the
+MFU and the ceiling still count 6 N per policy token, not the recomputation.
 """
 
 from __future__ import annotations
@@ -188,7 +192,11 @@ def prepare_trl(
                 losses.append(float(logs["loss"]))
 
     # Options that only some transformers versions have are passed where they exist.
-    optional = {"activation_checkpointing": False}
+    # (transformers 5 renamed gradient_checkpointing*; the new names win where both exist.)
+    optional = {
+        "activation_checkpointing": args.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+    }
     known = {f.name for f in dataclasses.fields(DPOConfig)}
     config = DPOConfig(
         **{k: v for k, v in optional.items() if k in known},
@@ -208,7 +216,8 @@ def prepare_trl(
         precompute_ref_batch_size=args.batch_size,
         bf16=args.dtype == "bfloat16",
         fp16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         padding_free=False,
         use_cpu=args.device == "cpu",
         report_to=[],
@@ -295,6 +304,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         max_grad_norm=1.0,
         seed=0,
         device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     if args.chunk_rows:
         train_cfg = replace(train_cfg, logprob_chunk_rows=args.chunk_rows)
@@ -420,6 +430,7 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
         str(args.pass_tokens or 0),
         "--layout",
         args.layout,
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
     ]
     env = {
         **os.environ,
@@ -533,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         "--layout", choices=["auto", "shared", "padded"], default="auto", help="sdpo's batch layout (auto: per device)"
     )
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both sides recompute each decoder layer in the backward pass (non-reentrant)",
+    )
+    parser.add_argument(
         "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}"
     )
     parser.add_argument("--out", default="benchmarks/results/dpo_step.json")
@@ -567,7 +583,17 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {
             k: getattr(args, k)
-            for k in ("pairs", "batch_size", "max_length", "max_prompt_length", "lr", "beta", "repeats", "threads")
+            for k in (
+                "pairs",
+                "batch_size",
+                "max_length",
+                "max_prompt_length",
+                "lr",
+                "beta",
+                "repeats",
+                "threads",
+                "gradient_checkpointing",
+            )
         },
         "sizes": {},
     }

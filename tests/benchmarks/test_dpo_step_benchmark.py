@@ -74,3 +74,20 @@ def test_round_ratios_pair_the_runs_of_each_round():
         for v, i, speed in [("sdpo", 0, 3.0), ("trl", 0, 2.0), ("trl", 1, 1.0), ("sdpo", 1, 2.5), ("trl", 2, 9.0)]
     ]
     assert round_ratios(runs, "trl") == [1.5, 2.5]  # round 2 has no sdpo run
+
+
+@pytest.mark.slow
+def test_with_gradient_checkpointing_on_both_sides_the_losses_still_match(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.dpo_step", "--sizes", "tiny", "--variants", "sdpo,trl",
+            "--pairs", "8", "--batch-size", "4", "--max-length", "96", "--max-prompt-length", "48",
+            "--gradient-checkpointing", "--out", str(out), "--scratch", str(tmp_path / "scratch"),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["gradient_checkpointing"] is True
+    assert result["sizes"]["tiny"]["ratios"]["sdpo"]["max_loss_diff_vs_trl"] < 1e-4
