@@ -1,55 +1,73 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script: bash benchmarks/gpu_checks.sh [OUT_DIR]
+# The GPU checks, as one script: bash benchmarks/gpu_checks.sh [OUT_DIR] [PARTS]
 #
 # Needs one NVIDIA GPU and this project's dependencies plus trl (pip install -e ".[test]").
-# 1. The DPO step benchmark in bf16 on a ~0.5B Llama: sdpo against TRL's DPOTrainer with its
-#    reference model in memory (its default) and with precomputed reference log-probs, two
-#    alternating rounds, MFU against the card's
-#    measured bf16 matrix-multiply rate.
-# 2. A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps on the
-#    GPU: Prefect's temporary server, MLflow on SQLite, every step registered.
-# 3. sdpo alone with the shared-prompt layout and with smaller passes (what the GPU defaults are
-#    chosen from).
-# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name, 8
-# files. The time limits add up to 570 s, so the whole script fits one 10-minute device call.
+# PARTS (default "bench layouts memory", about 540 s at most: one 10-minute device call):
+#   bench     The DPO step benchmark in bf16 on a ~0.5B Llama: sdpo against TRL's DPOTrainer with
+#             its reference model in memory (its default) and with precomputed reference
+#             log-probs, two alternating rounds, MFU against the card's measured bf16 rate.
+#   layouts   sdpo alone with the shared-prompt layout (split attention) in one pass, and padded
+#             rows in 4096-token passes: what the GPU defaults are chosen from.
+#   memory    sdpo against TRL's default, both with activation checkpointing (the memory lever
+#             that both have), one round.
+#   pipeline  A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps
+#             on the GPU: Prefect's temporary server, MLflow on SQLite, every step registered
+#             (about 70 s; run it as a second call: bash benchmarks/gpu_checks.sh OUT pipeline).
+# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name; 8
+# files for the default parts.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
+parts=" ${2:-bench layouts memory} "
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
-$python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
+"$python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' \
     >>"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-start=$SECONDS
-timeout "${BENCH_TIMEOUT:-270}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
-    --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 \
-    --repeats 2 --variants sdpo,trl,trl_precompute --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"
+bench_rc=0 pipeline_rc=0 explore_rc=0 memory_rc=0
+shape=(--device cuda --dtype bfloat16 --sizes 0.5b --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256)
 
-start=$SECONDS
-home=$(mktemp -d)
-SDPO_HOME=$home timeout "${PIPELINE_TIMEOUT:-120}" $python -m flows.cli run --config recipes/random.yaml \
-    partition.num_steps=2 run_name=gpu-two-steps train.device=cuda 2>&1 | tee "$out/pipeline.log"
-pipeline_rc=${PIPESTATUS[0]}
-echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
+if [[ $parts == *" bench "* ]]; then
+    start=$SECONDS
+    timeout "${BENCH_TIMEOUT:-270}" "$python" -m benchmarks.dpo_step "${shape[@]}" \
+        --repeats 2 --variants sdpo,trl,trl_precompute --out "$out/dpo_step_gpu.json" 2>&1 | tee "$out/bench.log"
+    bench_rc=${PIPESTATUS[0]}
+    echo "benchmark: exit $bench_rc after $((SECONDS - start)) s"
+fi
 
-# What the defaults were chosen from, on the same card: the shared-prompt layout (split
+# What the defaults are chosen from, on the same card: the shared-prompt layout (split
 # attention) against padded rows, and smaller passes for memory. One round each, sdpo only.
-start=$SECONDS
-explore_rc=0
-for run in "shared_onepass:shared -1" "padded_4096:padded 4096" "shared_4096:shared 4096"; do
-    name=${run%%:*}
-    read -r -a settings <<<"${run#*:}"
-    timeout "${EXPLORE_TIMEOUT:-70}" $python -m benchmarks.dpo_step --device cuda --dtype bfloat16 --sizes 0.5b \
-        --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --repeats 1 --variants sdpo \
-        --layout "${settings[0]}" --pass-tokens "${settings[1]}" --out "$out/layout_$name.json" 2>&1 |
-        tee -a "$out/explore.log"
-    [ "${PIPESTATUS[0]}" = 0 ] || explore_rc=1
-done
-echo "layouts: exit $explore_rc after $((SECONDS - start)) s"
+if [[ $parts == *" layouts "* ]]; then
+    start=$SECONDS
+    for run in "shared_onepass:shared -1" "padded_4096:padded 4096"; do
+        name=${run%%:*}
+        read -r -a settings <<<"${run#*:}"
+        timeout "${EXPLORE_TIMEOUT:-70}" "$python" -m benchmarks.dpo_step "${shape[@]}" --repeats 1 --variants sdpo \
+            --layout "${settings[0]}" --pass-tokens "${settings[1]}" --out "$out/layout_$name.json" 2>&1 |
+            tee -a "$out/explore.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || explore_rc=1
+    done
+    echo "layouts: exit $explore_rc after $((SECONDS - start)) s"
+fi
 
-exit $((bench_rc || explore_rc || pipeline_rc))
+if [[ $parts == *" memory "* ]]; then
+    start=$SECONDS
+    timeout "${MEMORY_TIMEOUT:-130}" "$python" -m benchmarks.dpo_step "${shape[@]}" --repeats 1 --variants sdpo,trl \
+        --gradient-checkpointing --out "$out/dpo_step_gpu_checkpointing.json" 2>&1 | tee "$out/memory.log"
+    memory_rc=${PIPESTATUS[0]}
+    echo "memory: exit $memory_rc after $((SECONDS - start)) s"
+fi
+
+if [[ $parts == *" pipeline "* ]]; then
+    start=$SECONDS
+    home=$(mktemp -d)
+    SDPO_HOME=$home timeout "${PIPELINE_TIMEOUT:-120}" "$python" -m flows.cli run --config recipes/random.yaml \
+        partition.num_steps=2 run_name=gpu-two-steps train.device=cuda 2>&1 | tee "$out/pipeline.log"
+    pipeline_rc=${PIPESTATUS[0]}
+    echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
+fi
+
+exit $((bench_rc || explore_rc || memory_rc || pipeline_rc))
