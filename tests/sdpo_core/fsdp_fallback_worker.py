@@ -23,23 +23,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from test_split_attention import TINY_LLAMA  # run as a script, this folder is first on sys.path
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from sdpo_core import attention, parallel
 from sdpo_core.logprobs import TokenizedPair, collate_shared, completion_logps
 from sdpo_core.train import enable_activation_checkpointing
 
-SIZES = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-    attn_implementation="sdpa",
-)
+SIZES = {**TINY_LLAMA, "num_key_value_heads": 2, "attn_implementation": "sdpa"}
 # (P, C, R) of each rank's pairs: rows of 22 and 16 columns on rank 0, of 5 on rank 1.
 LENGTHS = {0: [(5, 8, 9), (3, 6, 7)], 1: [(1, 2, 2), (2, 1, 2)]}
 

@@ -38,23 +38,25 @@ MODELS: dict[str, tuple[int, str] | None] = {
 }
 
 
+TINY_LLAMA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    # Larger than the default 0.02, so attention is far from uniform and a token seen or not matters.
+    initializer_range=0.2,
+)
+"""The random models' sizes (also fsdp_fallback_worker.py's)."""
+
+
 def build(name: str) -> LlamaForCausalLM:
     spec = MODELS[name]
     if spec is None:
         return LlamaForCausalLM.from_pretrained(MODEL, use_safetensors=True)
     kv_heads, implementation = spec
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
-        # Larger than the default 0.02, so attention is far from uniform and a token seen or not matters.
-        initializer_range=0.2,
-        attn_implementation=implementation,
-    )
+    config = LlamaConfig(**TINY_LLAMA, num_key_value_heads=kv_heads, attn_implementation=implementation)
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
