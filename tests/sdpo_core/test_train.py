@@ -243,3 +243,10 @@ def test_gradient_checkpointing_trains_the_same(setup, shared_prompt, monkeypatc
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
     assert (len(split_calls) - seen > 0) == shared_prompt, "the shared layout should still split"
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_gradient_checkpointing_on_a_model_without_it_names_the_key() -> None:
+    from sdpo_core.train import enable_activation_checkpointing
+
+    with pytest.raises(ValueError, match="train.gradient_checkpointing: Linear does not support"):
+        enable_activation_checkpointing(torch.nn.Linear(2, 2))
