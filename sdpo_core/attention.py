@@ -350,17 +350,29 @@ def replay_contexts() -> tuple[Any, Any]:
     run = _ACTIVE.get()
     if run is None:
         return nullcontext(), nullcontext()
-    return nullcontext(), _replay(run)
+    return nullcontext(), _Replay(run)
 
 
-@contextmanager
-def _replay(run: _Run) -> Iterator[None]:
-    token = _ACTIVE.set(_Run(run.layout, run.config))
-    try:
-        with _swapped(run.config):
-            yield
-    finally:
-        _ACTIVE.reset(token)
+class _Replay:
+    """The recomputation context of one checkpointed layer call: ``run``'s layout and the swapped
+    config, entered anew each time (a graph kept with ``retain_graph`` is recomputed per backward)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.entered: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> None:
+        token = _ACTIVE.set(_Run(self.run.layout, self.run.config))
+        swap = _swapped(self.run.config)
+        swap.__enter__()
+        self.entered.append((token, swap))
+
+    def __exit__(self, *exc: Any) -> None:
+        token, swap = self.entered.pop()
+        try:
+            swap.__exit__(*exc)
+        finally:
+            _ACTIVE.reset(token)
 
 
 def replays_split_attention(module: torch.nn.Module) -> bool:

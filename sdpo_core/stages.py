@@ -282,7 +282,7 @@ def _train_step(
 # changing them on a rerun still continues the step from its checkpoint.
 OPERATIONAL_TRAIN_KEYS = (
     "checkpoint_every", "device", "num_threads", "eval_batch_size", "deployment", "num_processes",
-    "distributed_backend", "parallelism",
+    "distributed_backend", "parallelism", "gradient_checkpointing",
 )  # fmt: skip
 
 

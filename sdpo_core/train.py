@@ -158,12 +158,31 @@ def train_dpo(
     if len(pairs) != len(ref["chosen"]):
         raise ValueError(f"{len(pairs)} pairs but {len(ref['chosen'])} reference log-probs")
     train_cfg = for_device(train_cfg, device)
+    if not train_cfg.gradient_checkpointing:
+        return _train(model, pairs, ref, pad_id, train_cfg, loss_cfg, device, callback, checkpoints)
+    enable_activation_checkpointing(model)
+    try:
+        return _train(model, pairs, ref, pad_id, train_cfg, loss_cfg, device, callback, checkpoints)
+    finally:
+        disable_activation_checkpointing(model)
+
+
+def _train(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    ref: dict[str, torch.Tensor],
+    pad_id: int,
+    train_cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    device: torch.device | str,
+    callback: MetricsCallback | None,
+    checkpoints: Checkpoints | None,
+) -> TrainResult:
+    """:func:`train_dpo`'s loop, once ``train_cfg`` is concrete for the device."""
     seed_everything(train_cfg.seed)
     loss_fn = get_loss(loss_cfg.name)
     plan = batch_plan(len(pairs), train_cfg)
     world, rank = world_and_rank()
-    if train_cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
     # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
     # shards, so the optimizer is built after).
     module = wrap(model, train_cfg.logprob_chunk_rows, train_cfg.parallelism, world, torch.device(device))
@@ -282,9 +301,14 @@ def train_dpo(
         if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
             checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
     model.eval()
-    if train_cfg.gradient_checkpointing:
-        model.activation_checkpointing_disable()
     return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
+
+
+def disable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Undo :func:`enable_activation_checkpointing`, including transformers' hook that makes the
+    embeddings' output require gradients (its disable removes that hook only for PEFT models)."""
+    model.activation_checkpointing_disable()
+    model.disable_input_require_grads()
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -167,3 +167,15 @@ def test_checkpoint_folder_ignores_operational_settings(tmp_path: Path) -> None:
     assert same == checkpoint_dir(base, chunk, ref, tmp_path)
     assert folder("train.learning_rate=0.01") != same, "what the step learns from changes the folder"
     assert folder("run_name=other") != same
+
+
+def test_turning_gradient_checkpointing_on_keeps_the_step_checkpoints() -> None:
+    """It changes the memory a step needs, not what it learns (the same weights, see test_train):
+    a step that ran out of memory resumes from its checkpoint with it turned on."""
+    from sdpo_core.config import from_dict
+    from sdpo_core.stages import training_hash
+
+    base = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "d.jsonl"}]}}
+    plain = from_dict(base)
+    assert training_hash(from_dict({**base, "train": {"gradient_checkpointing": True}})) == training_hash(plain)
+    assert training_hash(from_dict({**base, "train": {"learning_rate": 1e-4}})) != training_hash(plain)

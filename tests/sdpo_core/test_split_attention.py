@@ -412,3 +412,28 @@ def test_under_fsdp_checkpointed_layers_split_attention_and_match_gradients(tmp_
     for got in results.values():
         assert got["refusal"] is None
         assert got["split_forwards"] == 2
+
+
+def test_checkpointed_layers_replay_split_attention_in_every_backward() -> None:
+    """A graph kept with retain_graph is recomputed once per backward: each recomputation gets
+    the forward's layout again, and the gradients equal those without checkpointing."""
+    from sdpo_core.train import disable_activation_checkpointing, enable_activation_checkpointing
+
+    model = build("gqa-sdpa").train()
+    batch = collate_shared(PAIRS, PAD)
+    _, _, plain = logps_and_grads(model, batch)
+    enable_activation_checkpointing(model)
+    logps, tokens = completion_logps(model, batch, chunk_rows=16)
+    loss = logps.sum() / tokens.sum()
+    grads = []
+    for keep in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=keep)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    disable_activation_checkpointing(model)
+    for name, grad in plain.items():
+        for got in grads:
+            assert_close(got[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert model.config._attn_implementation == "sdpa"
+    assert not attention._SWAPPED
+    assert not getattr(model, "_require_grads_hooks", None), "the embeddings' hook is removed"
