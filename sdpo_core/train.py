@@ -7,9 +7,10 @@ leave through a callback, one call per optimizer step, with TRL's names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -158,150 +159,144 @@ def train_dpo(
     if len(pairs) != len(ref["chosen"]):
         raise ValueError(f"{len(pairs)} pairs but {len(ref['chosen'])} reference log-probs")
     train_cfg = for_device(train_cfg, device)
-    if not train_cfg.gradient_checkpointing:
-        return _train(model, pairs, ref, pad_id, train_cfg, loss_cfg, device, callback, checkpoints)
-    enable_activation_checkpointing(model)
-    try:
-        return _train(model, pairs, ref, pad_id, train_cfg, loss_cfg, device, callback, checkpoints)
-    finally:
-        disable_activation_checkpointing(model)
-
-
-def _train(
-    model: torch.nn.Module,
-    pairs: Sequence[TokenizedPair],
-    ref: dict[str, torch.Tensor],
-    pad_id: int,
-    train_cfg: TrainConfig,
-    loss_cfg: LossConfig,
-    device: torch.device | str,
-    callback: MetricsCallback | None,
-    checkpoints: Checkpoints | None,
-) -> TrainResult:
-    """:func:`train_dpo`'s loop, once ``train_cfg`` is concrete for the device."""
-    seed_everything(train_cfg.seed)
-    loss_fn = get_loss(loss_cfg.name)
-    plan = batch_plan(len(pairs), train_cfg)
-    world, rank = world_and_rank()
-    # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
-    # shards, so the optimizer is built after).
-    module = wrap(model, train_cfg.logprob_chunk_rows, train_cfg.parallelism, world, torch.device(device))
-    sharded = is_sharded(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # torch's fused AdamW: one kernel over all parameters (for the 20M benchmark model on the
-    # 2-core CPU, 14 ms a step against 78 ms for the default per-parameter loop:
-    # python -m benchmarks.kernels). Not for FSDP's sharded parameters.
-    fused = not sharded and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=train_cfg.learning_rate,
-        betas=train_cfg.adam_betas,
-        weight_decay=train_cfg.weight_decay,
-        fused=fused or None,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
-    )
-    ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
-    history: list[dict[str, float]] = []
-    done = 0
-    resumed = checkpoints.restore(model, optimizer, scheduler) if checkpoints is not None else None
-    if resumed is not None:
-        done, history = resumed.step, list(resumed.history)
-        for step, metrics in enumerate(history, start=1):
+    with activation_checkpointing(model, train_cfg.gradient_checkpointing):
+        seed_everything(train_cfg.seed)
+        loss_fn = get_loss(loss_cfg.name)
+        plan = batch_plan(len(pairs), train_cfg)
+        world, rank = world_and_rank()
+        # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
+        # shards, so the optimizer is built after).
+        module = wrap(model, train_cfg.logprob_chunk_rows, train_cfg.parallelism, world, torch.device(device))
+        sharded = is_sharded(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # torch's fused AdamW: one kernel over all parameters (for the 20M benchmark model on the
+        # 2-core CPU, 14 ms a step against 78 ms for the default per-parameter loop:
+        # python -m benchmarks.kernels). Not for FSDP's sharded parameters.
+        fused = not sharded and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=train_cfg.learning_rate,
+            betas=train_cfg.adam_betas,
+            weight_decay=train_cfg.weight_decay,
+            fused=fused or None,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
+        )
+        ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
+        history: list[dict[str, float]] = []
+        done = 0
+        resumed = checkpoints.restore(model, optimizer, scheduler) if checkpoints is not None else None
+        if resumed is not None:
+            done, history = resumed.step, list(resumed.history)
+            for step, metrics in enumerate(history, start=1):
+                if callback is not None:
+                    callback(step, metrics)
+        model.train()
+        for step, micro_batches in enumerate(plan, start=1):
+            if step <= done:  # trained before the checkpoint; the plan is the same, so skip its pairs
+                continue
+            n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
+            # Metric sums stay on the model's device until the step ends: one host sync per step.
+            step_sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
+            # Data parallel: each process takes every world-th pair of each micro-batch.
+            passes: list[tuple[list[int], float]] = [
+                (piece, 1.0)
+                for mb in micro_batches
+                if mb[rank::world]
+                for piece in split_by_tokens(mb[rank::world], pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
+            ]
+            if world > 1:
+                # DDP reduces gradients in each process's last pass, so each needs at least one; FSDP
+                # gathers parameters and reduce-scatters gradients in every pass, so all processes run
+                # as many passes. A process short of passes runs one pair with weight 0 (zero gradient).
+                needed = torch.tensor(len(passes) if sharded else 1, device=device)
+                if sharded:
+                    torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
+                passes += [([micro_batches[0][0]], 0.0)] * (int(needed) - len(passes))
+            for i, (ids, weight) in enumerate(passes):
+                batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
+                with gradient_sync(module, enabled=i == len(passes) - 1):
+                    logps, tokens = module(batch)  # (2b,) each
+                    b = len(ids)
+                    idx = torch.tensor(ids)
+                    lp = PairLogps(
+                        logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
+                    )
+                    losses = loss_fn(lp, loss_cfg)  # (b,)
+                    nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
+                    if loss_cfg.nll_weight:
+                        losses = losses + loss_cfg.nll_weight * nll
+                    # Sum over the pass divided by the optimizer step's pair count: the update is the
+                    # same for any split of the step into micro-batches and passes. DDP and FSDP
+                    # average gradients over the processes, hence the factor world.
+                    (losses.sum() * (weight * world) / n_step).backward()
+                if weight == 0.0:
+                    continue
+                r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
+                step_sums += torch.stack(
+                    [
+                        losses.detach().sum(),
+                        r_chosen.sum(),
+                        r_rejected.sum(),
+                        (r_chosen > r_rejected).float().sum(),
+                        lp.policy_chosen.detach().sum(),
+                        lp.policy_rejected.detach().sum(),
+                        nll.detach().sum(),
+                    ]
+                ).double()
+            if world > 1:
+                torch.distributed.all_reduce(step_sums)
+            sums = dict(zip(METRIC_SUMS, step_sums.tolist(), strict=True))
+            loss_value = sums["loss"] / n_step
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
+            if train_cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # DTensor under FSDP
+            if not math.isfinite(grad_norm):
+                raise TrainingError(f"the gradient norm is {grad_norm} at optimizer step {step}; stopping")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = {
+                "loss": loss_value,
+                "rewards/chosen": sums["chosen"] / n_step,
+                "rewards/rejected": sums["rejected"] / n_step,
+                "rewards/accuracies": sums["acc"] / n_step,
+                "rewards/margins": (sums["chosen"] - sums["rejected"]) / n_step,
+                "logps/chosen": sums["logps_c"] / n_step,
+                "logps/rejected": sums["logps_r"] / n_step,
+                "nll_loss": sums["nll"] / n_step,
+                "grad_norm": grad_norm,
+                "learning_rate": lr,
+                "epoch": step / len(plan) * train_cfg.epochs,
+            }
+            history.append(metrics)
             if callback is not None:
                 callback(step, metrics)
-    model.train()
-    for step, micro_batches in enumerate(plan, start=1):
-        if step <= done:  # trained before the checkpoint; the plan is the same, so skip its pairs
-            continue
-        n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
-        # Metric sums stay on the model's device until the step ends: one host sync per step.
-        step_sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
-        # Data parallel: each process takes every world-th pair of each micro-batch.
-        passes: list[tuple[list[int], float]] = [
-            (piece, 1.0)
-            for mb in micro_batches
-            if mb[rank::world]
-            for piece in split_by_tokens(mb[rank::world], pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
-        ]
-        if world > 1:
-            # DDP reduces gradients in each process's last pass, so each needs at least one; FSDP
-            # gathers parameters and reduce-scatters gradients in every pass, so all processes run
-            # as many passes. A process short of passes runs one pair with weight 0 (zero gradient).
-            needed = torch.tensor(len(passes) if sharded else 1, device=device)
-            if sharded:
-                torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
-            passes += [([micro_batches[0][0]], 0.0)] * (int(needed) - len(passes))
-        for i, (ids, weight) in enumerate(passes):
-            batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
-            with gradient_sync(module, enabled=i == len(passes) - 1):
-                logps, tokens = module(batch)  # (2b,) each
-                b = len(ids)
-                idx = torch.tensor(ids)
-                lp = PairLogps(
-                    logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
-                )
-                losses = loss_fn(lp, loss_cfg)  # (b,)
-                nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
-                if loss_cfg.nll_weight:
-                    losses = losses + loss_cfg.nll_weight * nll
-                # Sum over the pass divided by the optimizer step's pair count: the update is the
-                # same for any split of the step into micro-batches and passes. DDP and FSDP
-                # average gradients over the processes, hence the factor world.
-                (losses.sum() * (weight * world) / n_step).backward()
-            if weight == 0.0:
-                continue
-            r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
-            step_sums += torch.stack(
-                [
-                    losses.detach().sum(),
-                    r_chosen.sum(),
-                    r_rejected.sum(),
-                    (r_chosen > r_rejected).float().sum(),
-                    lp.policy_chosen.detach().sum(),
-                    lp.policy_rejected.detach().sum(),
-                    nll.detach().sum(),
-                ]
-            ).double()
-        if world > 1:
-            torch.distributed.all_reduce(step_sums)
-        sums = dict(zip(METRIC_SUMS, step_sums.tolist(), strict=True))
-        loss_value = sums["loss"] / n_step
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
-        if train_cfg.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # DTensor under FSDP
-        if not math.isfinite(grad_norm):
-            raise TrainingError(f"the gradient norm is {grad_norm} at optimizer step {step}; stopping")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {
-            "loss": loss_value,
-            "rewards/chosen": sums["chosen"] / n_step,
-            "rewards/rejected": sums["rejected"] / n_step,
-            "rewards/accuracies": sums["acc"] / n_step,
-            "rewards/margins": (sums["chosen"] - sums["rejected"]) / n_step,
-            "logps/chosen": sums["logps_c"] / n_step,
-            "logps/rejected": sums["logps_r"] / n_step,
-            "nll_loss": sums["nll"] / n_step,
-            "grad_norm": grad_norm,
-            "learning_rate": lr,
-            "epoch": step / len(plan) * train_cfg.epochs,
-        }
-        history.append(metrics)
-        if callback is not None:
-            callback(step, metrics)
-        # Process 0 writes; under FSDP gathering the state takes every process.
-        if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
-            checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
-    model.eval()
-    return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
+            # Process 0 writes; under FSDP gathering the state takes every process.
+            if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
+                checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
+        model.eval()
+        return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, ``model``'s decoder layers are checkpointed when ``enabled``
+    (:func:`enable_activation_checkpointing`); after it, whatever happened, they are not."""
+    if not enabled:
+        yield
+        return
+    enable_activation_checkpointing(model)
+    try:
+        yield
+    finally:
+        disable_activation_checkpointing(model)
 
 
 def disable_activation_checkpointing(model: torch.nn.Module) -> None:
