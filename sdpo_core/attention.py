@@ -311,10 +311,17 @@ def split_attention(decoder: torch.nn.Module, layout: SplitLayout) -> Iterator[_
     if SPLIT_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(SPLIT_ATTENTION, split_attention_forward)
     run = _Run(layout, decoder.config)
+    with _active(run):
+        yield run
+
+
+@contextmanager
+def _active(run: _Run) -> Iterator[None]:
+    """Within the block, ``run`` is this context's split-attention run and its config is swapped."""
     token = _ACTIVE.set(run)
     try:
-        with _swapped(decoder.config):
-            yield run
+        with _swapped(run.config):
+            yield
     finally:
         _ACTIVE.reset(token)
 
@@ -359,20 +366,15 @@ class _Replay:
 
     def __init__(self, run: _Run) -> None:
         self.run = run
-        self.entered: list[tuple[Any, Any]] = []
+        self.entered: list[Any] = []
 
     def __enter__(self) -> None:
-        token = _ACTIVE.set(_Run(self.run.layout, self.run.config))
-        swap = _swapped(self.run.config)
-        swap.__enter__()
-        self.entered.append((token, swap))
+        context = _active(_Run(self.run.layout, self.run.config))
+        context.__enter__()
+        self.entered.append(context)
 
     def __exit__(self, *exc: Any) -> None:
-        token, swap = self.entered.pop()
-        try:
-            swap.__exit__(*exc)
-        finally:
-            _ACTIVE.reset(token)
+        self.entered.pop().__exit__(*exc)
 
 
 def replays_split_attention(module: torch.nn.Module) -> bool:
