@@ -43,6 +43,13 @@ def launch(job: dict[str, Any], job_path: Path, num_processes: int) -> list[dict
     return json.loads((Path(job["out_dir"]) / HISTORY_FILE).read_text())
 
 
+def max_over_processes(value: int, device: torch.device | str) -> int:
+    """The largest ``value`` any process of the default group passed (every process must call)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def backend(name: str) -> str:
     if name != "auto":
         return name

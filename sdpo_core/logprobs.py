@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdpo_core import attention
 from sdpo_core.attention import SplitLayout
+from sdpo_core.distributed import max_over_processes
 
 
 @dataclass(frozen=True)
@@ -281,13 +282,13 @@ def _split_forward(model: torch.nn.Module, net: torch.nn.Module, batch: SharedPr
         return None
     device = batch.input_ids.device
     sharded = _fsdp_units(decoder)
-    width = _max_over_processes(batch.input_ids.shape[1], device) if sharded else batch.input_ids.shape[1]
+    width = max_over_processes(batch.input_ids.shape[1], device) if sharded else batch.input_ids.shape[1]
     if attention.refusal(decoder, width) is not None:
         return None
     with attention.split_attention(decoder, batch.split) as run:
         out = net(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     problem = attention.completed(run, decoder)
-    if sharded and _max_over_processes(int(problem is not None), device) and problem is None:
+    if sharded and max_over_processes(int(problem is not None), device) and problem is None:
         problem = "another process's forward could not split attention in the same pass"
     if problem is None:
         return out
@@ -303,13 +304,6 @@ def _fsdp_units(decoder: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in decoder.modules())
-
-
-def _max_over_processes(value: int, device: torch.device) -> int:
-    """The largest ``value`` any process of the default group passed (every process must call)."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from sdpo_core import attention
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import LossConfig, TrainConfig
+from sdpo_core.distributed import max_over_processes
 from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
 from sdpo_core.parallel import gradient_sync, wrap
@@ -210,10 +211,8 @@ def train_dpo(
                 # DDP reduces gradients in each process's last pass, so each needs at least one; FSDP
                 # gathers parameters and reduce-scatters gradients in every pass, so all processes run
                 # as many passes. A process short of passes runs one pair with weight 0 (zero gradient).
-                needed = torch.tensor(len(passes) if sharded else 1, device=device)
-                if sharded:
-                    torch.distributed.all_reduce(needed, op=torch.distributed.ReduceOp.MAX)
-                passes += [([micro_batches[0][0]], 0.0)] * (int(needed) - len(passes))
+                needed = max_over_processes(len(passes), device) if sharded else 1
+                passes += [([micro_batches[0][0]], 0.0)] * (needed - len(passes))
             for i, (ids, weight) in enumerate(passes):
                 batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
                 with gradient_sync(module, enabled=i == len(passes) - 1):
