@@ -191,15 +191,12 @@ def prepare_trl(
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    # Options that only some transformers versions have are passed where they exist.
-    # (transformers 5 renamed gradient_checkpointing*; the new names win where both exist.)
-    optional = {
-        "activation_checkpointing": args.gradient_checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False},
-    }
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*: the names this
+    # version has.
     known = {f.name for f in dataclasses.fields(DPOConfig)}
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     config = DPOConfig(
-        **{k: v for k, v in optional.items() if k in known},
+        **{name: args.gradient_checkpointing, f"{name}_kwargs": {"use_reentrant": False}},
         output_dir=str(Path(args.scratch) / "trl"),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
@@ -216,8 +213,6 @@ def prepare_trl(
         precompute_ref_batch_size=args.batch_size,
         bf16=args.dtype == "bfloat16",
         fp16=False,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
         padding_free=False,
         use_cpu=args.device == "cpu",
         report_to=[],
