@@ -250,3 +250,28 @@ def test_gradient_checkpointing_on_a_model_without_it_names_the_key() -> None:
 
     with pytest.raises(ValueError, match="train.gradient_checkpointing: Linear does not support"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_gradient_checkpointing_with_only_the_old_method_names() -> None:
+    """transformers before 5.24 (5.17 on the GPU machine) has only gradient_checkpointing_enable
+    and _disable, which take gradient_checkpointing_kwargs: they are called, with the replay."""
+    from sdpo_core import attention
+    from sdpo_core.train import activation_checkpointing
+
+    calls: list[tuple[str, dict]] = []
+
+    class OldModel(torch.nn.Module):
+        supports_gradient_checkpointing = True
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("enable", gradient_checkpointing_kwargs))
+
+        def gradient_checkpointing_disable(self):
+            calls.append(("disable", {}))
+
+        def disable_input_require_grads(self):
+            calls.append(("inputs", {}))
+
+    with activation_checkpointing(OldModel(), True):
+        assert calls == [("enable", {"use_reentrant": False, "context_fn": attention.replay_contexts})]
+    assert [c[0] for c in calls] == ["enable", "disable", "inputs"]
