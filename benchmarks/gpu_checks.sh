@@ -10,6 +10,9 @@
 #             rows in 4096-token passes: what the GPU defaults are chosen from.
 #   memory    sdpo against TRL's default, both with activation checkpointing (the memory lever
 #             that both have), one round.
+#   profile   sdpo's step at the bench shape run cold, then warm, then a short run under
+#             torch.profiler: what the cold start costs and which operations take the time
+#             (about 100 s).
 #   pipeline  A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps
 #             on the GPU: Prefect's temporary server, MLflow on SQLite, every step registered
 #             (about 70 s; run it as a second call: bash benchmarks/gpu_checks.sh OUT pipeline).
@@ -27,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.
     >>"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 
-bench_rc=0 pipeline_rc=0 explore_rc=0 memory_rc=0
+bench_rc=0 pipeline_rc=0 explore_rc=0 memory_rc=0 profile_rc=0
 shape=(--device cuda --dtype bfloat16 --sizes 0.5b --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256)
 
 if [[ $parts == *" bench "* ]]; then
@@ -61,6 +64,15 @@ if [[ $parts == *" memory "* ]]; then
     echo "memory: exit $memory_rc after $((SECONDS - start)) s"
 fi
 
+if [[ $parts == *" profile "* ]]; then
+    start=$SECONDS
+    timeout "${PROFILE_TIMEOUT:-150}" "$python" -m benchmarks.profile_step --device cuda --dtype bfloat16 --size 0.5b \
+        --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256 --top 40 \
+        --out "$out/profile_step_gpu.json" 2>&1 | tee "$out/profile.log"
+    profile_rc=${PIPESTATUS[0]}
+    echo "profile: exit $profile_rc after $((SECONDS - start)) s"
+fi
+
 if [[ $parts == *" pipeline "* ]]; then
     start=$SECONDS
     home=$(mktemp -d)
@@ -70,4 +82,4 @@ if [[ $parts == *" pipeline "* ]]; then
     echo "pipeline: exit $pipeline_rc after $((SECONDS - start)) s" | tee -a "$out/pipeline.log"
 fi
 
-exit $((bench_rc || explore_rc || memory_rc || pipeline_rc))
+exit $((bench_rc || explore_rc || memory_rc || profile_rc || pipeline_rc))

@@ -53,7 +53,12 @@ class PairBatch:
         return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask)))
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        """The forward's inputs: the token ids alone. The rows are right-padded, so under causal
+        attention no scored token sees a pad, and without a padding mask the model's attention
+        can take its plain causal path (on a GPU, SDPA's fused causal kernels, with no mask to
+        build and no key/value heads repeated for grouped-query attention). Pads get positions
+        past their row's end and outputs that are never read."""
+        return {"input_ids": self.input_ids}
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sequence, row, predicting position, label) of every scored token, each (N,)."""

@@ -183,3 +183,20 @@ def test_score_pairs_empty(model) -> None:
         "chosen_tokens": 0,
         "rejected_tokens": 0,
     }
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_padded_rows_need_no_attention_mask(model, tokenizer, pairs, implementation, monkeypatch) -> None:
+    """Right-padded rows go to the decoder without a padding mask (causal attention keeps every
+    scored token off the pads), and the log-probs equal the masked forward's."""
+    batch = collate_pairs(pairs, pad_id(tokenizer))
+    decoder = model.get_decoder()
+    seen: list[dict] = []
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **kw: seen.append(kw) or forward(*a, **kw))
+    monkeypatch.setattr(model.config, "_attn_implementation", implementation)
+    with torch.no_grad():
+        expected, _ = naive_logps(model, batch)
+        got, _ = completion_logps(model, batch)
+    assert seen[-1].get("attention_mask") is None
+    assert_close(got, expected, atol=1e-5, rtol=1e-6)

@@ -1,0 +1,113 @@
+"""Where sdpo's DPO step spends its time: the benchmark's step, run three times in one process.
+
+    python -m benchmarks.profile_step --device cuda --dtype bfloat16 --size 0.5b --pairs 384 \
+        --batch-size 16 --max-length 512 --max-prompt-length 256
+
+The first run pays what happens once per process (kernel selection, the allocator growing to
+its peak), as the benchmark's timed step does; the second, on the same pairs, shows the steady
+state. The third runs on the first ``--profile-pairs`` pairs only, under torch.profiler (a
+trace of the whole step takes minutes to summarise on a GPU). Prints the wall times as they
+come and the operations that took the most time, as JSON (``--out``) and a table. The model,
+pairs and settings are :mod:`benchmarks.dpo_step`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.dpo_step import build_model, real_pairs, run_sdpo, warm_up
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny", help="tiny, 20m or 0.5b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--pairs", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--max-prompt-length", type=int, default=96)
+    parser.add_argument("--profile-pairs", type=int, default=64, help="pairs of the profiled run")
+    parser.add_argument("--top", type=int, default=25, help="operations listed")
+    parser.add_argument("--out", default="benchmarks/results/profile_step.json")
+    args = parser.parse_args(argv)
+    result = profile(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"profiled run ({result['profiled_pairs']} pairs): {result['profiled_run_s']:.2f} s")
+    print(f"{'operation':<48} {'calls':>7} {'device ms':>10} {'cpu ms':>10}")
+    for op in result["top"]:
+        print(f"{op['name'][:48]:<48} {op['calls']:>7} {op['device_ms']:>10.1f} {op['cpu_ms']:>10.1f}")
+    print(f"JSON: {args.out}")
+    return 0
+
+
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from sdpo_core.config import LossConfig, TrainConfig
+    from sdpo_core.train import for_device
+
+    on_gpu = args.device.startswith("cuda")
+    model = build_model(args.size, getattr(torch, args.dtype), args.device)
+    pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
+    pad_id = 2
+    train_cfg = for_device(
+        TrainConfig(micro_batch_size=args.batch_size, grad_accum_steps=1, learning_rate=5e-4, warmup_ratio=0.0),
+        args.device,
+    )
+    loss_cfg = LossConfig(name="sigmoid", beta=0.1)
+    bench_args = argparse.Namespace(batch_size=args.batch_size, device=args.device)
+    warm_up(model, pairs, pad_id, args.device)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def timed(chosen: list[Any]) -> float:
+        model.load_state_dict(state)
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run_sdpo(model, chosen, pad_id, bench_args, train_cfg, loss_cfg)
+        if on_gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    runs = {}
+    for name in ("first_run_s", "second_run_s"):
+        runs[name] = timed(pairs)
+        print(f"{name}: {runs[name]:.2f} s ({len(pairs)} pairs)", flush=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    profiled = pairs[: args.profile_pairs]
+    with torch.profiler.profile(activities=activities) as prof:
+        runs["profiled_run_s"] = timed(profiled)
+    device_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, device_key), reverse=True)
+    top = [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3 if on_gpu else 0.0,
+            "cpu_ms": e.self_cpu_time_total / 1e3,
+        }
+        for e in events[: args.top]
+    ]
+    return {
+        "command": "python -m benchmarks.profile_step "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "top", "profile_pairs")
+        ),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "layout": {"shared_prompt": train_cfg.shared_prompt, "max_pass_tokens": train_cfg.max_pass_tokens},
+        **runs,
+        "profiled_pairs": len(profiled),
+        "device_total_ms": sum(getattr(e, device_key) for e in events) / 1e3,
+        "top": top,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
