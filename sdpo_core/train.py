@@ -301,7 +301,10 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[
 def disable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Undo :func:`enable_activation_checkpointing`, including transformers' hook that makes the
     embeddings' output require gradients (its disable removes that hook only for PEFT models)."""
-    _checkpointing_method(model, "disable")()
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:  # transformers before the rename (5.17 on the GPU machine; 5.24 has both names)
+        model.gradient_checkpointing_disable()
     model.disable_input_require_grads()
 
 
@@ -313,12 +316,7 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
             f"train.gradient_checkpointing: {type(model).__name__} does not support activation checkpointing"
         )
     settings = {"use_reentrant": False, "context_fn": attention.replay_contexts}
-    enable = _checkpointing_method(model, "enable")
-    enable(**{enable.__name__.replace("_enable", "_kwargs"): settings})
-
-
-def _checkpointing_method(model: torch.nn.Module, verb: str) -> Callable[..., None]:
-    """``model``'s ``activation_checkpointing_<verb>``, or ``gradient_checkpointing_<verb>`` in
-    transformers releases before the rename (5.17 has only the old names; 5.24 has both)."""
-    new = getattr(model, f"activation_checkpointing_{verb}", None)
-    return new if new is not None else getattr(model, f"gradient_checkpointing_{verb}")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
