@@ -59,6 +59,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sdpo", "trl", "trl_precompute", "sdpo_mask")
 DEFAULT_VARIANTS = ("sdpo", "trl", "trl_precompute")
+PAD_ID = 2  # EOS of the shipped tokenizer, as load_tokenizer sets it
 # Model sizes: the shipped model, a ~20M-parameter Llama built from its config (random weights),
 # and a ~0.5B one for GPUs. Random weights are fine for speed; the losses still compare.
 SIZES: dict[str, dict[str, int] | None] = {
@@ -70,8 +71,8 @@ SIZES: dict[str, dict[str, int] | None] = {
         "num_attention_heads": 8,
         "num_key_value_heads": 4,
     },
-    # 523M parameters (tied embeddings). Until 2026-11-27 this size was hidden 1024, 24 layers,
-    # intermediate 2816, 16/8 heads: 316M, the model of benchmarks/results/gpu.
+    # 523M parameters (tied embeddings), the model of benchmarks/results/gpu. Until 2026-11-27
+    # this size was hidden 1024, 24 layers, intermediate 2816, 16/8 heads: 316M.
     "0.5b": {
         "hidden_size": 1280,
         "intermediate_size": 3456,
@@ -132,12 +133,17 @@ def real_pairs(n: int, max_length: int, max_prompt_length: int, vocab_size: int)
 
 
 def warm_up(model: Any, pairs: list[Any], pad_id: int, device: str) -> None:
-    """One forward and backward pass on two pairs, gradients dropped."""
-    from sdpo_core.logprobs import collate_pairs
+    """Forward and backward passes on two pairs, gradients dropped: once as TRL calls the model
+    (padded rows with their padding mask), and once through sdpo's log-probs in each layout, so
+    neither side's timed step is the first to run its attention kernels."""
+    from sdpo_core.logprobs import collate, collate_pairs, completion_logps
 
     batch = collate_pairs(pairs[:2], pad_id).to(device)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     out.logits.float().mean().backward()
+    for shared_prompt in (False, True):
+        logps, _ = completion_logps(model, collate(pairs[:2], pad_id, shared_prompt).to(device))
+        logps.sum().backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -278,19 +284,11 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
+def sdpo_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """sdpo's train and loss configs for the benchmark's settings, made concrete for its device."""
     from sdpo_core.config import LossConfig, TrainConfig
     from sdpo_core.train import for_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    model = build_model(args.size, dtype, args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    pad_id = 2  # EOS of the shipped tokenizer, as load_tokenizer sets it
-    pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
     train_cfg = TrainConfig(
         micro_batch_size=args.batch_size,
         grad_accum_steps=1,
@@ -307,14 +305,26 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         train_cfg = replace(train_cfg, max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
     if args.layout != "auto":
         train_cfg = replace(train_cfg, shared_prompt=args.layout == "shared")
-    train_cfg = for_device(train_cfg, args.device)
-    loss_cfg = LossConfig(name="sigmoid", beta=args.beta)
+    return for_device(train_cfg, args.device), LossConfig(name="sigmoid", beta=args.beta)
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.size, dtype, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    pad_id = PAD_ID
+    pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
+    train_cfg, loss_cfg = sdpo_configs(args)
+    if args.variant == "sdpo_mask":
+        from sdpo_core.attention import refuse
+
+        refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
     warm_up(model, pairs, pad_id, args.device)
     if args.variant in ("sdpo", "sdpo_mask"):
-        if args.variant == "sdpo_mask":
-            from sdpo_core.attention import refuse
-
-            refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
         step = lambda: run_sdpo(model, pairs, pad_id, args, train_cfg, loss_cfg)  # noqa: E731
     else:
         step = prepare_trl(model, pairs, args, train_cfg, precompute=args.variant == "trl_precompute")

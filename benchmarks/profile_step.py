@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.dpo_step import build_model, real_pairs, run_sdpo, warm_up
+from benchmarks.dpo_step import PAD_ID, build_model, real_pairs, run_sdpo, sdpo_configs, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--max-prompt-length", type=int, default=96)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--chunk-rows", type=int, default=0, help="sdpo's logprob_chunk_rows (0: default)")
+    parser.add_argument("--pass-tokens", type=int, default=0, help="max_pass_tokens (0: default, -1: one pass)")
+    parser.add_argument("--layout", choices=["auto", "shared", "padded"], default="auto")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--profile-pairs", type=int, default=64, help="pairs of the profiled run")
     parser.add_argument("--top", type=int, default=25, help="operations listed")
     parser.add_argument("--out", default="benchmarks/results/profile_step.json")
@@ -50,20 +56,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity
 
-    from sdpo_core.config import LossConfig, TrainConfig
-    from sdpo_core.train import for_device
-
     on_gpu = args.device.startswith("cuda")
     model = build_model(args.size, getattr(torch, args.dtype), args.device)
     pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
-    pad_id = 2
-    train_cfg = for_device(
-        TrainConfig(micro_batch_size=args.batch_size, grad_accum_steps=1, learning_rate=5e-4, warmup_ratio=0.0),
-        args.device,
-    )
-    loss_cfg = LossConfig(name="sigmoid", beta=0.1)
-    bench_args = argparse.Namespace(batch_size=args.batch_size, device=args.device)
-    warm_up(model, pairs, pad_id, args.device)
+    train_cfg, loss_cfg = sdpo_configs(args)
+    warm_up(model, pairs, PAD_ID, args.device)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def timed(chosen: list[Any]) -> float:
@@ -71,7 +68,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         if on_gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        run_sdpo(model, chosen, pad_id, bench_args, train_cfg, loss_cfg)
+        run_sdpo(model, chosen, PAD_ID, args, train_cfg, loss_cfg)
         if on_gpu:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -84,27 +81,30 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     profiled = pairs[: args.profile_pairs]
     with torch.profiler.profile(activities=activities) as prof:
         runs["profiled_run_s"] = timed(profiled)
-    device_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, device_key), reverse=True)
+    # Operations only: the kernels they launch are listed too, and their time is already each
+    # operation's self device time (summing both would count the GPU's time twice).
+    ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    ops.sort(key=lambda e: getattr(e, key), reverse=True)
     top = [
         {
             "name": e.key,
             "calls": e.count,
-            "device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3 if on_gpu else 0.0,
+            "device_ms": e.self_device_time_total / 1e3 if on_gpu else 0.0,
             "cpu_ms": e.self_cpu_time_total / 1e3,
         }
-        for e in events[: args.top]
+        for e in ops[: args.top]
     ]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "top")}
     return {
         "command": "python -m benchmarks.profile_step "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "top", "profile_pairs")
-        ),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if not isinstance(v, bool))
+        + (" --gradient-checkpointing" if args.gradient_checkpointing else ""),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "layout": {"shared_prompt": train_cfg.shared_prompt, "max_pass_tokens": train_cfg.max_pass_tokens},
         **runs,
         "profiled_pairs": len(profiled),
-        "device_total_ms": sum(getattr(e, device_key) for e in events) / 1e3,
+        "total_ms": sum(getattr(e, key) for e in ops) / 1e3,
         "top": top,
     }
 

@@ -184,8 +184,8 @@ class TrainConfig:
     instead of two padded rows; the log-probs are the same. Attention is split in two calls per
     layer (prompt + chosen, causal; the rejected tokens over prompt + rejected) for models that
     dispatch it through transformers' attention interface, a 4-D mask for others (eager, sdpa;
-    set false for other implementations). auto is true on a CPU and false on a GPU, where the
-    4-D mask measured slower (benchmarks/results/gpu; split attention not yet measured there)."""
+    set false for other implementations). auto is true on a CPU and false on a GPU, where it
+    measured slower than padded rows, split attention included (benchmarks/results/gpu)."""
     max_pass_tokens: Literal["auto"] | int | None = "auto"
     """Padded tokens per forward/backward pass: each micro-batch is cut into length-sorted passes
     of at most this many tokens (2 x pairs x longest row). Same update, less padding and less

@@ -33,7 +33,8 @@ class TokenizedPair:
 
 @dataclass(frozen=True)
 class PairBatch:
-    """B pairs laid out as 2B right-padded rows: chosen rows first, then rejected rows.
+    """B pairs laid out as 2B right-padded rows: chosen rows first, then rejected rows. The
+    forward relies on the padding being on the right (:meth:`model_inputs`).
 
     Attributes:
         input_ids: (2B, T) token ids, padded with the pad id.

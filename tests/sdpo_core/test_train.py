@@ -252,9 +252,11 @@ def test_gradient_checkpointing_on_a_model_without_it_names_the_key() -> None:
         enable_activation_checkpointing(torch.nn.Linear(2, 2))
 
 
-def test_gradient_checkpointing_with_only_the_old_method_names() -> None:
+@pytest.mark.parametrize("names", ["old", "both"])
+def test_gradient_checkpointing_method_names(names) -> None:
     """transformers before 5.24 (5.17 on the GPU machine) has only gradient_checkpointing_enable
-    and _disable, which take gradient_checkpointing_kwargs: they are called, with the replay."""
+    and _disable, which take gradient_checkpointing_kwargs; 5.24 has the activation_checkpointing
+    names too, which are preferred. Either way the replay goes along."""
     from sdpo_core import attention
     from sdpo_core.train import activation_checkpointing
 
@@ -264,14 +266,22 @@ def test_gradient_checkpointing_with_only_the_old_method_names() -> None:
         supports_gradient_checkpointing = True
 
         def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-            calls.append(("enable", gradient_checkpointing_kwargs))
+            calls.append(("old enable", gradient_checkpointing_kwargs))
 
         def gradient_checkpointing_disable(self):
-            calls.append(("disable", {}))
+            calls.append(("old disable", {}))
 
         def disable_input_require_grads(self):
             calls.append(("inputs", {}))
 
-    with activation_checkpointing(OldModel(), True):
-        assert calls == [("enable", {"use_reentrant": False, "context_fn": attention.replay_contexts})]
-    assert [c[0] for c in calls] == ["enable", "disable", "inputs"]
+    class NewModel(OldModel):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("new enable", activation_checkpointing_kwargs))
+
+        def activation_checkpointing_disable(self):
+            calls.append(("new disable", {}))
+
+    kind = "old" if names == "old" else "new"
+    with activation_checkpointing(OldModel() if names == "old" else NewModel(), True):
+        assert calls == [(f"{kind} enable", {"use_reentrant": False, "context_fn": attention.replay_contexts})]
+    assert [c[0] for c in calls] == [f"{kind} enable", f"{kind} disable", "inputs"]

@@ -229,9 +229,7 @@ def test_per_token_logps_match(setup: Setup, make_trainer) -> None:
     batch = collate_pairs(setup.pairs, pad_id(setup.tokenizer))
     rows, cols = batch.completion_mask[:, 1:].bool().nonzero(as_tuple=True)  # token t+1 predicted at t
     labels = batch.input_ids[:, 1:][rows, cols]
-    hidden = setup.policy.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state
+    hidden = setup.policy.get_decoder()(**batch.model_inputs()).last_hidden_state  # as sdpo's forward calls it
     ours = token_logps(hidden[:, :-1][rows, cols], labels, setup.policy.get_output_embeddings(), chunk_rows=64)
     trl_labels = batch.input_ids.masked_fill(batch.completion_mask == 0, -100)
     out = trainer.model(
