@@ -2,25 +2,27 @@
 # The GPU checks, as one script: bash benchmarks/gpu_checks.sh [OUT_DIR] [PARTS]
 #
 # Needs one NVIDIA GPU and this project's dependencies plus trl (pip install -e ".[test]").
-# PARTS (default "bench layouts memory", about 540 s at most: one 10-minute device call):
+# PARTS (default "bench profile", about 420 s at most: one 10-minute device call):
 #   bench     The DPO step benchmark in bf16 on a ~0.5B Llama: sdpo against TRL's DPOTrainer with
 #             its reference model in memory (its default) and with precomputed reference
 #             log-probs, two alternating rounds, MFU against the card's measured bf16 rate.
-#   layouts   sdpo alone with the shared-prompt layout (split attention) in one pass, and padded
-#             rows in 4096-token passes: what the GPU defaults are chosen from.
-#   memory    sdpo against TRL's default, both with activation checkpointing (the memory lever
-#             that both have), one round.
-#   profile   sdpo's step at the bench shape run cold, then warm, then a short run under
+#   profile   sdpo's step at the bench shape run cold, then warm, then 64 pairs under
 #             torch.profiler: what the cold start costs and which operations take the time
-#             (about 100 s).
+#             (at most 150 s).
+#   layouts   sdpo alone with the shared-prompt layout (split attention) in one pass, and padded
+#             rows in 4096-token passes: what the GPU defaults are chosen from (run on
+#             2026-11-27, benchmarks/results/gpu).
+#   memory    sdpo against TRL's default, both with activation checkpointing (the memory lever
+#             that both have), one round (run on 2026-11-27).
 #   pipeline  A two-step sDPO pipeline (the random-split recipe, tiny model) with its train steps
 #             on the GPU: Prefect's temporary server, MLflow on SQLite, every step registered
-#             (about 70 s; run it as a second call: bash benchmarks/gpu_checks.sh OUT pipeline).
-# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name; 8
-# files for the default parts.
+#             (about 75 s; run on 2026-11-27).
+# Everything goes to OUT_DIR (default benchmarks/results/gpu): JSON, logs, the card's name; 5
+# files for the default parts. A device call returns at most 8 files: "layouts memory" with
+# "bench" makes 8.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
-parts=" ${2:-bench layouts memory} "
+parts=" ${2:-bench profile} "
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
