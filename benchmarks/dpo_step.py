@@ -528,9 +528,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dpo_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="tiny,20m", help="comma-separated: tiny, 20m, 0.5b")
+def add_step_options(parser: argparse.ArgumentParser) -> None:
+    """The options that set the step: device, shape, hyperparameters and sdpo's layout (shared
+    with :mod:`benchmarks.profile_step`)."""
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--pairs", type=int, default=48)
@@ -539,8 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-length", type=int, default=96)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds; the median is reported")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--chunk-rows", type=int, default=0, help="sdpo's logprob_chunk_rows (0: default)")
     parser.add_argument(
         "--pass-tokens", type=int, default=0, help="sdpo's max_pass_tokens (0: default, -1: one pass per micro-batch)"
@@ -553,6 +551,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="both sides recompute each decoder layer in the backward pass (non-reentrant)",
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dpo_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,20m", help="comma-separated: tiny, 20m, 0.5b")
+    add_step_options(parser)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument(
         "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}"
     )

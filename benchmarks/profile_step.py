@@ -19,24 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.dpo_step import PAD_ID, build_model, real_pairs, run_sdpo, sdpo_configs, warm_up
+from benchmarks.dpo_step import PAD_ID, add_step_options, build_model, real_pairs, run_sdpo, sdpo_configs, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", help="tiny, 20m or 0.5b")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--pairs", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=192)
-    parser.add_argument("--max-prompt-length", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--chunk-rows", type=int, default=0, help="sdpo's logprob_chunk_rows (0: default)")
-    parser.add_argument("--pass-tokens", type=int, default=0, help="max_pass_tokens (0: default, -1: one pass)")
-    parser.add_argument("--layout", choices=["auto", "shared", "padded"], default="auto")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    add_step_options(parser)
     parser.add_argument("--profile-pairs", type=int, default=64, help="pairs of the profiled run")
     parser.add_argument("--top", type=int, default=25, help="operations listed")
     parser.add_argument("--out", default="benchmarks/results/profile_step.json")
