@@ -316,16 +316,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     model = build_model(args.size, dtype, args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    pad_id = PAD_ID
     pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
     train_cfg, loss_cfg = sdpo_configs(args)
     if args.variant == "sdpo_mask":
         from sdpo_core.attention import refuse
 
         refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
-    warm_up(model, pairs, pad_id, args.device)
+    warm_up(model, pairs, PAD_ID, args.device)
     if args.variant in ("sdpo", "sdpo_mask"):
-        step = lambda: run_sdpo(model, pairs, pad_id, args, train_cfg, loss_cfg)  # noqa: E731
+        step = lambda: run_sdpo(model, pairs, PAD_ID, args, train_cfg, loss_cfg)  # noqa: E731
     else:
         step = prepare_trl(model, pairs, args, train_cfg, precompute=args.variant == "trl_precompute")
     if args.device.startswith("cuda"):
