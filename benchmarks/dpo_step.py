@@ -52,7 +52,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -300,11 +299,13 @@ def sdpo_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     if args.chunk_rows:
-        train_cfg = replace(train_cfg, logprob_chunk_rows=args.chunk_rows)
+        train_cfg = train_cfg.model_copy(update=dict(logprob_chunk_rows=args.chunk_rows))
     if args.pass_tokens:
-        train_cfg = replace(train_cfg, max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
+        train_cfg = train_cfg.model_copy(
+            update=dict(max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
+        )
     if args.layout != "auto":
-        train_cfg = replace(train_cfg, shared_prompt=args.layout == "shared")
+        train_cfg = train_cfg.model_copy(update=dict(shared_prompt=args.layout == "shared"))
     return for_device(train_cfg, args.device), LossConfig(name="sigmoid", beta=args.beta)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows import data_inspect
-from flows.workspace import configure_environment
+from tasks.workspace import configure_environment
 from sdpo_core.locks import file_lock
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
-from flows.workspace import within, workspace_root
+from tasks.workspace import within, workspace_root
 from sdpo_core.config import RunConfig, load_config
 from sdpo_core.model_io import check_model_source
 from tasks import tracking

@@ -60,7 +60,7 @@ def _train_step(
     cfg: RunConfig, context: dict[str, str | None], chunk: dict[str, Any], ref_uri: str, ref_scores: str, step: int
 ) -> dict[str, Any]:
     """sdpo_train_step's work, once the credentials are in place."""
-    from flows.workspace import workspace_root
+    from tasks.workspace import workspace_root
     from tasks.storage import publish
 
     # The pipeline's paths are under its workspace. A worker with its own (SDPO_HOME set) keeps

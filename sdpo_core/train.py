@@ -11,7 +11,7 @@ import contextlib
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -118,7 +118,7 @@ def for_device(cfg: TrainConfig, device: torch.device | str) -> TrainConfig:
         changes["shared_prompt"] = not on_gpu
     if cfg.max_pass_tokens == "auto":
         changes["max_pass_tokens"] = None if on_gpu else 1024
-    return replace(cfg, **changes) if changes else cfg
+    return cfg.model_copy(update=changes) if changes else cfg
 
 
 def world_and_rank() -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from flows.workspace import default_tracking_uri, within
+from tasks.workspace import default_tracking_uri, within
 from sdpo_core.locks import file_lock
 
 SENSITIVE_MARKERS = ("secret", "password", "token", "key", "credential")

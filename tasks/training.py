@@ -42,7 +42,7 @@ def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
 def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str) -> Checkpoints:
     """The train step's checkpoints in the workspace; with storage.uri each one is also uploaded
     (its files, then the ``latest`` pointer) and a missing local copy is fetched from there."""
-    from flows.workspace import within
+    from tasks.workspace import within
     from sdpo_core.checkpoint import LATEST, STATE, Checkpoints
     from sdpo_core.stages import checkpoint_dir
     from tasks.storage import fetch, publish, remove

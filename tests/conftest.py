@@ -15,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-from flows.workspace import configure_environment  # noqa: E402
+from tasks.workspace import configure_environment  # noqa: E402
 
 configure_environment(_SESSION_HOME / "workspace")
 

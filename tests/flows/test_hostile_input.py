@@ -143,7 +143,7 @@ def test_names_cannot_point_outside_the_workspace(override: str, tmp_path: Path,
 
 
 def test_within_refuses_paths_that_escape(tmp_path: Path) -> None:
-    from flows.workspace import within
+    from tasks.workspace import within
 
     assert within(tmp_path, tmp_path / "runs" / "a") == (tmp_path / "runs" / "a").resolve()
     with pytest.raises(ValueError, match="outside the workspace"):

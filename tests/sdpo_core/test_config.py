@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from sdpo_core.config import (
     ConfigError,
@@ -250,25 +249,31 @@ def test_missing_recipe_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_config_is_frozen_and_hash_tracks_content() -> None:
     cfg = from_dict(_minimal())
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.run_name = "x"  # type: ignore[misc]
     assert cfg.hash() == from_dict(_minimal()).hash()
     assert cfg.hash() != from_dict(_minimal(train={"seed": 1})).hash()
 
 
-def _leaves(cls: type, prefix: str = "") -> set[str]:
-    """Every leaf key of a config dataclass, walked independently of describe()."""
-    out: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            out |= _leaves(hint, f"{prefix}{f.name}.")
-        else:
-            out.add(prefix + f.name)
-            if typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (SourceConfig,):
-                out |= _leaves(SourceConfig, f"{prefix}{f.name}.<i>.")
-    return out
+def _leaves(cls: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every leaf key of a config model, walked from its JSON schema, independently of describe()."""
+    schema = cls.model_json_schema()
+    defs = schema.get("$defs", {})
+
+    def walk(node: dict[str, Any], prefix: str) -> set[str]:
+        out: set[str] = set()
+        for name, prop in node["properties"].items():
+            ref = prop.get("$ref") or next((a.get("$ref") for a in prop.get("anyOf", []) if "$ref" in a), None)
+            items = prop.get("items", {}).get("$ref")
+            if ref:
+                out |= walk(defs[ref.rsplit("/", 1)[-1]], f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+                if items:
+                    out |= walk(defs[items.rsplit("/", 1)[-1]], f"{prefix}{name}.<i>.")
+        return out
+
+    return walk(schema, prefix)
 
 
 def test_describe_covers_every_leaf_with_a_doc() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,7 @@ def test_accumulation_invariance(setup) -> None:
     grad_norm (taken before clipping) is compared too: Adam's first step is blind to the scale of the
     gradient, so a wrong normalisation of accumulated micro-batches shows there first.
     """
-    a, ra = _train(setup, replace(BASE, micro_batch_size=1, grad_accum_steps=4))
+    a, ra = _train(setup, BASE.model_copy(update=dict(micro_batch_size=1, grad_accum_steps=4)))
     b, rb = _train(setup, BASE)
     m0 = load_model(MODEL_CFG).state_dict()
     assert ra.optimizer_steps == rb.optimizer_steps == 2
@@ -83,7 +82,7 @@ def test_same_seed_repeats_exactly_and_other_seed_differs(setup) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ra.history == rb.history
 
-    other = replace(BASE, seed=1)
+    other = BASE.model_copy(update=dict(seed=1))
     assert batch_plan(8, other) != batch_plan(8, BASE), "seed 1 must shuffle differently for this test to bite"
     c, _ = _train(setup, other)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -134,7 +133,7 @@ def test_learning_rate_follows_schedule(setup) -> None:
     factors: step 1: 1/2, step 2: 2/2 = 1, step 3: progress 0 -> 1, step 4: progress 1/2 ->
     0.5 (1 + cos(pi/2)) = 0.5; with a peak of 1e-3: 5e-4, 1e-3, 1e-3, 5e-4.
     """
-    cfg = replace(BASE, micro_batch_size=2, warmup_ratio=0.5, learning_rate=1e-3)
+    cfg = BASE.model_copy(update=dict(micro_batch_size=2, warmup_ratio=0.5, learning_rate=1e-3))
     _, result = _train(setup, cfg)
     assert [m["learning_rate"] for m in result.history] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
     assert [m["epoch"] for m in result.history] == pytest.approx([0.25, 0.5, 0.75, 1.0])
@@ -171,8 +170,8 @@ def test_reference_length_mismatch(setup) -> None:
 
 def test_batch_plan_split_does_not_change_the_steps() -> None:
     """The global batch of each step is the same pairs whatever the split into micro-batches."""
-    a = batch_plan(10, replace(BASE, micro_batch_size=1, grad_accum_steps=4, epochs=2))
-    b = batch_plan(10, replace(BASE, micro_batch_size=4, grad_accum_steps=1, epochs=2))
+    a = batch_plan(10, BASE.model_copy(update=dict(micro_batch_size=1, grad_accum_steps=4, epochs=2)))
+    b = batch_plan(10, BASE.model_copy(update=dict(micro_batch_size=4, grad_accum_steps=1, epochs=2)))
     flat = [[i for mb in step for i in mb] for step in a]
     assert flat == [step[0] for step in b]
     assert [len(s) for s in flat] == [4, 4, 2, 4, 4, 2]
@@ -228,12 +227,12 @@ def test_gradient_checkpointing_trains_the_same(setup, shared_prompt, monkeypatc
     split_calls: list[int] = []
     original = attention.completed
     monkeypatch.setattr(attention, "completed", lambda run, dec: split_calls.append(run.calls) or original(run, dec))
-    cfg = replace(BASE, shared_prompt=shared_prompt, max_pass_tokens=None)
+    cfg = BASE.model_copy(update=dict(shared_prompt=shared_prompt, max_pass_tokens=None))
     plain, r_plain = _train(setup, cfg)
     seen = len(split_calls)
     pairs, ref, pid = setup
     model = load_model(MODEL_CFG)
-    result = train_dpo(model, pairs, ref, pid, replace(cfg, gradient_checkpointing=True), LossConfig())
+    result = train_dpo(model, pairs, ref, pid, cfg.model_copy(update=dict(gradient_checkpointing=True)), LossConfig())
     checkpointed = {k: v.detach() for k, v in model.state_dict().items()}
     # Recomputation repeats the same operations: tighter than the split-versus-mask difference (3e-5).
     for k in plain:
