@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdpo_core.files import atomic_path
 from sdpo_core.hashing import sha256_file
 from sdpo_core.locks import file_lock
 from sdpo_core.state import full_state, load_full_state
@@ -56,6 +57,7 @@ class Resumed:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Write a file of a checkpoint's temporary folder (no reader sees it before the folder's rename)."""
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
@@ -67,11 +69,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+def _replace_durably(path: Path, text: str) -> None:
+    """:func:`atomic_path`, with the new file and the rename flushed to disk."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        _fsync(tmp)
     _fsync(path.parent)  # the rename itself survives a power loss
 
 
@@ -222,7 +224,7 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         previous = self.latest_name()
-        _replace_atomically(self.root / LATEST, final.name + "\n")
+        _replace_durably(self.root / LATEST, final.name + "\n")
         if previous and previous != final.name:
             shutil.rmtree(self.root / previous, ignore_errors=True)
         if self.on_saved is not None:

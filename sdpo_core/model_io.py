@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -99,15 +100,29 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Save weights (safetensors), config, tokenizer and ``meta.json``; atomic via a temp folder."""
+    """Save weights (safetensors), config, tokenizer and ``meta.json``; atomic via a temp folder.
+
+    The folder is written under a unique temporary name beside ``out_dir`` (two processes saving
+    at once do not mix their files) and renamed into place. A folder already there is moved
+    aside first and removed only once the new one is in place, never deleted beforehand.
+    """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.partial")
+    aside = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            out_dir.rename(aside)  # a folder cannot be renamed over a non-empty one
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if aside.exists() and not out_dir.exists():
+                aside.rename(out_dir)  # the old folder back in place
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
     return out_dir

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdpo_core import checkpoint
 from sdpo_core.checkpoint import LATEST, Checkpoints
 from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig, TrainConfig
 from sdpo_core.data import load_source, tokenize_pairs
@@ -123,6 +124,27 @@ def test_interrupted_write_leaves_the_previous_checkpoint(setup, tmp_path: Path,
     assert ckpt.latest() == before
     leftovers = [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.endswith(".tmp")]
     assert leftovers == [], "a failed write cleans up its temporary folder"
+
+
+def test_interrupted_pointer_write_keeps_the_previous_latest(setup, tmp_path: Path, monkeypatch) -> None:
+    """The ``latest`` pointer is replaced atomically: a failure while writing the new one leaves
+    the old pointer whole and no temporary file beside it."""
+    ckpt = Checkpoints(tmp_path / "ckpt", every=2)
+    with pytest.raises(Crash):
+        _train(setup, ckpt, crash_after=2)
+    before = ckpt.latest()
+    real_fsync = checkpoint._fsync
+
+    def failing_fsync(path: Path) -> None:
+        if Path(path).name.startswith(f".{LATEST}."):
+            raise OSError("I/O error")
+        real_fsync(path)
+
+    monkeypatch.setattr("sdpo_core.checkpoint._fsync", failing_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        _train(setup, replace_every(ckpt, 1))
+    assert ckpt.latest() == before
+    assert not [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(f".{LATEST}.")]
 
 
 def replace_every(ckpt: Checkpoints, every: int) -> Checkpoints:
