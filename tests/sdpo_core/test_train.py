@@ -68,11 +68,20 @@ def test_accumulation_invariance(setup) -> None:
     m0 = load_model(MODEL_CFG).state_dict()
     assert ra.optimizer_steps == rb.optimizer_steps == 2
     assert _max_diff(a, m0) > 1e-4, "training should move the weights"
+    # Adam divides by sqrt(v): for a weight whose gradient is near zero, fp32 rounding of the
+    # accumulated gradient (summed in another order) moves its update by up to ~1e-5 (1.3e-5 seen
+    # on one of 11008 elements with transformers 5.24). A wrong normalisation moves every weight
+    # by ~lr = 1e-3.
     for k in a:
-        assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
-    for step_a, step_b in zip(ra.history, rb.history, strict=True):
+        assert_close(a[k], b[k], atol=5e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    for i, (step_a, step_b) in enumerate(zip(ra.history, rb.history, strict=True)):
         assert step_a.keys() == step_b.keys()
         for key in step_a:
+            if i == 0 and key == "rewards/accuracies":
+                # At the first step the policy is the reference: every reward is rounding noise
+                # (about 1e-7), and which of two noise values is larger depends on the layout.
+                assert abs(step_a["rewards/margins"]) < 1e-5 and abs(step_b["rewards/margins"]) < 1e-5
+                continue
             assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-5), key
 
 
