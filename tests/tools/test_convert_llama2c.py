@@ -16,12 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo_core.convert_llama2c import (
-    HEADER_BYTES,
-    convert_llama2c,
-    read_header,
-    read_llama2c_arrays,
-)
+from tools.convert_llama2c import convert_llama2c
+from tools.llama2c_checkpoint import HEADER_BYTES, read_header, read_llama2c_arrays
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "stories260K"

@@ -1,0 +1,1 @@
+"""Repository-only tools (not installed with the package): run from the repository root."""
