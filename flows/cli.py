@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows import data_inspect
-from tasks.workspace import configure_environment
 from sdpo_core.locks import file_lock
+from tasks.workspace import configure_environment
 
 if TYPE_CHECKING:
     from sdpo_core.config import RunConfig
     from sdpo_core.data import DataReport
+    from sdpo_core.records import PreparedData
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -26,10 +27,11 @@ RESUME_HINT = (
 
 
 def _options_help() -> str:
-    from sdpo_core.config import describe
+    from sdpo_core.config import RunConfig
+    from sdpo_core.config_rules import describe
 
     lines = ["recipe options (set in the YAML recipe or as key.sub=value overrides):", ""]
-    for key, default, doc in describe():
+    for key, default, doc in describe(RunConfig):
         lines.append(f"  {key} (default {default})")
         lines.extend(textwrap.wrap(doc, width=88, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
@@ -58,25 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="check the config and data, print the resolved config, stop"
     )
     data_inspect.add_parser(sub)
-    convert = sub.add_parser("convert-llama2c", help="convert a llama2.c checkpoint to a Hugging Face folder")
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("tokenizer_model", type=Path)
-    convert.add_argument("out_dir", type=Path)
     return parser
 
 
-def preflight(cfg: RunConfig) -> DataReport:
-    """Check the model folder and read, validate and split the data before starting Prefect.
-
-    Bad input then fails in seconds, with one message, before anything is tracked.
+def preflight(cfg: RunConfig, data_dir: Path) -> tuple[PreparedData, DataReport]:
+    """Check the model folder, prepare the data into ``data_dir`` and check the tracking server,
+    before Prefect starts: bad input fails in seconds, with one message, before anything is
+    tracked. The flow is handed the prepared data and does not read the sources again.
     """
-    from sdpo_core.data import build_dataset
-    from sdpo_core.model_io import check_model_source, load_tokenizer
+    from sdpo_core.model_io import check_model_source
+    from tasks.data import prepare
 
     check_model_source(cfg.model)
-    report = build_dataset(cfg, load_tokenizer(cfg.model))[2]
+    prepared = prepare(cfg, data_dir)
     check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    return report
+    return prepared
 
 
 class TrackingUnreachable(RuntimeError):
@@ -132,16 +130,21 @@ def create_prefect_database() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import tempfile
+
     import yaml
 
     from sdpo_core.config import load_config
+    from tasks.workspace import run_folder, workspace_root
 
     cfg = load_config(args.config, args.overrides)
-    report = preflight(cfg)
     if args.dry_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            _, report = preflight(cfg, Path(scratch))
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(data_inspect.format_report(report, cfg))
         return 0
+    prepared, _ = preflight(cfg, run_folder(workspace_root(), cfg.run_name) / "data")
     from flows.pipeline import sdpo_pipeline
     from tasks.tracking import redact_userinfo
 
@@ -151,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
         # A missing block or an unreachable Prefect API stops the run before its flow run starts.
         read_credentials(cfg.storage.credentials_block)
-    result = sdpo_pipeline(recipe=args.config, overrides=list(args.overrides))
+    result = sdpo_pipeline(config=cfg, prepared=prepared)
     root = configure_environment()
     print()
     print(f"sDPO run {cfg.run_name!r}: {len(result.rows)} step(s), files in {result.run_dir}")
@@ -181,12 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
-        if args.command == "data":
-            return data_inspect.run_inspect(args)
-        from sdpo_core.convert_llama2c import convert_llama2c
-
-        print(convert_llama2c(args.checkpoint, args.tokenizer_model, args.out_dir))
-        return 0
+        return data_inspect.run_inspect(args)
     except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable, CredentialsError) as exc:
         print(f"sdpo: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,7 +7,6 @@ registered with alias ``step-<t>``. Nothing happens at import time.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
-from tasks.workspace import within, workspace_root
-from sdpo_core.config import RunConfig, load_config
+from sdpo_core.config import RunConfig
 from sdpo_core.model_io import check_model_source
+from sdpo_core.records import PreparedData, TrainStepSpec
 from tasks import tracking
 from tasks.blocks import s3_credentials
 from tasks.data import partition, prepare_data
@@ -25,6 +24,7 @@ from tasks.registry import find_finished_step, open_tracking, register_base, reg
 from tasks.report import report
 from tasks.tracking import model_uri, version_uri
 from tasks.training import clear_checkpoints, evaluate_step, reference_logps, train_step
+from tasks.workspace import run_folder, within, workspace_root
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,22 @@ class PipelineResult:
 
 
 def _flow_run_name() -> str:
-    params = flow_run.get_parameters()
-    try:
-        name = load_config(params.get("recipe"), params.get("overrides") or []).run_name
-    except ValueError:
-        name = "invalid-config"
+    config = flow_run.get_parameters().get("config")
+    name = config.run_name if isinstance(config, RunConfig) else (config or {}).get("run_name", "sdpo")
     return f"sdpo-{name}"
 
 
-def run_folder(root: Path, run_name: str) -> Path:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
-    return within(root, root / "runs" / f"{run_name}-{stamp}")
+def run_pipeline(cfg: RunConfig, root: Path, prepared: PreparedData | None = None) -> PipelineResult:
+    """The steps of the pipeline for a resolved config (called inside the flow).
 
-
-def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
-    """The steps of the pipeline for a resolved config (called inside the flow)."""
-    run_dir = run_folder(root, cfg.run_name)
-    prepared = prepare_data(cfg, str(run_dir))
+    ``prepared``: the data already prepared under ``<run folder>/data`` (by the CLI's early
+    check), so it is not read again; None prepares it here.
+    """
+    if prepared is None:
+        run_dir = run_folder(root, cfg.run_name)
+        prepared = prepare_data(cfg, str(run_dir))
+    else:
+        run_dir = within(root / "runs", Path(prepared.train_path).parent.parent)
     # Refuse an unsafe or missing model before anything is tracked or registered.
     check_model_source(cfg.model)
     ctx = open_tracking(cfg, str(root), str(run_dir), prepared)
@@ -84,10 +83,11 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
             else:
                 ref_uri = version_uri(ctx.model_name, versions[chunk.step - 1])
                 ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
+                spec = TrainStepSpec(config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores)
                 if cfg.train.deployment:
-                    trained = run_train_deployment(cfg, ctx, chunk, ref_uri, ref_scores)
+                    trained = run_train_deployment(ctx, spec)
                 else:
-                    trained = train_step(cfg, ctx, chunk, ref_uri, ref_scores)
+                    trained = train_step(ctx, spec)
                 metrics, prev_eval = evaluate_step(
                     cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
                 )
@@ -111,18 +111,21 @@ def run_pipeline(cfg: RunConfig, root: Path) -> PipelineResult:
 
 
 @flow(name="sdpo_pipeline", flow_run_name=_flow_run_name, validate_parameters=True)
-def sdpo_pipeline(recipe: str | None = "recipes/default.yaml", overrides: list[str] | None = None) -> PipelineResult:
+def sdpo_pipeline(config: RunConfig, prepared: PreparedData | None = None) -> PipelineResult:
     """Stepwise DPO: split the data into steps; train step t from and against M(t-1).
 
     Args:
-        recipe: path of a YAML recipe (relative to the worker's working directory).
-        overrides: ``key.sub=value`` settings applied on top of the recipe.
+        config: the resolved run configuration (a recipe file is the CLI's convenience; a run
+            started from the Prefect UI fills this form).
+        prepared: data the caller has already prepared under a run folder (the CLI does, in its
+            early check); None reads and prepares it here.
     """
-    cfg = load_config(recipe, overrides or [])
     # The block's credentials go into this process's environment before any S3 client exists.
-    with s3_credentials(cfg.storage.credentials_block):
-        return run_pipeline(cfg, workspace_root())
+    with s3_credentials(config.storage.credentials_block):
+        return run_pipeline(config, workspace_root(), prepared)
 
 
 if __name__ == "__main__":
-    sdpo_pipeline()
+    from sdpo_core.config import load_config
+
+    sdpo_pipeline(load_config("recipes/default.yaml"))

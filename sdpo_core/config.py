@@ -28,8 +28,9 @@ from pydantic import (
     model_validator,
 )
 
-from sdpo_core.config_rules import ConfigError, describe_errors, value_problems
+from sdpo_core.config_rules import ConfigError, describe_errors, number, value_problems
 from sdpo_core.hashing import sha256_json
+from sdpo_core.overrides import apply_override, parse_override
 
 DataFormat = Literal["auto", "standard", "conversational", "implicit", "hh", "openai", "sharegpt", "scored"]
 SourceUse = Literal["split", "train", "eval"]
@@ -39,15 +40,7 @@ LossName = Literal["sigmoid", "ipo", "hinge", "dpop"]
 Parallelism = Literal["ddp", "fsdp"]
 
 
-def _number(value: Any) -> Any:
-    """A number as a recipe writes it. YAML 1.1 (PyYAML) reads ``1e-3`` as a string (its float
-    pattern needs a dot), so numeric strings are numbers; booleans are not."""
-    if isinstance(value, bool):
-        raise ValueError("expected a number")
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_number)]
+Number = Annotated[float, BeforeValidator(number)]
 
 
 class Section(BaseModel):
@@ -374,55 +367,6 @@ def from_dict(data: Any, origin: str | None = None) -> RunConfig:
     if problems:
         raise ConfigError(problems, origin)
     return cfg
-
-
-def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every leaf option, for the CLI help."""
-    rows: list[tuple[str, str, str]] = []
-    for name, info in model.model_fields.items():
-        key = f"{prefix}{name}"
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            rows.extend(describe(info.annotation, key + "."))
-            continue
-        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-        rows.append((key, "[]" if key == "data.sources" else default, info.description or ""))
-        if key == "data.sources":
-            rows.extend(describe(SourceConfig, key + ".<i>."))
-    return rows
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into its key path and its YAML-parsed value."""
-    if "=" not in text:
-        raise ConfigError([f"{text!r}: an override must look like key.sub=value"])
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path):
-        raise ConfigError([f"{text!r}: empty key in override"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
-def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``value`` at ``path`` in nested recipe data (list items by index)."""
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            node = node[int(part)] if part.isdigit() and int(part) < len(node) else None
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError([f"{'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section"])
-    last = path[-1]
-    if isinstance(node, list):
-        if not (last.isdigit() and int(last) < len(node)):
-            raise ConfigError([f"{'.'.join(path)}: no list item {last}"])
-        node[int(last)] = value
-    else:
-        node[last] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

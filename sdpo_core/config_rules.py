@@ -183,6 +183,36 @@ def _problem(key: str, errors: list[dict[str, Any]], root: type[BaseModel]) -> s
     return f"{where}: {first['msg']}, got {shown(value)}"
 
 
+def number(value: Any) -> Any:
+    """A number as a recipe writes it. YAML 1.1 (PyYAML) reads ``1e-3`` as a string (its float
+    pattern needs a dot), so numeric strings are numbers; booleans are not."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    return value
+
+
+def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf option of a config model, for the CLI help.
+
+    A section is walked into; a list of sections (data.sources) is listed, then its item's
+    options as ``<key>.<i>.<option>``.
+    """
+    rows: list[tuple[str, str, str]] = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        hint = info.annotation
+        if isinstance(hint, type) and issubclass(hint, BaseModel):
+            rows.extend(describe(hint, key + "."))
+            continue
+        items = typing.get_args(hint)[:1] if typing.get_origin(hint) is tuple else ()
+        item = items[0] if items and isinstance(items[0], type) and issubclass(items[0], BaseModel) else None
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        rows.append((key, "[]" if item is not None else default, info.description or ""))
+        if item is not None:
+            rows.extend(describe(item, key + ".<i>."))
+    return rows
+
+
 def value_problems(cfg: Any) -> list[str]:
     """Checks of a RunConfig's values that types alone do not catch, each naming its key."""
     problems: list[str] = []

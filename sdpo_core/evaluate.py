@@ -48,3 +48,22 @@ def preference_metrics(policy: Scores, ref: Scores, beta: float) -> dict[str, fl
         "reward_margin": float((r_chosen - r_rejected).mean()),
         "gamma": float(gamma(policy).mean()),
     }
+
+
+def step_metrics(mt: Scores, m0: Scores, prev: Scores, ref_chunk: Scores, beta: float) -> dict[str, float]:
+    """Per-step metrics, all from scores.
+
+    On the held-out split (``mt``, ``m0``, ``prev``): reward accuracy and mean margin of Mt with M0
+    as the reference, the same with M(t-1) as the reference, and Mt's mean gamma. On the step's
+    chunk (``ref_chunk``): the mean gamma of its reference M(t-1).
+    """
+    vs_m0 = preference_metrics(mt, m0, beta)
+    vs_prev = preference_metrics(mt, prev, beta)
+    return {
+        "eval/reward_accuracy_vs_m0": vs_m0["reward_accuracy"],
+        "eval/reward_margin_vs_m0": vs_m0["reward_margin"],
+        "eval/reward_accuracy_vs_prev": vs_prev["reward_accuracy"],
+        "eval/reward_margin_vs_prev": vs_prev["reward_margin"],
+        "eval/gamma": vs_m0["gamma"],
+        "chunk/ref_gamma": float(gamma(ref_chunk).mean()),
+    }

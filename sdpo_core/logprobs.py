@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdpo_core import attention
 from sdpo_core.attention import SplitLayout
-from sdpo_core.distributed import max_over_processes
+from sdpo_core.collectives import max_over_processes
 
 
 @dataclass(frozen=True)

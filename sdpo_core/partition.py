@@ -17,8 +17,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sdpo_core.config import PartitionConfig
+import torch
+
+from sdpo_core.config import PartitionConfig, RunConfig
 from sdpo_core.data import DataError, PreferencePair, shuffled
+from sdpo_core.evaluate import Scores, self_reward_accuracy
+from sdpo_core.records import ChunkInfo
 
 M0_SCORED = ("by_source", "easy_to_hard")
 """Strategies that need M0's scores of the training pairs."""
@@ -153,11 +157,6 @@ def easy_to_hard_order(pairs: Sequence[PreferencePair], gammas: Sequence[float])
     return sorted(range(len(pairs)), key=lambda i: -gammas[i])  # sorted() is stable
 
 
-def random_chunks(pairs: Sequence[PreferencePair], num_steps: int, seed: int) -> list[Chunk]:
-    """Equal chunks of the pooled, shuffled pairs (the paper's "sDPO Rand." ablation)."""
-    return cut(shuffled(pairs, seed), chunk_sizes(len(pairs), num_steps), "random").chunks
-
-
 def partition_pairs(
     pairs: Sequence[PreferencePair],
     cfg: PartitionConfig,
@@ -181,8 +180,6 @@ def partition_pairs(
     if cfg.strategy == "by_source":
         if accuracy is None:
             raise ValueError("by_source needs M0's reward accuracy per source")
-        if cfg.sizes is not None:
-            raise ValueError("by_source makes one chunk per source; partition.sizes does not apply")
         if not pairs:
             raise DataError(f"0 training pairs are too few for {cfg.num_steps or 1} step(s): {_needs(min_pairs)}")
         chunks = by_source(pairs, accuracy)
@@ -218,11 +215,51 @@ def partition_pairs(
     raise ValueError(f"unknown partition strategy {cfg.strategy!r}")
 
 
-def make_chunks(
-    pairs: Sequence[PreferencePair],
-    cfg: PartitionConfig,
-    accuracy: dict[str, float] | None,
-    gammas: Sequence[float] | None = None,
-) -> list[Chunk]:
-    """The chunks of :func:`partition_pairs` (without the unused pairs it may leave)."""
-    return partition_pairs(pairs, cfg, accuracy, gammas).chunks
+def source_accuracy(pairs: Sequence[PreferencePair], scores: Scores, form: str) -> dict[str, float]:
+    """M0's reward accuracy (share of gamma > 0) per source, in order of first appearance.
+
+    ``scores`` holds M0's scores of ``pairs``, row for row.
+    """
+    rows: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        rows.setdefault(pair.source, []).append(i)
+    return {
+        source: self_reward_accuracy({k: v[torch.tensor(idx)] for k, v in scores.items()}, form)
+        for source, idx in rows.items()
+    }
+
+
+PARTITION_FILE = "partition.json"
+"""The partition's record, in the chunks folder beside the step-<t>.jsonl files."""
+
+
+def partition_record(
+    cfg: RunConfig, infos: list[ChunkInfo], split: Partition, accuracy: dict[str, float] | None, num_train: int
+) -> dict:
+    """What partition.json holds: the settings, M0's accuracy per source (when computed), each
+    chunk's step, label, size, content hash and pair ids in order, and the unused pairs."""
+    p = cfg.partition
+    return {
+        "strategy": p.strategy,
+        "seed": p.seed,
+        "num_steps": len(infos),
+        # Whole numbers are pair counts: record them as integers.
+        "sizes": [int(x) if float(x).is_integer() else x for x in p.sizes] if p.sizes is not None else None,
+        "accuracy_form": p.accuracy,
+        "m0_accuracy": accuracy,
+        "train_pairs": num_train,
+        "unused_pairs": len(split.unused),
+        "unused_pair_ids": [pair.id for pair in split.unused],
+        "chunks": [
+            {
+                "step": info.step,
+                "label": info.label,
+                "size": info.size,
+                "content_hash": info.content_hash,
+                "m0_accuracy": info.m0_accuracy,
+                "file": info.path.rsplit("/", 1)[-1],
+                "pair_ids": [pair.id for pair in chunk.pairs],
+            }
+            for info, chunk in zip(infos, split.chunks, strict=True)
+        ],
+    }

@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor
 
 from sdpo_core import attention
 from sdpo_core.checkpoint import Checkpoints
+from sdpo_core.collectives import max_over_processes
 from sdpo_core.config import LossConfig, TrainConfig
-from sdpo_core.distributed import max_over_processes
 from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
 from sdpo_core.parallel import gradient_sync, wrap

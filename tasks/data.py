@@ -2,56 +2,117 @@
 
 from __future__ import annotations
 
-import time
+import json
 from pathlib import Path
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from sdpo_core import data as data_mod
 from sdpo_core.config import RunConfig
-from sdpo_core.stages import ChunkInfo, PreparedData
+from sdpo_core.evaluate import gamma
+from sdpo_core.files import atomic_write_text
+from sdpo_core.fingerprint import model_fingerprint
+from sdpo_core.model_io import load_tokenizer
+from sdpo_core.partition import PARTITION_FILE, needs_m0_scores, partition_pairs, partition_record, source_accuracy
+from sdpo_core.records import ChunkInfo, PreparedData
+from sdpo_core.scores import load_scores, save_scores, scores_key
 from tasks.context import RunContext
 from tasks.retries import IO_RETRIES
+
+
+def prepare(cfg: RunConfig, out_dir: str | Path) -> tuple[PreparedData, data_mod.DataReport]:
+    """Read and validate every source once, hold out the eval split; write train.jsonl,
+    eval.jsonl and data_report.json (what was read, kept and dropped, by source and reason).
+
+    The CLI calls this before Prefect starts (bad input fails in seconds, before anything is
+    tracked) and hands the result to the flow, which then does not read the data again.
+    """
+    out_dir = Path(out_dir)
+    train, evals, report = data_mod.build_dataset(cfg, load_tokenizer(cfg.model))
+    train_hash = data_mod.write_pairs(train, out_dir / "train.jsonl")
+    eval_hash = data_mod.write_pairs(evals, out_dir / "eval.jsonl")
+    report_path = atomic_write_text(
+        out_dir / "data_report.json", json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+    )
+    counts = {r.name: {k: v for k, v in r.to_json().items() if k != "sample"} for r in report.sources}
+    prepared = PreparedData(
+        train_path=str(out_dir / "train.jsonl"),
+        eval_path=str(out_dir / "eval.jsonl"),
+        train_hash=train_hash,
+        eval_hash=eval_hash,
+        counts=counts,
+        report_path=str(report_path),
+    )
+    return prepared, report
 
 
 @task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
     """Load, normalise and validate every source; hold out the eval split."""
-    from sdpo_core import stages
-
-    return stages.prepare_data(cfg, Path(run_dir) / "data")
+    return prepare(cfg, Path(run_dir) / "data")[0]
 
 
 @task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: str) -> list[ChunkInfo]:
-    """Split the training pairs into the steps' chunks; log partition.json to the parent run."""
-    import json
+    """Split the training pairs into the steps' chunks; write each as JSON lines and partition.json.
 
-    from sdpo_core import stages
+    For by_source and easy_to_hard, M0 scores the whole training set once (cached); its scores
+    of each chunk are cached too, under the key the reference scoring of step 1 looks up, so they
+    are not computed again. partition.json records the strategy, M0's accuracy per source and each
+    chunk's pair ids, in order; it is logged to the parent run.
+    """
     from tasks import tracking
+    from tasks.scores import cached_scores
     from tasks.storage import publish, require
 
     require(ctx, prepared.train_path)
     m0_dir, _ = tracking.fetch_for(ctx, m0_uri)
     out_dir = Path(ctx.run_dir) / "chunks"
-    started = time.time()
-    chunks = stages.partition(cfg, prepared, m0_dir, out_dir, ctx.cache_dir)
-    record_path = out_dir / stages.PARTITION_FILE
-    # The chunks, the partition record and the log-probs partition computed or split out of M0's.
-    fresh_scores = [p for p in ctx.cache_dir.glob("*.safetensors") if p.stat().st_mtime >= started - 1]
-    publish(ctx, *[c.path for c in chunks], record_path, *fresh_scores)
+    train = data_mod.read_pairs(Path(prepared.train_path))
+    p = cfg.partition
+    accuracy = m0_scores = gammas = None
+    written: list[Path] = []
+    if needs_m0_scores(p.strategy):
+        path, computed = cached_scores(cfg, ctx, m0_dir, prepared.train_path)
+        written += [path] if computed else []
+        m0_scores = load_scores(path)
+        assert len(m0_scores["chosen"]) == len(train), "scores follow the training file row for row"
+        accuracy = source_accuracy(train, m0_scores, p.accuracy)
+        gammas = gamma(m0_scores, p.accuracy).tolist()
+    split = partition_pairs(train, p, accuracy, gammas, min_pairs=cfg.data.min_pairs_per_step)
+    position = {pair.id: i for i, pair in enumerate(train)}
+    fingerprint = model_fingerprint(m0_dir)
+    infos = []
+    for chunk in split.chunks:
+        path = out_dir / f"step-{chunk.step}.jsonl"
+        digest = data_mod.write_pairs(chunk.pairs, path)
+        if m0_scores is not None:
+            cached = ctx.cache_dir / f"{scores_key(cfg, fingerprint, path)}.safetensors"
+            if not cached.is_file():
+                idx = torch.tensor([position[pair.id] for pair in chunk.pairs])
+                written.append(save_scores({k: v[idx] for k, v in m0_scores.items()}, cached))
+        infos.append(
+            ChunkInfo(
+                step=chunk.step,
+                label=chunk.label,
+                path=str(path),
+                size=len(chunk.pairs),
+                content_hash=digest,
+                m0_accuracy=chunk.m0_accuracy,
+            )
+        )
+    record = partition_record(cfg, infos, split, accuracy, len(train))
+    record_path = atomic_write_text(out_dir / PARTITION_FILE, json.dumps(record, indent=2) + "\n")
+    publish(ctx, *[c.path for c in infos], record_path, *written)
     tracking.client(ctx.tracking_uri).log_artifact(ctx.parent_run_id, str(record_path))
-    record = json.loads(record_path.read_text())
     logger = get_run_logger()
-    logger.info(
-        "partition %s: %s",
-        cfg.partition.strategy,
-        ", ".join(f"step {c.step} {c.label} ({c.size} pairs)" for c in chunks),
-    )
+    logger.info("partition %s: %s", p.strategy, ", ".join(f"step {c.step} {c.label} ({c.size} pairs)" for c in infos))
     if record["unused_pairs"]:
         logger.warning(
             "%d of %d training pairs are in no chunk (partition.sizes) and are not trained on",
             record["unused_pairs"],
             record["train_pairs"],
         )
-    return chunks
+    return infos

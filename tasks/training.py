@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -12,22 +11,9 @@ from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
-from sdpo_core.stages import ChunkInfo
+from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
 from tasks.context import RunContext
 from tasks.retries import IO_RETRIES
-
-
-@dataclass(frozen=True)
-class TrainedStep:
-    """A trained step model on local disk, with its MLflow step run."""
-
-    step: int
-    model_dir: str
-    run_id: str
-    optimizer_steps: int
-    final_loss: float
-    checkpoint_dir: str = ""
-    """The step's checkpoints, removed once its model is registered."""
 
 
 def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
@@ -42,10 +28,10 @@ def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
 def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str) -> Checkpoints:
     """The train step's checkpoints in the workspace; with storage.uri each one is also uploaded
     (its files, then the ``latest`` pointer) and a missing local copy is fetched from there."""
-    from tasks.workspace import within
     from sdpo_core.checkpoint import LATEST, STATE, Checkpoints
-    from sdpo_core.stages import checkpoint_dir
+    from sdpo_core.step import checkpoint_dir
     from tasks.storage import fetch, publish, remove
+    from tasks.workspace import within
 
     root = within(Path(ctx.root), checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints"))
 
@@ -86,41 +72,45 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
 )
 def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
     """Forward-only log-probs of a data file under a registered model (cached by content)."""
-    from sdpo_core.stages import model_fingerprint, score_file, scores_key
-    from tasks.storage import fetch, publish, require
+    from tasks.scores import cached_scores
+    from tasks.storage import publish, require
     from tasks.tracking import fetch_for
 
     require(ctx, pairs_path)
     model_dir, _ = fetch_for(ctx, model_uri)
-    # Scored before, maybe on another machine: the cache entry is in storage.
-    fetch(ctx, ctx.cache_dir / f"{scores_key(cfg, model_fingerprint(model_dir), pairs_path)}.safetensors")
-    path = score_file(cfg, model_dir, pairs_path, ctx.cache_dir)
-    publish(ctx, path)
-    return path
+    path, computed = cached_scores(cfg, ctx, model_dir, pairs_path)
+    if computed:
+        publish(ctx, path)
+    return str(path)
 
 
 @task(
     name="train-step",
-    task_run_name="train-step-{chunk.step}-{chunk.label}",
+    task_run_name="train-step-{spec.chunk.step}-{spec.chunk.label}",
     cache_policy=NO_CACHE,
     persist_result=False,
     **IO_RETRIES,  # I/O failures only; the retry resumes from the newest checkpoint
 )
-def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, ref_scores: str) -> TrainedStep:
-    """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run."""
-    from sdpo_core.stages import train_step as run_train_step
+def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
+    """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run.
+
+    Fetches the reference named by ``spec.ref_uri`` and fills the spec's local paths (the
+    step model under this run's folder, the checkpoints under the workspace) before training.
+    """
+    from sdpo_core.step import run_step
     from tasks import tracking
     from tasks.storage import require
 
+    cfg, chunk = spec.config, spec.chunk
     c = tracking.client(ctx.tracking_uri)
-    require(ctx, chunk.path, ref_scores)
-    ref_dir, ref_version = tracking.fetch_for(ctx, ref_uri)
+    require(ctx, chunk.path, spec.ref_scores)
+    ref_dir, ref_version = tracking.fetch_for(ctx, spec.ref_uri)
     run_id = tracking.start_run(
         c,
         ctx.experiment_id,
         f"step-{chunk.step}-{chunk.label}",
         parent_id=ctx.parent_run_id,
-        tags={"sdpo.step": str(chunk.step), "sdpo.source": chunk.label, "sdpo.reference": ref_uri},
+        tags={"sdpo.step": str(chunk.step), "sdpo.source": chunk.label, "sdpo.reference": spec.ref_uri},
     )
     tracking.log_params(
         c,
@@ -130,7 +120,7 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
             "chunk.label": chunk.label,
             "chunk.size": str(chunk.size),
             "chunk.content_hash": chunk.content_hash,
-            "reference.uri": ref_uri,
+            "reference.uri": spec.ref_uri,
             "reference.version": ref_version,
         },
     )
@@ -153,18 +143,16 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
                 metrics["rewards/margins"],
             )
 
+    local = spec.model_copy(
+        update={
+            "ref_dir": ref_dir,
+            "out_dir": str(Path(ctx.run_dir) / "models" / f"step-{chunk.step}"),
+            "checkpoint_dir": str(checkpoints.root),
+            "meta": {**spec.meta, "reference_uri": spec.ref_uri, "reference_version": ref_version},
+        }
+    )
     try:
-        model_dir, result = run_train_step(
-            cfg,
-            chunk.step,
-            ref_dir,
-            chunk,
-            ref_scores,
-            Path(ctx.run_dir) / "models" / f"step-{chunk.step}",
-            callback=log,
-            meta={"reference_uri": ref_uri, "reference_version": ref_version},
-            checkpoints=checkpoints,
-        )
+        result = run_step(local, callback=log, checkpoints=checkpoints)
     except Exception:
         c.set_terminated(run_id, "FAILED")
         raise
@@ -172,7 +160,7 @@ def train_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_uri: str, 
         logger.info(
             "train step %d resumed at optimizer step %d of %d", chunk.step, result.resumed_from, result.optimizer_steps
         )
-    return TrainedStep(chunk.step, model_dir, run_id, result.optimizer_steps, result.final_loss, str(checkpoints.root))
+    return result.model_copy(update={"run_id": run_id, "checkpoint_dir": str(checkpoints.root)})
 
 
 @task(
@@ -186,21 +174,30 @@ def evaluate_step(
     cfg: RunConfig,
     ctx: RunContext,
     chunk: ChunkInfo,
-    trained: TrainedStep,
+    trained: TrainStepResult,
     eval_path: str,
     m0_eval_scores: str,
     prev_eval_scores: str,
     ref_scores: str,
 ) -> tuple[dict[str, float], str]:
-    """Held-out metrics of Mt against M0 and M(t-1); the reference's gamma on the chunk."""
-    from sdpo_core.stages import evaluate_step as run_evaluate
-    from sdpo_core.stages import score_file
+    """Held-out metrics of Mt against M0 and M(t-1) (sdpo_core.evaluate.step_metrics); returns
+    them and the path of Mt's eval scores (the next step's "previous")."""
+    from sdpo_core.evaluate import step_metrics
+    from sdpo_core.scores import load_scores
     from tasks import tracking
+    from tasks.scores import cached_scores
     from tasks.storage import publish, require
 
     require(ctx, eval_path, m0_eval_scores, prev_eval_scores, ref_scores)
-    eval_scores = score_file(cfg, trained.model_dir, eval_path, ctx.cache_dir)
-    publish(ctx, eval_scores)
-    metrics = run_evaluate(cfg, eval_scores, m0_eval_scores, prev_eval_scores, ref_scores)
+    eval_scores, computed = cached_scores(cfg, ctx, trained.model_dir, eval_path)
+    if computed:
+        publish(ctx, eval_scores)
+    metrics = step_metrics(
+        load_scores(eval_scores),
+        load_scores(m0_eval_scores),
+        load_scores(prev_eval_scores),
+        load_scores(ref_scores),
+        cfg.loss.beta,
+    )
     tracking.log_metrics(tracking.client(ctx.tracking_uri), trained.run_id, metrics, trained.optimizer_steps)
-    return metrics, eval_scores
+    return metrics, str(eval_scores)

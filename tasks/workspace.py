@@ -6,6 +6,7 @@ their settings from the environment at import time.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -22,6 +23,12 @@ def within(root: Path, path: Path) -> Path:
     if not resolved.is_relative_to(Path(root).resolve()):
         raise ValueError(f"{path}: outside the workspace {root}")
     return resolved
+
+
+def run_folder(root: Path, run_name: str) -> Path:
+    """A new run's folder: ``<root>/runs/<run_name>-<UTC time to the microsecond>``."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    return within(root, root / "runs" / f"{run_name}-{stamp}")
 
 
 def default_tracking_uri(root: Path) -> str:

@@ -173,8 +173,15 @@ def run_deployed_pipeline(tmp_path: Path, workspaces: dict[str, Path], bucket: s
         if bucket:
             recipe["tracking"]["artifact_location"] = f"{bucket}/mlflow"
             recipe["storage"] = {"uri": f"{bucket}/sdpo"}
-        (tmp_path / "deployed.yaml").write_text(yaml.safe_dump(recipe))
-        params = json.dumps({"recipe": str(tmp_path / "deployed.yaml"), "overrides": []})
+        # The deployment stores the flow's parameter schema: the typed config, as the UI's form.
+        with urllib.request.urlopen(f"{url}/deployments/name/sdpo_pipeline/sdpo-pipeline", timeout=10) as r:
+            deployment = json.loads(r.read())
+        schema = deployment["parameter_openapi_schema"]
+        loss = schema["definitions"]["LossConfig"]["properties"]
+        assert loss["beta"]["default"] == 0.1 and "temperature" in loss["beta"]["description"]
+        assert deployment["parameters"]["config"]["run_name"] == "default"
+        # A run with non-default parameters, as the UI starts one.
+        params = json.dumps({"config": recipe})
         run("deployment", "run", "sdpo_pipeline/sdpo-pipeline", "--params", params, "--watch", "--watch-timeout", "540")
         runs = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["sdpo_train_step"]}}})
         assert sorted(r["name"] for r in runs) == ["train-step-1-mix", "train-step-2-orca"] or sorted(

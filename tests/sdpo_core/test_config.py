@@ -12,11 +12,11 @@ from sdpo_core.config import (
     ConfigError,
     RunConfig,
     SourceConfig,
-    describe,
     from_dict,
     load_config,
     parse_override,
 )
+from sdpo_core.config_rules import describe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml")) + sorted((REPO / "recipes").rglob("*.yml"))
@@ -277,7 +277,7 @@ def _leaves(cls: type[BaseModel], prefix: str = "") -> set[str]:
 
 
 def test_describe_covers_every_leaf_with_a_doc() -> None:
-    rows = describe()
+    rows = describe(RunConfig)
     keys = [key for key, _, _ in rows]
     assert len(keys) == len(set(keys))
     assert set(keys) == _leaves(RunConfig)

@@ -1,0 +1,60 @@
+"""Forward-only log-probs of a pairs file under a model, and their cache key.
+
+A scores file is safetensors with ``chosen``, ``rejected``, ``chosen_tokens`` and
+``rejected_tokens``, each (N,), in the pairs file's order. The key names everything the numbers
+depend on: the model's weights, the file's bytes, the tokenization limits and the dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from sdpo_core import data as data_mod
+from sdpo_core.config import RunConfig
+from sdpo_core.evaluate import Scores
+from sdpo_core.files import atomic_path
+from sdpo_core.hashing import sha256_file, sha256_json
+from sdpo_core.logprobs import score_pairs
+from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device
+from sdpo_core.train import for_device
+
+
+def scores_key(cfg: RunConfig, fingerprint: str, pairs_path: str | Path) -> str:
+    """Cache key of a model's scores of a data file: model, data and tokenization settings."""
+    parts = {
+        "model": fingerprint,
+        "data": sha256_file(pairs_path),
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "dtype": cfg.model.dtype,
+    }
+    return sha256_json(parts)[:24]
+
+
+def save_scores(scores: Scores, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
+    return Path(path)
+
+
+def load_scores(path: str | Path) -> Scores:
+    return load_file(str(path))
+
+
+def score_model(cfg: RunConfig, model_dir: str, pairs_path: str | Path) -> Scores:
+    """Every pair of a JSON-lines file scored by the model in ``model_dir`` (forward only)."""
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg.model, model_dir)
+    model = load_model(cfg.model, model_dir, device)
+    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(pairs_path)), tokenizer, cfg.data)
+    return score_pairs(
+        model,
+        pairs,
+        pad_id(tokenizer),
+        cfg.train.eval_batch_size,
+        cfg.train.logprob_chunk_rows,
+        device,
+        for_device(cfg.train, device).shared_prompt,
+    )
