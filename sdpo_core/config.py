@@ -1,12 +1,9 @@
 """Run configuration: one typed pydantic model, YAML recipes and ``key.sub=value`` overrides.
 
 Each field's description is its documentation: ``sdpo run --help`` prints it, and the Prefect UI
-shows it beside the field when a run is started from a deployment (the flow's parameter is a
-:class:`RunConfig`). The model forbids unknown keys and is frozen. Problems are collected and
-reported together in one :class:`ConfigError`, each naming its key: types by pydantic, ranges and
-cross-field rules by :mod:`sdpo_core.config_rules`.
-
-Parse a config once, at the edge (the CLI, a deployment run's parameters); pass the object on.
+shows it in the form of a run started from a deployment (the flow's parameter is a RunConfig).
+Unknown keys are refused; every problem is reported in one ConfigError naming its key (types by
+pydantic, ranges and cross-field rules by config_rules). Parse once, at the edge; pass the object.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from sdpo_core.config_rules import ConfigError, describe_errors, number, value_problems
+from sdpo_core.config_rules import ConfigError, default_source_name, describe_errors, number, value_problems
 from sdpo_core.hashing import sha256_json
 from sdpo_core.overrides import apply_override, parse_override
 
@@ -49,7 +46,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _doc(text: str) -> str:
+def _doc(text: str) -> str:  # a description written over several lines, as one line
     return " ".join(text.split())
 
 
@@ -102,14 +99,6 @@ class SourceConfig(Section):
         if isinstance(data, dict) and not data.get("name") and isinstance(data.get("path"), str):
             data = {**data, "name": default_source_name(data["path"])}
         return data
-
-
-def default_source_name(path: str) -> str:
-    """A source's name when the recipe gives none: the file name without its data suffixes."""
-    name = Path(path).name
-    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
-        name = name.removesuffix(suffix)
-    return name or path
 
 
 class ModelConfig(Section):
@@ -186,6 +175,10 @@ class PartitionConfig(Section):
         form orders pairs for easy_to_hard."""),
     )
     seed: StrictInt = Field(0, description="Seed of the random strategy's shuffle.")
+
+    def pooled_num_steps(self) -> int:
+        """T of a pooled strategy: num_steps, else the number of sizes, else 2 (the paper's T)."""
+        return self.num_steps if self.num_steps is not None else len(self.sizes) if self.sizes else 2
 
 
 class LossConfig(Section):
@@ -347,6 +340,12 @@ class RunConfig(Section):
             if problems:
                 raise ValueError("; ".join(problems))
         return self
+
+    def planned_steps(self) -> int:
+        """T: one step per training source for by_source, else the pooled strategy's count."""
+        if self.partition.strategy == "by_source":
+            return sum(1 for s in self.data.sources if s.use != "eval")
+        return self.partition.pooled_num_steps()
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-able data (tuples as lists)."""

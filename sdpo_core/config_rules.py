@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -181,6 +182,14 @@ def _problem(key: str, errors: list[dict[str, Any]], root: type[BaseModel]) -> s
             return f"{where}: expected {text}, got {reprlib_repr(value)}"
         return f"{where}: expected {text}, got {shown(value)}"
     return f"{where}: {first['msg']}, got {shown(value)}"
+
+
+def default_source_name(path: str) -> str:
+    """A source's name when the recipe gives none: the file name without its data suffixes."""
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".csv", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name or path
 
 
 def number(value: Any) -> Any:

@@ -22,7 +22,6 @@ from sdpo_core.dataset import (
     build_dataset,
     drop_leaked,
     load_source,
-    planned_steps,
     split_eval,
 )
 from sdpo_core.formats import PARSERS, SCORE_KEYS, BadRow, DroppedRow, detect_format
@@ -86,7 +85,6 @@ __all__ = [
     "drop_leaked",
     "encode_pair",
     "load_source",
-    "planned_steps",
     "read_pairs",
     "render_plain",
     "render_prompt",

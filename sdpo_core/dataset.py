@@ -240,16 +240,6 @@ class DataReport:
         }
 
 
-def planned_steps(cfg: Any) -> int:
-    """T for a RunConfig: one per training source for by_source, else num_steps, len(sizes) or 2."""
-    p = cfg.partition
-    if p.strategy == "by_source":
-        return sum(1 for s in cfg.data.sources if s.use != "eval")
-    if p.num_steps is not None:
-        return p.num_steps
-    return len(p.sizes) if p.sizes else 2
-
-
 def build_dataset(cfg: Any, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
     """Read every source of a RunConfig; validate, split, drop leaks, measure, weight.
 
@@ -300,7 +290,7 @@ def build_dataset(cfg: Any, tokenizer: Any) -> tuple[list[PreferencePair], list[
         report.token_lengths = {k: _percentiles(v) for k, v in lengths[source.name].items()}
         report.kept = report.kept - report.dropped.get(IN_EVAL, 0) - report.dropped.get(PROMPT_TOO_LONG, 0)
 
-    steps = planned_steps(cfg)
+    steps = cfg.planned_steps()
     result = DataReport(
         list(reports.values()), len(weighted), len(kept_eval), steps, getattr(tokenizer, "name_or_path", "")
     )

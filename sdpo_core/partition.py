@@ -27,9 +27,6 @@ from sdpo_core.records import ChunkInfo
 M0_SCORED = ("by_source", "easy_to_hard")
 """Strategies that need M0's scores of the training pairs."""
 
-DEFAULT_POOLED_STEPS = 2
-"""T for the pooled strategies when neither num_steps nor sizes is given (the paper's T)."""
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -55,13 +52,6 @@ class Partition:
 def needs_m0_scores(strategy: str) -> bool:
     """Whether a strategy orders pairs by M0's scores (so M0 must score the training set)."""
     return strategy in M0_SCORED
-
-
-def pooled_num_steps(cfg: PartitionConfig) -> int:
-    """T of a pooled strategy: num_steps, else the number of sizes, else 2."""
-    if cfg.num_steps is not None:
-        return cfg.num_steps
-    return len(cfg.sizes) if cfg.sizes else DEFAULT_POOLED_STEPS
 
 
 def chunk_sizes(num_pairs: int, num_steps: int, sizes: Sequence[float] | None = None, min_pairs: int = 1) -> list[int]:
@@ -195,7 +185,7 @@ def partition_pairs(
                 f"leave too few pairs for source(s) {small}: {_needs(min_pairs)}"
             )
         return Partition(chunks)
-    num_steps = pooled_num_steps(cfg)
+    num_steps = cfg.pooled_num_steps()
     counts = chunk_sizes(len(pairs), num_steps, cfg.sizes, min_pairs)
     if cfg.strategy == "random":
         return cut(shuffled(pairs, cfg.seed), counts, "random")
