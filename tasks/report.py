@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from sdpo_core.files import atomic_write_text
 from tasks.context import RunContext
 from tasks.retries import IO_RETRIES
 
@@ -55,8 +56,8 @@ def report(ctx: RunContext, rows: list[dict]) -> str:
 
     table = format_table(rows)
     run_dir = Path(ctx.run_dir)
-    (run_dir / "report.txt").write_text(table + "\n")
-    (run_dir / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(run_dir / "report.txt", table + "\n")
+    atomic_write_text(run_dir / "report.json", json.dumps(rows, indent=2) + "\n")
     c = tracking.client(ctx.tracking_uri)
     c.log_artifact(ctx.parent_run_id, str(run_dir / "report.txt"))
     c.log_artifact(ctx.parent_run_id, str(run_dir / "report.json"))
