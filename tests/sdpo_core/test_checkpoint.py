@@ -176,10 +176,11 @@ def test_a_second_process_cannot_train_the_same_step(tmp_path: Path) -> None:
 
 def test_checkpoint_folder_ignores_operational_settings(tmp_path: Path) -> None:
     from sdpo_core.config import load_config
-    from sdpo_core.stages import ChunkInfo, checkpoint_dir
+    from sdpo_core.records import ChunkInfo
+    from sdpo_core.step import checkpoint_dir
 
     base = load_config(REPO / "recipes" / "default.yaml")
-    chunk = ChunkInfo(1, "orca", "x.jsonl", 4, "abc", None)
+    chunk = ChunkInfo(step=1, label="orca", path="x.jsonl", size=4, content_hash="abc", m0_accuracy=None)
     ref = REPO / "models" / "stories260K"
 
     def folder(*overrides: str) -> Path:
@@ -189,13 +190,15 @@ def test_checkpoint_folder_ignores_operational_settings(tmp_path: Path) -> None:
     assert same == checkpoint_dir(base, chunk, ref, tmp_path)
     assert folder("train.learning_rate=0.01") != same, "what the step learns from changes the folder"
     assert folder("run_name=other") != same
+    other_chunk = chunk.model_copy(update={"content_hash": "abd"})
+    assert checkpoint_dir(base, other_chunk, ref, tmp_path) != same, "so does the chunk's content"
 
 
 def test_turning_gradient_checkpointing_on_keeps_the_step_checkpoints() -> None:
     """It changes the memory a step needs, not what it learns (the same weights, see test_train):
     a step that ran out of memory resumes from its checkpoint with it turned on."""
     from sdpo_core.config import from_dict
-    from sdpo_core.stages import training_hash
+    from sdpo_core.step import training_hash
 
     base = {"model": {"name_or_path": "m"}, "data": {"sources": [{"path": "d.jsonl"}]}}
     plain = from_dict(base)

@@ -17,12 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdpo_core import stages
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import from_dict
 from sdpo_core.data import load_source, tokenize_pairs, write_pairs
 from sdpo_core.logprobs import score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
+from sdpo_core.records import ChunkInfo, TrainStepSpec
+from sdpo_core.scores import save_scores
+from sdpo_core.step import run_step
 from sdpo_core.train import train_dpo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,29 +65,33 @@ def test_two_gloo_processes_match_one(tmp_path, parallelism):
     pairs, _ = load_source(cfg.data.sources[0].__class__(path=cfg.data.sources[0].path, name="orca", max_pairs=7))
     chunk_path = tmp_path / "chunk.jsonl"
     digest = write_pairs(pairs, chunk_path)
-    chunk = stages.ChunkInfo(1, "orca", str(chunk_path), len(pairs), digest, None)
+    chunk = ChunkInfo(step=1, label="orca", path=str(chunk_path), size=len(pairs), content_hash=digest)
     model_dir = str(REPO / "models" / "stories260K")
     tokenizer = load_tokenizer(cfg.model)
     tokenized = tokenize_pairs(pairs, tokenizer, cfg.data)
     ref = score_pairs(load_model(cfg.model), tokenized, pad_id(tokenizer), 4)
     ref_path = tmp_path / "ref.safetensors"
-    stages._save_scores(ref, ref_path)
+    save_scores(ref, ref_path)
 
-    def train(processes: int, name: str, checkpoints: Checkpoints) -> tuple[list[dict], dict]:
+    def train(processes: int, name: str, checkpoints: Checkpoints, resumed_from: int = 0) -> tuple[list[dict], dict]:
         seen: list[tuple[int, dict]] = []
-        saved, result = stages.train_step(
-            config(processes, parallelism),
-            1,
-            model_dir,
-            chunk,
-            str(ref_path),
-            tmp_path / name,
-            callback=lambda s, m: seen.append((s, m)),
-            checkpoints=checkpoints,
+        spec = TrainStepSpec(
+            config=config(processes, parallelism),
+            chunk=chunk,
+            ref_uri="models:/m/1",
+            ref_scores=str(ref_path),
+            ref_dir=model_dir,
+            out_dir=str(tmp_path / name),
+            checkpoint_dir=str(checkpoints.root),
         )
+        result = run_step(spec, callback=lambda s, m: seen.append((s, m)), checkpoints=checkpoints)
         assert [s for s, _ in seen] == [1, 2, 3]  # 7 pairs, 3 per optimizer step
-        assert json.loads((Path(saved) / "meta.json").read_text())["step"] == 1
-        return result.history, load_file(str(Path(saved) / "model.safetensors"))
+        assert [m for _, m in seen] == result.history
+        assert (result.step, result.optimizer_steps, result.resumed_from) == (1, 3, resumed_from)
+        assert result.final_loss == result.history[-1]["loss"]
+        assert Path(result.model_dir) == tmp_path / name
+        assert json.loads((Path(result.model_dir) / "meta.json").read_text())["step"] == 1
+        return result.history, load_file(str(Path(result.model_dir) / "model.safetensors"))
 
     def assert_same(one: tuple[list[dict], dict], two: tuple[list[dict], dict]) -> None:
         for a, b in zip(one[0], two[0], strict=True):
@@ -131,4 +137,4 @@ def test_two_gloo_processes_match_one(tmp_path, parallelism):
             checkpoints=Checkpoints(tmp_path / "ckpt-crossed", every=1),
         )  # fmt: skip
     assert Checkpoints(tmp_path / "ckpt-crossed", 1).latest_name() == "step-00000001"
-    assert_same(one, train(2, "model-crossed", Checkpoints(tmp_path / "ckpt-crossed", every=1)))
+    assert_same(one, train(2, "model-crossed", Checkpoints(tmp_path / "ckpt-crossed", every=1), resumed_from=1))

@@ -1,30 +1,26 @@
-"""Partition strategies (by_source, random, easy_to_hard, sequential), sizes, errors, and the
-partition stage on the tiny real model."""
+"""Partition strategies (by_source, random, easy_to_hard, sequential), sizes, errors, M0's
+accuracy per source and partition.json's record.
+
+The partition task on the tiny real model is tested in tests/tasks/test_partition_task.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sdpo_core import stages
-from sdpo_core.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, SourceConfig, TrainConfig
-from sdpo_core.data import DataError, PreferencePair, load_source, read_pairs, tokenize_pairs, write_pairs
-from sdpo_core.evaluate import gamma
-from sdpo_core.logprobs import score_pairs
-from sdpo_core.model_io import load_model, load_tokenizer, pad_id
+from sdpo_core.config import DataConfig, PartitionConfig, RunConfig, SourceConfig
+from sdpo_core.data import DataError, PreferencePair
 from sdpo_core.partition import (
     by_source,
     chunk_sizes,
     easy_to_hard_order,
-    make_chunks,
     partition_pairs,
-    random_chunks,
+    partition_record,
+    source_accuracy,
 )
+from sdpo_core.records import ChunkInfo
 
 
 def _pairs(source: str, n: int) -> list[PreferencePair]:
@@ -58,9 +54,16 @@ def test_by_source_needs_every_accuracy() -> None:
         by_source(MIXED, {"hh": 0.5, "mix": 0.6})
 
 
+def _random(pairs: list[PreferencePair], num_steps: int, seed: int) -> list:
+    """The random strategy's chunks: equal ones of the pooled, shuffled pairs."""
+    split = partition_pairs(pairs, PartitionConfig(strategy="random", num_steps=num_steps, seed=seed))
+    assert split.unused == [], "equal chunks use every pair"
+    return split.chunks
+
+
 def test_random_chunks_equal_disjoint_covering() -> None:
     """12 pairs in 5 chunks: sizes 12/5 = 2.4 -> each 2 or 3, 12 in all."""
-    chunks = random_chunks(MIXED, 5, seed=3)
+    chunks = _random(MIXED, 5, seed=3)
     sizes = [len(c.pairs) for c in chunks]
     assert sum(sizes) == 12 and max(sizes) - min(sizes) <= 1 and set(sizes) == {2, 3}
     ids = [p.id for c in chunks for p in c.pairs]
@@ -71,9 +74,9 @@ def test_random_chunks_equal_disjoint_covering() -> None:
 
 
 def test_random_chunks_deterministic_for_a_seed() -> None:
-    a = random_chunks(MIXED, 3, seed=7)
-    b = random_chunks(MIXED, 3, seed=7)
-    c = random_chunks(MIXED, 3, seed=8)
+    a = _random(MIXED, 3, seed=7)
+    b = _random(MIXED, 3, seed=7)
+    c = _random(MIXED, 3, seed=8)
     assert [x.pairs for x in a] == [x.pairs for x in b]
     assert [x.pairs for x in a] != [x.pairs for x in c]
     # Pooled: with 3 chunks of 4 from a shuffled mix, chunks are not just the file order.
@@ -82,18 +85,18 @@ def test_random_chunks_deterministic_for_a_seed() -> None:
 
 def test_random_chunks_too_few_pairs() -> None:
     with pytest.raises(DataError, match="2 training pairs are too few for 3 steps"):
-        random_chunks(MIXED[:2], 3, seed=0)
+        _random(MIXED[:2], 3, seed=0)
 
 
-def test_make_chunks_dispatch() -> None:
-    chunks = make_chunks(MIXED, PartitionConfig(strategy="random", num_steps=4, seed=0), None)
+def test_partition_pairs_dispatch() -> None:
+    chunks = partition_pairs(MIXED, PartitionConfig(strategy="random", num_steps=4, seed=0)).chunks
     assert [len(c.pairs) for c in chunks] == [3, 3, 3, 3]
-    assert make_chunks(MIXED, PartitionConfig(strategy="random"), None)[0].label == "random-1"
-    assert len(make_chunks(MIXED, PartitionConfig(strategy="random"), None)) == 2
-    by = make_chunks(MIXED, PartitionConfig(strategy="by_source"), {"hh": 0.9, "orca": 0.1, "mix": 0.5})
+    assert partition_pairs(MIXED, PartitionConfig(strategy="random")).chunks[0].label == "random-1"
+    assert len(partition_pairs(MIXED, PartitionConfig(strategy="random")).chunks) == 2
+    by = partition_pairs(MIXED, PartitionConfig(strategy="by_source"), {"hh": 0.9, "orca": 0.1, "mix": 0.5}).chunks
     assert [c.label for c in by] == ["hh", "mix", "orca"]
     with pytest.raises(ValueError, match="needs M0's reward accuracy"):
-        make_chunks(MIXED, PartitionConfig(strategy="by_source"), None)
+        partition_pairs(MIXED, PartitionConfig(strategy="by_source"), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,159 +263,100 @@ def test_deterministic_for_a_seed(strategy: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# On the tiny real model: the orders M0's scores give, and the partition stage end to end
-
-REPO = Path(__file__).resolve().parents[2]
-MODEL = str(REPO / "models" / "stories260K")
-DATA = REPO / "data"
-# Pairs per source, chosen so that M0's (summed) reward accuracies differ: orca 0/4, mix 2/6, hh 2/5.
-REAL_SOURCES = [
-    ("orca", DATA / "orca_dpo_pairs_validation_msfoundry.jsonl", 4),
-    ("mix", DATA / "llamafactory_dpo_en_demo.json", 6),
-    ("hh", DATA / "hh-rlhf_helpful-base_test.jsonl.gz", 5),
-]
+# M0's accuracy per source, and what partition.json records
 
 
-@pytest.fixture(scope="module")
-def real_pairs() -> list[PreferencePair]:
-    """15 real pairs, sources in recipe order and rows in file order, as prepare_data writes them."""
-    pairs: list[PreferencePair] = []
-    for name, path, n in REAL_SOURCES:
-        loaded, _ = load_source(SourceConfig(path=str(path), name=name, max_pairs=n))
-        pairs.extend(loaded)
-    return pairs
+def _scores_with_gamma(gammas: list[float]) -> dict[str, torch.Tensor]:
+    """Scores whose summed gamma is ``gammas``; with 1 chosen and 10 rejected tokens, their mean
+    (length-normalised) gamma is -9 + gamma / 10, below 0 for every gamma here."""
+    g = torch.tensor(gammas)
+    return {
+        "chosen": torch.full_like(g, -10.0),
+        "rejected": -10.0 - g,
+        "chosen_tokens": torch.ones_like(g),
+        "rejected_tokens": torch.full_like(g, 10.0),
+    }
+
+
+def test_source_accuracy_per_source_in_first_appearance_order() -> None:
+    """MIXED's positions by source: hh 0, 3, 6, 9, 11; orca 1, 5, 8; mix 2, 4, 7, 10. GAMMAS is
+    above 0 at 0, 1, 3, 4, 8, 9, 11 (0.0 at 6 is not): hh 4/5, orca 2/3, mix 1/4."""
+    scores = _scores_with_gamma(GAMMAS)
+    accuracy = source_accuracy(MIXED, scores, "sum")
+    assert list(accuracy) == ["hh", "orca", "mix"]
+    assert accuracy == pytest.approx({"hh": 4 / 5, "orca": 2 / 3, "mix": 1 / 4})
+    assert source_accuracy(MIXED, scores, "mean") == {"hh": 0.0, "orca": 0.0, "mix": 0.0}, "the form is used"
+    assert [c.label for c in by_source(MIXED, accuracy)] == ["hh", "orca", "mix"]
 
 
 def _run_cfg(**partition) -> RunConfig:
+    # A RunConfig checks its values when built: it needs at least one source.
     return RunConfig(
-        model=ModelConfig(name_or_path=MODEL),
-        data=DataConfig(max_length=96, max_prompt_length=48),
-        partition=PartitionConfig(**partition),
-        train=TrainConfig(device="cpu", eval_batch_size=16),
+        data=DataConfig(sources=(SourceConfig(path="data/x.jsonl"),)), partition=PartitionConfig(**partition)
     )
 
 
-def _m0_scores(cfg: RunConfig, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
-    """M0's scores, computed here with score_pairs directly (not through the stage's cache)."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model)
-    tokenized = tokenize_pairs(pairs, tokenizer, cfg.data)
-    return score_pairs(model, tokenized, pad_id(tokenizer), cfg.train.eval_batch_size)
+def _infos(split, folder: str = "/runs/r/chunks") -> list[ChunkInfo]:
+    return [
+        ChunkInfo(
+            step=c.step,
+            label=c.label,
+            path=f"{folder}/step-{c.step}.jsonl",
+            size=len(c.pairs),
+            content_hash=f"hash-{c.step}",
+            m0_accuracy=c.m0_accuracy,
+        )
+        for c in split.chunks
+    ]
 
 
-def _stage(cfg: RunConfig, pairs: list[PreferencePair], tmp_path: Path) -> tuple[list, dict]:
-    """Run stages.partition on a training file of ``pairs``; (chunk infos, partition.json)."""
-    train_path = tmp_path / "data" / "train.jsonl"
-    write_pairs(pairs, train_path)
-    # The stage reads only the training file's path from PreparedData.
-    prepared = SimpleNamespace(train_path=str(train_path))
-    infos = stages.partition(cfg, prepared, MODEL, tmp_path / "chunks", tmp_path / "cache")
-    record = json.loads((tmp_path / "chunks" / "partition.json").read_text())
-    return infos, record
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("form", ["sum", "mean"])
-def test_by_source_order_from_m0_on_the_real_model(real_pairs, tmp_path: Path, form: str) -> None:
-    cfg = _run_cfg(strategy="by_source", accuracy=form)
-    g = gamma(_m0_scores(cfg, real_pairs), form)
-    accuracy = {}
-    for name, _, _ in REAL_SOURCES:
-        mask = torch.tensor([p.source == name for p in real_pairs])
-        accuracy[name] = float((g[mask] > 0).float().mean())
-    assert len(set(accuracy.values())) == 3, f"the fixture needs distinct accuracies, got {accuracy}"
-    expected = sorted(accuracy, key=lambda s: -accuracy[s])
-
-    infos, record = _stage(cfg, real_pairs, tmp_path)
-    assert [i.label for i in infos] == expected
-    assert [i.m0_accuracy for i in infos] == pytest.approx([accuracy[s] for s in expected])
-    assert record["m0_accuracy"] == pytest.approx(accuracy)
-    assert list(record["m0_accuracy"]) == [name for name, _, _ in REAL_SOURCES], "in recipe order"
-    assert record["accuracy_form"] == form
-    for info, chunk in zip(infos, record["chunks"], strict=True):
-        assert chunk["pair_ids"] == [p.id for p in real_pairs if p.source == info.label]
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("form", ["sum", "mean"])
-def test_easy_to_hard_order_from_m0_on_the_real_model(real_pairs, tmp_path: Path, form: str) -> None:
-    cfg = _run_cfg(strategy="easy_to_hard", num_steps=3, accuracy=form)
-    g = gamma(_m0_scores(cfg, real_pairs), form).tolist()
-    expected = sorted(range(len(real_pairs)), key=lambda i: -g[i])
-    ranked = [g[i] for i in expected]
-    assert min(a - b for a, b in zip(ranked, ranked[1:], strict=False)) > 1e-3, "no near-ties to flip"
-
-    infos, record = _stage(cfg, real_pairs, tmp_path)
-    assert [i.label for i in infos] == ["easy_to_hard-1", "easy_to_hard-2", "easy_to_hard-3"]
-    assert [i.size for i in infos] == [5, 5, 5]
-    ordered = [pid for chunk in record["chunks"] for pid in chunk["pair_ids"]]
-    assert ordered == [real_pairs[i].id for i in expected]
-    for info, t in zip(infos, range(3), strict=True):
-        assert info.m0_accuracy == pytest.approx(sum(x > 0 for x in ranked[5 * t : 5 * t + 5]) / 5)
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_partition_stage_end_to_end(real_pairs, tmp_path: Path, monkeypatch) -> None:
-    """easy_to_hard with counts (6, 5) of 15 pairs: partition.json lists each chunk's pairs in
-    order and the 4 unused ones; every training pair is in exactly one of them; step 1's M0
-    scores are in the cache under score_file's key, so scoring step 1's reference is a cache hit."""
-    cfg = _run_cfg(strategy="easy_to_hard", sizes=(6.0, 5.0), seed=3)  # as the config holds them
-    infos, record = _stage(cfg, real_pairs, tmp_path)
-
-    assert [(i.step, i.label, i.size) for i in infos] == [(1, "easy_to_hard-1", 6), (2, "easy_to_hard-2", 5)]
-    assert {k: record[k] for k in ("strategy", "seed", "num_steps", "sizes", "train_pairs", "unused_pairs")} == {
+def test_partition_record_lists_settings_chunks_and_unused_pairs() -> None:
+    cfg = _run_cfg(strategy="easy_to_hard", sizes=(3.0, 5.0), seed=4, accuracy="mean")
+    split = partition_pairs(MIXED, cfg.partition, gammas=GAMMAS)
+    accuracy = {"hh": 0.8, "orca": 0.5, "mix": 0.25}
+    record = partition_record(cfg, _infos(split), split, accuracy, len(MIXED))
+    assert json.loads(json.dumps(record)) == record, "plain JSON"
+    assert {k: v for k, v in record.items() if k != "chunks"} == {
         "strategy": "easy_to_hard",
-        "seed": 3,
+        "seed": 4,
         "num_steps": 2,
-        "sizes": [6, 5],
-        "train_pairs": 15,
+        "sizes": [3, 5],
+        "accuracy_form": "mean",
+        "m0_accuracy": accuracy,
+        "train_pairs": 12,
         "unused_pairs": 4,
+        "unused_pair_ids": [MIXED[i].id for i in (5, 2, 7, 10)],
     }
     assert all(isinstance(n, int) for n in record["sizes"]), "counts are recorded as integers"
-    assert set(record["m0_accuracy"]) == {"orca", "mix", "hh"}
-    for info, chunk in zip(infos, record["chunks"], strict=True):
-        on_disk = read_pairs(Path(info.path))
-        assert chunk["pair_ids"] == [p.id for p in on_disk]
-        assert (chunk["step"], chunk["label"], chunk["size"]) == (info.step, info.label, info.size)
-        assert chunk["content_hash"] == info.content_hash == content_hash_of_file(Path(info.path))
-        assert chunk["file"] == Path(info.path).name
-    listed = [pid for chunk in record["chunks"] for pid in chunk["pair_ids"]] + record["unused_pair_ids"]
-    assert sorted(listed) == sorted(p.id for p in real_pairs), "each training pair exactly once"
-
-    # Step 1's reference log-probs: score_file finds them in the cache and scores nothing.
-    step1 = infos[0]
-    key = stages.scores_key(cfg, stages.model_fingerprint(MODEL), step1.path)
-    cached = tmp_path / "cache" / f"{key}.safetensors"
-    assert cached.is_file()
-
-    def no_scoring(*args, **kwargs):
-        raise AssertionError("step 1's M0 scores should come from the cache")
-
-    monkeypatch.setattr(stages, "score_pairs", no_scoring)
-    assert stages.score_file(cfg, MODEL, step1.path, tmp_path / "cache") == str(cached)
-    monkeypatch.undo()
-    direct = _m0_scores(cfg, read_pairs(Path(step1.path)))
-    for k, v in stages.load_scores(cached).items():
-        torch.testing.assert_close(v, direct[k], atol=1e-4, rtol=1e-5)
+    assert record["chunks"] == [
+        {
+            "step": 1,
+            "label": "easy_to_hard-1",
+            "size": 3,
+            "content_hash": "hash-1",
+            "m0_accuracy": 1.0,
+            "file": "step-1.jsonl",
+            "pair_ids": [MIXED[i].id for i in (3, 1, 4)],
+        },
+        {
+            "step": 2,
+            "label": "easy_to_hard-2",
+            "size": 5,
+            "content_hash": "hash-2",
+            "m0_accuracy": 0.8,
+            "file": "step-2.jsonl",
+            "pair_ids": [MIXED[i].id for i in (9, 8, 0, 11, 6)],
+        },
+    ]
 
 
-def test_random_stage_does_not_score(real_pairs, tmp_path: Path, monkeypatch) -> None:
-    """random and sequential do not need M0's scores: nothing is scored, nothing cached."""
-
-    def no_scoring(*args, **kwargs):
-        raise AssertionError("random does not need M0's scores")
-
-    monkeypatch.setattr(stages, "score_file", no_scoring)
-    for strategy in ("random", "sequential"):
-        infos, record = _stage(_run_cfg(strategy=strategy, num_steps=3, seed=5), real_pairs, tmp_path / strategy)
-        assert [i.label for i in infos] == [f"{strategy}-{t}" for t in (1, 2, 3)]
-        assert [i.m0_accuracy for i in infos] == [None, None, None]
-        assert record["m0_accuracy"] is None and record["unused_pairs"] == 0
-        assert not (tmp_path / strategy / "cache").exists()
-    sequential = [pid for chunk in record["chunks"] for pid in chunk["pair_ids"]]
-    assert sequential == [p.id for p in real_pairs], "sequential: the training file's order"
-
-
-def content_hash_of_file(path: Path) -> str:
-    """write_pairs' hash: the first 16 hex digits of the sha256 of the file's text."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def test_partition_record_keeps_fractions_and_no_accuracy() -> None:
+    cfg = _run_cfg(strategy="random", sizes=(0.25, 0.75), seed=2)
+    split = partition_pairs(MIXED, cfg.partition)
+    record = partition_record(cfg, _infos(split), split, None, len(MIXED))
+    assert record["sizes"] == [0.25, 0.75] and record["m0_accuracy"] is None
+    assert record["unused_pairs"] == 0 and record["unused_pair_ids"] == []
+    assert [c["pair_ids"] for c in record["chunks"]] == [[p.id for p in c.pairs] for c in split.chunks]
+    assert [c["m0_accuracy"] for c in record["chunks"]] == [None, None]
+    with pytest.raises(ValueError):
+        partition_record(cfg, _infos(split)[:1], split, None, len(MIXED))  # one info per chunk
