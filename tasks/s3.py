@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-import uuid
 from pathlib import Path
 from typing import Any
+
+from sdpo_core.files import atomic_path
 
 MIB = 1 << 20
 # Part sizes an upload may have used: boto3's default (8 MiB), MLflow's multipart default (100 MiB).
@@ -25,14 +25,12 @@ class UploadError(RuntimeError):
     """An object in S3 is missing or differs from the local file it was uploaded from."""
 
 
-UPLOAD_ATTEMPTS = 4
-"""Whole-file upload attempts (each with botocore's own per-request retries) before giving up."""
-UPLOAD_BACKOFF_SECONDS = 2.0
-"""Wait before the second attempt; doubled for each later one."""
-
-
 def client() -> Any:
-    """An S3 client; botocore retries each request (standard mode, ``AWS_MAX_ATTEMPTS``, default 5)."""
+    """An S3 client; botocore retries each request (standard mode, ``AWS_MAX_ATTEMPTS``, default 5).
+
+    This is the only retry of a single S3 call. A whole upload or download that still fails is
+    retried by the Prefect task around it (tasks.retries.IO_RETRIES), never by a loop here.
+    """
     import boto3
     from botocore.config import Config
 
@@ -43,7 +41,9 @@ def client() -> Any:
     )
     retries = {
         "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-        "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+        # Attempts in all, as AWS_MAX_ATTEMPTS counts them (botocore's "max_attempts" key would
+        # count retries only: one attempt more).
+        "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
     }
     return boto3.client("s3", endpoint_url=endpoint, config=Config(retries=retries, connect_timeout=10))
 
@@ -112,10 +112,10 @@ def verify_file(path: Path, bucket: str, key: str, s3: Any) -> None:
 def upload_file(path: Path, uri: str, s3: Any = None) -> str:
     """Upload one file to ``uri`` (multipart above 8 MiB) and verify it; returns the URI.
 
-    An attempt that fails (the endpoint went away mid-upload, or what arrived does not match)
-    is repeated from the start, after a backoff, up to ``UPLOAD_ATTEMPTS`` times; then an
-    UploadError names the file, the URI and the last cause. An incomplete multipart upload is
-    never visible as an object, so nothing partial is left for a registry version to point to.
+    Each request is retried by botocore (:func:`client`); an upload that still fails, or that
+    arrived different from the file, is an UploadError naming the file, the URI and the cause,
+    which the enclosing Prefect task retries as a whole. An incomplete multipart upload is never
+    visible as an object, so nothing partial is left for a registry version to point to.
     """
     from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
@@ -124,17 +124,12 @@ def upload_file(path: Path, uri: str, s3: Any = None) -> str:
     s3 = s3 or client()
     bucket, key = split_uri(uri)
     config = TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
-    last: Exception | None = None
-    for attempt in range(UPLOAD_ATTEMPTS):
-        if attempt:
-            time.sleep(UPLOAD_BACKOFF_SECONDS * 2 ** (attempt - 1))
-        try:
-            s3.upload_file(str(path), bucket, key, Config=config)
-            verify_file(path, bucket, key, s3)
-            return uri
-        except (BotoCoreError, ClientError, UploadError, S3UploadFailedError) as exc:
-            last = exc
-    raise UploadError(f"{uri}: upload of {path} failed after {UPLOAD_ATTEMPTS} attempts: {last}")
+    try:
+        s3.upload_file(str(path), bucket, key, Config=config)
+    except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
+        raise UploadError(f"{uri}: upload of {path} failed: {exc}") from exc
+    verify_file(path, bucket, key, s3)
+    return uri
 
 
 def download_file(uri: str, path: Path, s3: Any = None) -> bool:
@@ -143,17 +138,13 @@ def download_file(uri: str, path: Path, s3: Any = None) -> bool:
 
     s3 = s3 or client()
     bucket, key = split_uri(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")  # unique: runs may fetch it at once
     try:
-        s3.download_file(bucket, key, str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # a unique temporary name: runs may fetch the same file at once
+            s3.download_file(bucket, key, str(tmp))
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return False
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return True
 
 
