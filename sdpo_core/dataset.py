@@ -16,6 +16,7 @@ from typing import Any
 from sdpo_core.config import DataConfig, SourceConfig
 from sdpo_core.formats import PARSERS, BadRow, DroppedRow, detect_format, map_columns
 from sdpo_core.hashing import sha256_bytes
+from sdpo_core.logprobs import TokenizedPair
 from sdpo_core.pairs import (
     DUPLICATE,
     EMPTY_COMPLETION,
@@ -240,11 +241,15 @@ class DataReport:
         }
 
 
-def build_dataset(cfg: Any, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
+def build_dataset(
+    cfg: Any, tokenizer: Any, tokens: dict[str, TokenizedPair] | None = None
+) -> tuple[list[PreferencePair], list[PreferencePair], DataReport]:
     """Read every source of a RunConfig; validate, split, drop leaks, measure, weight.
 
     Returns the training pairs (weighted, in recipe order then file order), the eval pairs and
     the report. Raises DataError before any training when the data cannot fill the steps.
+    ``tokens``, when given, receives each kept pair's truncated token ids by pair id: the
+    tokenization this function does anyway, kept so that no later stage tokenizes again.
     """
     d = cfg.data
     loaded: list[tuple[SourceConfig, list[PreferencePair], SourceReport]] = []
@@ -278,6 +283,8 @@ def build_dataset(cfg: Any, tokenizer: Any) -> tuple[list[PreferencePair], list[
         if len(cut.chosen_ids) < len(full.chosen_ids) or len(cut.rejected_ids) < len(full.rejected_ids):
             report.truncated_completions += 1
         (kept_eval if p.id in eval_ids else kept_train).append(p)
+        if tokens is not None:
+            tokens[p.id] = cut
 
     weighted: list[PreferencePair] = []
     for source, _, report in loaded:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from sdpo_core import data as data_mod
 from sdpo_core.config import RunConfig
 from sdpo_core.evaluate import Scores
 from sdpo_core.files import atomic_path
 from sdpo_core.hashing import sha256_file, sha256_json
 from sdpo_core.logprobs import score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device
+from sdpo_core.tokenization import tokenized_file
 from sdpo_core.train import for_device
 
 
@@ -48,7 +48,7 @@ def score_model(cfg: RunConfig, model_dir: str, pairs_path: str | Path) -> Score
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model, model_dir)
     model = load_model(cfg.model, model_dir, device)
-    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(pairs_path)), tokenizer, cfg.data)
+    pairs = tokenized_file(pairs_path, tokenizer, cfg.data)
     return score_pairs(
         model,
         pairs,

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from sdpo_core import data as data_mod
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
 from sdpo_core.files import atomic_write_text
@@ -27,6 +26,7 @@ from sdpo_core.hashing import sha256_bytes, sha256_json
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
 from sdpo_core.scores import load_scores
+from sdpo_core.tokenization import tokenized_file
 from sdpo_core.train import MetricsCallback, TrainingError, TrainResult, train_dpo
 
 RESULT_FILE = "train_result.json"
@@ -119,7 +119,7 @@ def train_from(
         torch.set_num_threads(cfg.train.num_threads)
     tokenizer = load_tokenizer(cfg.model, spec.ref_dir)
     policy = load_model(cfg.model, spec.ref_dir, device)
-    pairs = data_mod.tokenize_pairs(data_mod.read_pairs(Path(spec.chunk.path)), tokenizer, cfg.data)
+    pairs = tokenized_file(spec.chunk.path, tokenizer, cfg.data)
     ref = load_scores(spec.ref_scores)
     result = train_dpo(policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback, checkpoints)
     return policy, tokenizer, result

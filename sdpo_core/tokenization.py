@@ -7,12 +7,20 @@ otherwise with the plain template of :func:`render_plain`:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
 from sdpo_core.config import DataConfig
+from sdpo_core.files import atomic_path
+from sdpo_core.hashing import sha256_bytes, sha256_file, sha256_json
 from sdpo_core.logprobs import TokenizedPair
-from sdpo_core.pairs import Message, PreferencePair
+from sdpo_core.pairs import Message, PreferencePair, read_pairs
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -73,3 +81,79 @@ def truncate_pair(full: TokenizedPair, cfg: DataConfig, bos: int | None) -> Toke
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, cfg: DataConfig) -> list[TokenizedPair]:
     """:func:`tokenize_pair` of each pair, in order."""
     return [tokenize_pair(p, tokenizer, cfg) for p in pairs]
+
+
+# Token ids beside a pairs file: ``<file>.tokens.safetensors`` holds each pair's truncated ids (the
+# three parts flattened, with offsets), row for row, and in its metadata what they depend on: the
+# pairs file's sha256, the tokenizer and the length limits. A stage that finds a matching sidecar
+# reads the ids instead of tokenizing again; a stale or missing one is ignored.
+PARTS = ("prompt", "chosen", "rejected")
+
+
+def tokens_path(pairs_path: str | Path) -> Path:
+    return Path(f"{pairs_path}.tokens.safetensors")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A content id of a tokenizer's behaviour: its full pipeline (fast tokenizers) or vocabulary,
+    special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return sha256_json(
+        {
+            "class": type(tokenizer).__name__,
+            "body": sha256_bytes(body),
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "pad_token_id", None)],
+        }
+    )
+
+
+def _sidecar_meta(pairs_path: str | Path, tokenizer: Any, cfg: DataConfig) -> dict[str, str]:
+    return {
+        "pairs_sha256": sha256_file(pairs_path),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": str(cfg.max_length),
+        "max_prompt_length": str(cfg.max_prompt_length),
+    }
+
+
+def save_tokens(pairs_path: str | Path, tokenized: Sequence[TokenizedPair], tokenizer: Any, cfg: DataConfig) -> Path:
+    """Write the sidecar of a pairs file; ``tokenized`` follows the file row for row."""
+    tensors: dict[str, torch.Tensor] = {}
+    for part in PARTS:
+        rows = [getattr(t, f"{part}_ids") for t in tokenized]
+        lengths = torch.tensor([0] + [len(r) for r in rows], dtype=torch.int64)
+        tensors[f"{part}_offsets"] = lengths.cumsum(0)
+        tensors[f"{part}_ids"] = torch.tensor([i for r in rows for i in r], dtype=torch.int64)
+    with atomic_path(tokens_path(pairs_path)) as tmp:
+        save_file(tensors, str(tmp), metadata=_sidecar_meta(pairs_path, tokenizer, cfg))
+    return tokens_path(pairs_path)
+
+
+def load_tokens(pairs_path: str | Path, tokenizer: Any, cfg: DataConfig) -> list[TokenizedPair] | None:
+    """The sidecar's ids when it matches the file, the tokenizer and the limits; else None."""
+    path = tokens_path(pairs_path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if handle.metadata() != _sidecar_meta(pairs_path, tokenizer, cfg):
+                return None
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError):
+        return None
+    parts = {}
+    for part in PARTS:
+        ids, offsets = tensors[f"{part}_ids"].tolist(), tensors[f"{part}_offsets"].tolist()
+        parts[part] = [ids[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
+    return [TokenizedPair(p, c, r) for p, c, r in zip(parts["prompt"], parts["chosen"], parts["rejected"], strict=True)]
+
+
+def tokenized_file(pairs_path: str | Path, tokenizer: Any, cfg: DataConfig) -> list[TokenizedPair]:
+    """The token ids of every pair of a JSON-lines file: from its sidecar when that matches,
+    else by tokenizing the file."""
+    found = load_tokens(pairs_path, tokenizer, cfg)
+    if found is not None:
+        return found
+    return tokenize_pairs(read_pairs(Path(pairs_path)), tokenizer, cfg)

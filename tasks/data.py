@@ -14,10 +14,12 @@ from sdpo_core.config import RunConfig
 from sdpo_core.evaluate import gamma
 from sdpo_core.files import atomic_write_text
 from sdpo_core.fingerprint import model_fingerprint
+from sdpo_core.logprobs import TokenizedPair
 from sdpo_core.model_io import load_tokenizer
 from sdpo_core.partition import PARTITION_FILE, needs_m0_scores, partition_pairs, partition_record, source_accuracy
 from sdpo_core.records import ChunkInfo, PreparedData
 from sdpo_core.scores import load_scores, save_scores, scores_key
+from sdpo_core.tokenization import load_tokens, save_tokens, tokens_path
 from tasks.context import RunContext
 from tasks.retries import IO_RETRIES
 
@@ -30,9 +32,14 @@ def prepare(cfg: RunConfig, out_dir: str | Path) -> tuple[PreparedData, data_mod
     tracked) and hands the result to the flow, which then does not read the data again.
     """
     out_dir = Path(out_dir)
-    train, evals, report = data_mod.build_dataset(cfg, load_tokenizer(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
+    tokens: dict[str, TokenizedPair] = {}
+    train, evals, report = data_mod.build_dataset(cfg, tokenizer, tokens)
     train_hash = data_mod.write_pairs(train, out_dir / "train.jsonl")
     eval_hash = data_mod.write_pairs(evals, out_dir / "eval.jsonl")
+    # The ids build_dataset tokenized, beside each file, so no later stage tokenizes again.
+    save_tokens(out_dir / "train.jsonl", [tokens[p.id] for p in train], tokenizer, cfg.data)
+    save_tokens(out_dir / "eval.jsonl", [tokens[p.id] for p in evals], tokenizer, cfg.data)
     report_path = atomic_write_text(
         out_dir / "data_report.json", json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
     )
@@ -65,9 +72,10 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
     """
     from tasks import tracking
     from tasks.scores import cached_scores
-    from tasks.storage import publish, require
+    from tasks.storage import fetch, publish, require
 
     require(ctx, prepared.train_path)
+    fetch(ctx, tokens_path(prepared.train_path))  # optional: without it the chunks are tokenized later
     m0_dir, _ = tracking.fetch_for(ctx, m0_uri)
     out_dir = Path(ctx.run_dir) / "chunks"
     train = data_mod.read_pairs(Path(prepared.train_path))
@@ -83,11 +91,18 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
         gammas = gamma(m0_scores, p.accuracy).tolist()
     split = partition_pairs(train, p, accuracy, gammas, min_pairs=cfg.data.min_pairs_per_step)
     position = {pair.id: i for i, pair in enumerate(train)}
+    tokenizer = load_tokenizer(cfg.model, m0_dir)
+    train_tokens = load_tokens(prepared.train_path, tokenizer, cfg.data)
     fingerprint = model_fingerprint(m0_dir)
     infos = []
     for chunk in split.chunks:
         path = out_dir / f"step-{chunk.step}.jsonl"
         digest = data_mod.write_pairs(chunk.pairs, path)
+        if train_tokens is not None:
+            tokens_file = save_tokens(
+                path, [train_tokens[position[pair.id]] for pair in chunk.pairs], tokenizer, cfg.data
+            )
+            written.append(tokens_file)
         if m0_scores is not None:
             cached = ctx.cache_dir / f"{scores_key(cfg, fingerprint, path)}.safetensors"
             if not cached.is_file():

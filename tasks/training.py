@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
+from sdpo_core.tokenization import tokens_path
 from tasks.context import RunContext
 from tasks.retries import IO_RETRIES
 
@@ -73,10 +74,11 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
 def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
     """Forward-only log-probs of a data file under a registered model (cached by content)."""
     from tasks.scores import cached_scores
-    from tasks.storage import publish, require
+    from tasks.storage import fetch, publish, require
     from tasks.tracking import fetch_for
 
     require(ctx, pairs_path)
+    fetch(ctx, tokens_path(pairs_path))  # optional: without it the file is tokenized here
     model_dir, _ = fetch_for(ctx, model_uri)
     path, computed = cached_scores(cfg, ctx, model_dir, pairs_path)
     if computed:
@@ -99,11 +101,12 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     """
     from sdpo_core.step import run_step
     from tasks import tracking
-    from tasks.storage import require
+    from tasks.storage import fetch, require
 
     cfg, chunk = spec.config, spec.chunk
     c = tracking.client(ctx.tracking_uri)
     require(ctx, chunk.path, spec.ref_scores)
+    fetch(ctx, tokens_path(chunk.path))
     ref_dir, ref_version = tracking.fetch_for(ctx, spec.ref_uri)
     run_id = tracking.start_run(
         c,
@@ -186,9 +189,10 @@ def evaluate_step(
     from sdpo_core.scores import load_scores
     from tasks import tracking
     from tasks.scores import cached_scores
-    from tasks.storage import publish, require
+    from tasks.storage import fetch, publish, require
 
     require(ctx, eval_path, m0_eval_scores, prev_eval_scores, ref_scores)
+    fetch(ctx, tokens_path(eval_path))
     eval_scores, computed = cached_scores(cfg, ctx, trained.model_dir, eval_path)
     if computed:
         publish(ctx, eval_scores)
