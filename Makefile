@@ -30,6 +30,19 @@ lint: $(VENV)/.installed-test
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The test tiers (markers set in tests/conftest.py): unit for the edit loop (under a minute, no lint),
+# then integration and e2e. `make test` runs all three.
+.PHONY: test-fast test-integration test-e2e
+
+test-fast: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-integration: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
+
+test-e2e: $(VENV)/.installed-test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
+
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
