@@ -8,14 +8,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.config import RunConfig
-from sdpo_core.stages import ChunkInfo, PreparedData
+from sdpo_core.records import ChunkInfo, PreparedData
 from tasks.context import RunContext
-from tasks.retries import IO_RETRIES
+from tasks.retries import IO_RETRIES, attempt_key
 
 
 @task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
 def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData) -> RunContext:
-    """Create the experiment if needed and the parent run; log the resolved config."""
+    """Create the experiment if needed and the parent run; log the resolved config.
+
+    A retry reuses the parent run its first try opened (found by the task run's id).
+    """
     from tasks import tracking
 
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, Path(root))
@@ -25,8 +28,9 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
         location = (Path(root) / "mlartifacts").as_uri()
     experiment_id = tracking.ensure_experiment(c, cfg.tracking.experiment, location)
 
-    parent = tracking.start_run(
-        c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}
+    key = attempt_key()
+    parent = tracking.find_run(c, experiment_id, key) or tracking.start_run(
+        c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}, key=key
     )
     tracking.log_params(c, parent, tracking.flatten(cfg.to_dict()))
     tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir))
@@ -34,9 +38,12 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
         c.log_artifact(parent, prepared.report_path)
     tracking.log_data_sources(c, parent, prepared.counts, {s.name: source_type(s.path) for s in cfg.data.sources})
     ctx = RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model, cfg.storage.uri)
+    from sdpo_core.tokenization import tokens_path
     from tasks.storage import publish
 
-    publish(ctx, prepared.train_path, prepared.eval_path, *([prepared.report_path] if prepared.report_path else []))
+    files = [prepared.train_path, prepared.eval_path, prepared.report_path]
+    files += [t for t in (tokens_path(prepared.train_path), tokens_path(prepared.eval_path)) if t.is_file()]
+    publish(ctx, *[f for f in files if f])
     return ctx
 
 
@@ -58,8 +65,8 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     The model is loaded (safetensors only) and saved again, so the registry holds a clean
     safetensors folder whatever else the source folder contains. Returns the version.
     """
+    from sdpo_core.fingerprint import record_fingerprint
     from sdpo_core.model_io import load_model, load_tokenizer, save_model
-    from sdpo_core.stages import record_fingerprint
     from tasks import tracking
 
     out = Path(ctx.run_dir) / "models" / "step-0"
@@ -68,12 +75,18 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     )
     fingerprint = record_fingerprint(out)
     c = tracking.client(ctx.tracking_uri)
-    # The same M0 registered before (same weights): reuse its version, so reruns add none.
-    existing = tracking.find_version(c, ctx.model_name, {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint})
-    if existing is not None:
-        tracking.set_alias(c, ctx.model_name, "step-0", existing.version)
-        return str(existing.version)
-    run_id = tracking.start_run(c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"})
+    key = attempt_key()
+    # A retry goes on with the run its first try opened (register reuses a version made there).
+    run_id = tracking.find_run(c, ctx.experiment_id, key)
+    if run_id is None:
+        # The same M0 registered before (same weights): reuse its version, so reruns add none.
+        existing = tracking.find_version(c, ctx.model_name, {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint})
+        if existing is not None:
+            tracking.point_aliases(c, ctx.model_name, 0, existing.version, final=False)
+            return str(existing.version)
+        run_id = tracking.start_run(
+            c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"}, key=key
+        )
     tags = {
         "sdpo.step": "0",
         "sdpo.source_model": cfg.model.name_or_path,
@@ -106,7 +119,10 @@ def register_step(
     train_loss: float,
     optimizer_steps: int,
 ) -> str:
-    """Log Mt to its step run and register it with alias step-<t> (and final); returns the version."""
+    """Log Mt to its step run and register it with alias step-<t> (and final); returns the version.
+
+    Safe to retry: register reuses the version an earlier try registered from this run.
+    """
     from tasks import tracking
 
     c = tracking.client(ctx.tracking_uri)
@@ -158,9 +174,7 @@ def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_ve
     )
     if found is None:
         return None
-    tracking.set_alias(c, ctx.model_name, f"step-{chunk.step}", found.version)
-    if final:
-        tracking.set_alias(c, ctx.model_name, "final", found.version)
+    tracking.point_aliases(c, ctx.model_name, chunk.step, found.version, final)
     metrics = {
         k.removeprefix("sdpo."): float(v) for k, v in found.tags.items() if k.startswith(("sdpo.eval/", "sdpo.chunk/"))
     }

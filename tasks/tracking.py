@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from tasks.workspace import default_tracking_uri, within
+from sdpo_core.files import atomic_write_text
 from sdpo_core.locks import file_lock
+from tasks.workspace import default_tracking_uri, within
 
 SENSITIVE_MARKERS = ("secret", "password", "token", "key", "credential")
 
@@ -101,13 +102,40 @@ def redact_userinfo(text: str) -> str:
     return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
 
 
+RETRY_KEY_TAG = "sdpo.task_run_id"
+"""Tag naming the Prefect task run that started a run (tasks.retries.attempt_key), so a retried
+task finds the run its first try opened instead of opening a second one."""
+
+
 def start_run(
-    c: Any, experiment_id: str, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None
+    c: Any,
+    experiment_id: str,
+    name: str,
+    parent_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    key: str | None = None,
 ) -> str:
+    """Start a run and return its id; ``key`` (a task run's id) is recorded for :func:`find_run`."""
     all_tags = {"mlflow.runName": name, **(tags or {})}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
+    if key:
+        all_tags[RETRY_KEY_TAG] = key
     return c.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def find_run(c: Any, experiment_id: str, key: str | None) -> str | None:
+    """The run that :func:`start_run` started with ``key`` (an earlier try of the same task run),
+    marked running again if that try ended it; None when there is none or no key."""
+    if not key:
+        return None
+    found = c.search_runs([experiment_id], filter_string=f"tags.`{RETRY_KEY_TAG}` = '{key}'", max_results=1)
+    if not found:
+        return None
+    run = found[0].info
+    if run.status != "RUNNING":
+        c.update_run(run.run_id, status="RUNNING")
+    return run.run_id
 
 
 def log_params(c: Any, run_id: str, params: dict[str, str]) -> None:
@@ -128,29 +156,57 @@ def log_metrics(c: Any, run_id: str, metrics: dict[str, float], step: int) -> No
 
 
 def log_yaml(c: Any, run_id: str, data: dict[str, Any], name: str, scratch: Path) -> None:
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path = atomic_write_text(scratch / name, yaml.safe_dump(data, sort_keys=False))
     c.log_artifact(run_id, str(path))
 
 
 def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, tags: dict[str, str], final: bool) -> str:
-    """Log the model folder to the run, register it as a version, alias it ``step-<t>``.
+    """Log the model folder to the run, register it as a version, alias it ``step-<t>`` (and ``final``).
 
     Returns the version number. The version's source is the run's artifact folder ``model``.
-    """
-    c.log_artifacts(run_id, model_dir, "model")
-    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
-    if source.startswith("s3://"):
-        from tasks.s3 import verify_upload
 
-        verify_upload(Path(model_dir), source)
-    ensure_registered_model(c, model_name)
-    version = c.create_model_version(model_name, source, run_id=run_id, tags=tags).version
-    set_alias(c, model_name, f"step-{step}", version)
+    Safe to run again, so the Prefect task around it may retry it: a version that this run
+    already registered with these tags (a first try that failed after creating it, say while
+    setting an alias another run was setting too) is reused, never registered a second time.
+    """
+    version = run_version(c, model_name, run_id, tags)
+    if version is None:
+        c.log_artifacts(run_id, model_dir, "model")
+        source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+        if source.startswith("s3://"):
+            from tasks.s3 import verify_upload
+
+            verify_upload(Path(model_dir), source)
+        ensure_registered_model(c, model_name)
+        version = str(c.create_model_version(model_name, source, run_id=run_id, tags=tags).version)
+    point_aliases(c, model_name, step, version, final)
+    return version
+
+
+def run_version(c: Any, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
+    """The newest version of ``model_name`` that run ``run_id`` registered with all these tags, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    # Tags are compared here rather than in the filter: their values may hold any character.
+    mine = [int(v.version) for v in found if all(v.tags.get(k) == value for k, value in tags.items())]
+    return str(max(mine)) if mine else None
+
+
+def point_aliases(c: Any, model_name: str, step: int, version: str | int, final: bool) -> None:
+    """Point ``step-<step>`` (and ``final``) at ``version``.
+
+    Another run moving the same alias at the same moment can make this fail (tasks.retries.lost_race);
+    the Prefect task around it retries it then, and setting an alias again is harmless.
+    """
+    c.set_registered_model_alias(model_name, f"step-{step}", version)
     if final:
-        set_alias(c, model_name, "final", version)
-    return str(version)
+        c.set_registered_model_alias(model_name, "final", version)
 
 
 def ensure_registered_model(c: Any, model_name: str) -> None:
@@ -168,43 +224,6 @@ def ensure_registered_model(c: Any, model_name: str) -> None:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-
-
-ALIAS_ATTEMPTS = 5
-
-
-def set_alias(c: Any, model_name: str, alias: str, version: str | int) -> None:
-    """Point ``alias`` at ``version``, retrying when another run set the same alias at once.
-
-    MLflow's SQL store sets an alias by reading the row and then inserting or updating it. Two
-    runs moving one alias at the same moment can both read "absent" and both insert: the second
-    insert breaks the unique key and comes back as BAD_REQUEST (a SQLite database locked by the
-    other writer comes back as TEMPORARILY_UNAVAILABLE). Setting an alias is idempotent, so trying
-    again (it now finds the row and updates it) is safe. Other errors are raised at once.
-    """
-    import time
-
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(1, ALIAS_ATTEMPTS + 1):
-        try:
-            c.set_registered_model_alias(model_name, alias, version)
-            return
-        except MlflowException as exc:
-            if not _lost_race(exc) or attempt == ALIAS_ATTEMPTS:
-                raise
-            time.sleep(0.05 * attempt)
-
-
-# How SQL databases word a broken unique key (SQLite, PostgreSQL, MySQL), as MLflow passes it on.
-_UNIQUE_KEY_MARKERS = ("IntegrityError", "UNIQUE constraint", "duplicate key", "Duplicate entry")
-
-
-def _lost_race(exc: Any) -> bool:
-    """Whether an MLflow error is another writer's doing: a broken unique key or a locked database."""
-    if exc.error_code == "TEMPORARILY_UNAVAILABLE":
-        return True
-    return exc.error_code == "BAD_REQUEST" and any(marker in str(exc) for marker in _UNIQUE_KEY_MARKERS)
 
 
 def model_uri(model_name: str, step: int) -> str:

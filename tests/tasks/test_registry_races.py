@@ -1,7 +1,13 @@
-"""Two runs moving one registered model at the same moment: the registry calls that race."""
+"""Two runs moving one registered model at the same moment, and a registry task tried again.
+
+A registry write that loses a race with another run's (a broken unique key, a locked database)
+is not retried by a loop of our own: it fails the Prefect task, which IO_RETRIES runs again, and
+the task is written so that running it again registers no second version and opens no second run.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,14 +15,23 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-from tasks import tracking
+from tasks import registry, tracking
+from tasks.context import RunContext
+from tasks.retries import IO_RETRIES
+
+REPO = Path(__file__).resolve().parents[2]
+TRIES = IO_RETRIES["retries"] + 1
 
 
 class RacingClient:
-    """A real MLflow client whose next calls of one method fail first, as a lost race does."""
+    """A real MLflow client whose next calls of one method fail first, as a lost race does.
 
-    def __init__(self, inner: MlflowClient, method: str, failures: list[MlflowException]) -> None:
-        self.inner, self.method, self.failures, self.calls = inner, method, list(failures), 0
+    With ``after=True`` the call is made first and then fails: the server did the work, but the
+    reply was lost (a connection cut, a proxy timing out).
+    """
+
+    def __init__(self, inner: MlflowClient, method: str, failures: list[MlflowException], after: bool = False) -> None:
+        self.inner, self.method, self.failures, self.after, self.calls = inner, method, list(failures), after, 0
 
     def __getattr__(self, name: str):
         fn = getattr(self.inner, name)
@@ -25,6 +40,8 @@ class RacingClient:
 
         def racing(*args, **kwargs):
             self.calls += 1
+            if self.failures and self.after:
+                fn(*args, **kwargs)
             if self.failures:
                 raise self.failures.pop(0)
             return fn(*args, **kwargs)
@@ -32,14 +49,23 @@ class RacingClient:
         return racing
 
 
-@pytest.fixture
-def client(tmp_path: Path) -> MlflowClient:
-    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry database with model ``m`` (two versions) and experiment ``e``, made once: creating
+    MLflow's tables takes seconds, so each test starts from a copy."""
+    root = tmp_path_factory.mktemp("registry")
+    c = tracking.client(f"sqlite:///{root / 'mlflow.db'}")
     c.create_registered_model("m")
-    run = c.create_run(c.create_experiment("e", artifact_location=str(tmp_path / "art")))
+    run = c.create_run(c.create_experiment("e", artifact_location=str(root / "art")))
     for _ in range(2):
-        c.create_model_version("m", str(tmp_path / "src"), run_id=run.info.run_id)
-    return c
+        c.create_model_version("m", str(root / "src"), run_id=run.info.run_id)
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def client(template: Path, tmp_path: Path) -> MlflowClient:
+    shutil.copyfile(template, tmp_path / "mlflow.db")
+    return tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def unique_key_error() -> MlflowException:
@@ -47,32 +73,139 @@ def unique_key_error() -> MlflowException:
     return MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed", error_code=BAD_REQUEST)
 
 
-def test_set_alias_tries_again_after_losing_the_insert_race(client: MlflowClient) -> None:
-    locked = MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
-    racing = RacingClient(client, "set_registered_model_alias", [unique_key_error(), locked])
-    tracking.set_alias(racing, "m", "step-1", 2)
-    assert racing.calls == 3
-    assert str(client.get_model_version_by_alias("m", "step-1").version) == "2"
+def locked_error() -> MlflowException:
+    return MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
 
 
-def test_set_alias_gives_up_after_its_attempts(client: MlflowClient) -> None:
-    racing = RacingClient(client, "set_registered_model_alias", [unique_key_error()] * tracking.ALIAS_ATTEMPTS)
+@pytest.fixture
+def step(client: MlflowClient, tmp_path: Path) -> dict:
+    """What register_step needs: a config, the run's context, a chunk, a model folder, a step run."""
+    from sdpo_core.config import RunConfig, SourceConfig
+    from sdpo_core.records import ChunkInfo
+
+    cfg = RunConfig.model_validate({"data": {"sources": [SourceConfig(path="a.jsonl", name="a")]}})
+    experiment_id = client.get_experiment_by_name("e").experiment_id
+    parent = tracking.start_run(client, experiment_id, "parent")
+    ctx = RunContext(
+        str(tmp_path), str(tmp_path / "run"), f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, parent, "m"
+    )
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run_id = tracking.start_run(client, experiment_id, "step-1-a", parent_id=parent)
+    chunk = ChunkInfo(step=1, label="a", path="a.jsonl", size=2, content_hash="abc", m0_accuracy=None)
+    return {"cfg": cfg, "ctx": ctx, "chunk": chunk, "model_dir": str(model), "run_id": run_id}
+
+
+def run_register_step(step: dict, monkeypatch, c) -> str:
+    """register_step as the pipeline runs it (a Prefect task with IO_RETRIES), with the MLflow
+    client ``c``; retried at once rather than after IO_RETRIES' delays."""
+    monkeypatch.setattr(tracking, "client", lambda uri: c)
+    quick = registry.register_step.with_options(retry_delay_seconds=0)
+    return quick(
+        step["cfg"], step["ctx"], step["chunk"], step["model_dir"], step["run_id"], "1", {"eval/x": 0.5}, True, 0.6, 2
+    )
+
+
+def versions_of(client: MlflowClient, run_id: str) -> list[str]:
+    return sorted(
+        (str(v.version) for v in client.search_model_versions(f"name = 'm' and run_id = '{run_id}'")), key=int
+    )
+
+
+def test_alias_race_lost_twice_is_retried_by_the_task(client, step, monkeypatch, prefect_harness) -> None:
+    racing = RacingClient(client, "set_registered_model_alias", [unique_key_error(), locked_error()])
+    version = run_register_step(step, monkeypatch, racing)
+    assert racing.calls == 3 + 1, "two lost races, then step-1 and final set"
+    assert versions_of(client, step["run_id"]) == [version], "the retries registered no second version"
+    assert str(client.get_model_version_by_alias("m", "step-1").version) == version
+    assert str(client.get_model_version_by_alias("m", "final").version) == version
+    assert client.get_run(step["run_id"]).info.status == "FINISHED"
+
+
+def test_alias_race_lost_on_every_try_fails_the_task(client, step, monkeypatch, prefect_harness) -> None:
+    racing = RacingClient(client, "set_registered_model_alias", [unique_key_error()] * TRIES)
     with pytest.raises(MlflowException, match="UNIQUE"):
-        tracking.set_alias(racing, "m", "step-1", 2)
-    assert racing.calls == tracking.ALIAS_ATTEMPTS
+        run_register_step(step, monkeypatch, racing)
+    assert racing.calls == TRIES
+    assert len(versions_of(client, step["run_id"])) == 1, "one version, whatever the number of tries"
 
 
-def test_set_alias_raises_other_errors_at_once(client: MlflowClient) -> None:
-    racing = RacingClient(client, "set_registered_model_alias", [])
-    with pytest.raises(MlflowException) as err:
-        tracking.set_alias(racing, "m", "step-1", 99)  # no such version
-    assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST"
-    assert racing.calls == 1
+def test_other_registry_errors_fail_the_task_at_once(client, step, monkeypatch, prefect_harness) -> None:
     other = MlflowException("(sqlite3.DataError) value too long", error_code=BAD_REQUEST)
     racing = RacingClient(client, "set_registered_model_alias", [other])
     with pytest.raises(MlflowException, match="too long"):
-        tracking.set_alias(racing, "m", "step-1", 2)
+        run_register_step(step, monkeypatch, racing)
     assert racing.calls == 1
+    # Another step run, so that registering is not skipped for the version made just above.
+    fresh = step | {"run_id": tracking.start_run(client, step["ctx"].experiment_id, "step-1-b")}
+    racing = RacingClient(
+        client, "create_model_version", [MlflowException("absent", error_code=RESOURCE_DOES_NOT_EXIST)]
+    )
+    with pytest.raises(MlflowException, match="absent"):
+        run_register_step(fresh, monkeypatch, racing)
+    assert racing.calls == 1
+    assert versions_of(client, fresh["run_id"]) == []
+
+
+def test_version_created_but_its_reply_lost_is_reused_by_the_retry(client, step, monkeypatch, prefect_harness) -> None:
+    racing = RacingClient(client, "create_model_version", [locked_error()], after=True)
+    version = run_register_step(step, monkeypatch, racing)
+    assert racing.calls == 1, "the retry found the version and did not create another"
+    assert versions_of(client, step["run_id"]) == [version]
+    assert str(client.get_model_version_by_alias("m", "step-1").version) == version
+
+
+def test_register_again_returns_the_same_version(client, step) -> None:
+    """register is idempotent per run and tags: a second call (a retried task) adds no version;
+    a different model from the same run (other tags) is a new version."""
+    args = (client, "m", step["run_id"], step["model_dir"], 1)
+    before = len(client.search_model_versions("name = 'm'"))
+    first = tracking.register(*args, {"sdpo.step": "1", "q": "it's"}, final=False)
+    again = tracking.register(*args, {"sdpo.step": "1", "q": "it's"}, final=True)
+    assert again == first
+    assert len(client.search_model_versions("name = 'm'")) == before + 1
+    assert str(client.get_model_version_by_alias("m", "final").version) == first
+    other = tracking.register(*args, {"sdpo.step": "1", "q": "other"}, final=False)
+    assert other != first
+    assert versions_of(client, step["run_id"]) == sorted([first, other], key=int)
+
+
+def test_a_retried_task_finds_the_run_its_first_try_opened(client) -> None:
+    experiment_id = client.get_experiment_by_name("e").experiment_id
+    assert tracking.find_run(client, experiment_id, None) is None
+    assert tracking.find_run(client, experiment_id, "task-run-1") is None
+    run_id = tracking.start_run(client, experiment_id, "step-0-M0", key="task-run-1")
+    tracking.start_run(client, experiment_id, "step-0-M0", key="task-run-2")
+    assert tracking.find_run(client, experiment_id, "task-run-1") == run_id
+    client.set_terminated(run_id, "FAILED")
+    assert tracking.find_run(client, experiment_id, "task-run-1") == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_register_base_retried_opens_no_second_run(client, tmp_path, monkeypatch, prefect_harness) -> None:
+    """The first try opens the step-0 run and fails in the middle of logging M0 to it; the retry
+    goes on in that run and registers one version."""
+    from sdpo_core.config import RunConfig
+
+    cfg = RunConfig.model_validate(
+        {"model": {"name_or_path": str(REPO / "models" / "stories260K")}, "data": {"sources": [{"path": "a.jsonl"}]}}
+    )
+    experiment_id = client.get_experiment_by_name("e").experiment_id
+    parent = tracking.start_run(client, experiment_id, "parent")
+    ctx = RunContext(
+        str(tmp_path), str(tmp_path / "run"), f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, parent, "m0"
+    )
+    racing = RacingClient(client, "log_artifacts", [locked_error()])
+    monkeypatch.setattr(tracking, "client", lambda uri: racing)
+    version = registry.register_base.with_options(retry_delay_seconds=0)(cfg, ctx)
+    assert racing.calls == 2
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert [r.info.run_name for r in runs] == ["step-0-M0"]
+    assert runs[0].info.status == "FINISHED"
+    assert [str(v.version) for v in client.search_model_versions("name = 'm0'")] == [version]
+    assert str(client.get_model_version_by_alias("m0", "step-0").version) == version
 
 
 def test_registered_model_created_by_another_run_in_between(client: MlflowClient) -> None:
@@ -95,10 +228,8 @@ def test_registered_model_other_errors_are_raised(client: MlflowClient) -> None:
 
 def test_experiment_created_by_another_run_in_between(client: MlflowClient, tmp_path: Path) -> None:
     first = RacingLookup(client)
-    assert (
-        tracking.ensure_experiment(first, "e", str(tmp_path / "art"))
-        == client.get_experiment_by_name("e").experiment_id
-    )
+    experiment = client.get_experiment_by_name("e")
+    assert tracking.ensure_experiment(first, "e", experiment.artifact_location) == experiment.experiment_id
     assert first.lookups == 2
     with pytest.raises(ValueError, match="keeps its artifacts"):
         tracking.ensure_experiment(RacingLookup(client), "e", str(tmp_path / "elsewhere"))

@@ -6,10 +6,12 @@ import sqlite3
 
 import pytest
 import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.data import DataError
 from sdpo_core.train import TrainingError
-from tasks.retries import IO_RETRIES, is_transient, retry_on_io
+from tasks.retries import IO_RETRIES, attempt_key, is_transient, retry_on_io
 
 
 @pytest.mark.parametrize(
@@ -32,7 +34,22 @@ def test_s3_failures_are_retried() -> None:
     from tasks.s3 import UploadError
 
     assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:9"))
-    assert is_transient(UploadError("s3://b/k: upload of f failed after 4 attempts"))
+    assert is_transient(UploadError("s3://b/k: upload of f failed: Could not connect to the endpoint URL"))
+
+
+def test_registry_writes_that_lost_a_race_are_retried() -> None:
+    """Another run wrote the same registry row at the same moment (tasks.tracking.point_aliases):
+    run again, the write finds the row. Other MLflow errors are the request's own fault."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    for message in ("(sqlite3.IntegrityError) UNIQUE constraint failed", "duplicate key value", "Duplicate entry"):
+        assert is_transient(MlflowException(message, error_code=BAD_REQUEST)), message
+    assert is_transient(MlflowException("(sqlite3.OperationalError) busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("(sqlite3.DataError) value too long", error_code=BAD_REQUEST))
+    assert not is_transient(MlflowException("Registered Model 'm' not found", error_code=RESOURCE_DOES_NOT_EXIST))
+    # The same words outside MLflow are not a lost race.
+    assert not is_transient(ValueError("IntegrityError"))
 
 
 @pytest.mark.parametrize(
@@ -55,6 +72,24 @@ def test_condition_reads_the_failed_state() -> None:
 
     assert retry_on_io(None, None, Failed(data=ConnectionResetError()))
     assert not retry_on_io(None, None, Failed(data=TrainingError("nan")))
+
+
+@task(cache_policy=NO_CACHE, persist_result=False, **(IO_RETRIES | {"retry_delay_seconds": 0}))
+def flaky(keys: list[str | None]) -> str | None:
+    keys.append(attempt_key())
+    if len(keys) == 1:
+        raise ConnectionResetError("the first try loses its connection")
+    return keys[-1]
+
+
+def test_attempt_key_is_the_same_for_every_try_of_a_task_run(prefect_harness) -> None:
+    assert attempt_key() is None  # outside a task run
+    keys: list[str | None] = []
+    assert flaky(keys) == keys[0]
+    assert len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
+    other: list[str | None] = []
+    flaky(other)
+    assert other[0] != keys[0], "another task run, another key"
 
 
 def test_every_task_that_does_io_retries_only_io() -> None:

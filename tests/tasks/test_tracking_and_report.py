@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from sdpo_core.config import RunConfig, SourceConfig
+from sdpo_core.config import DataConfig, RunConfig, SourceConfig
 from tasks.report import format_table
 from tasks.tracking import flatten, model_uri, redact_userinfo
 
 
 def test_flatten_names_every_leaf_and_indexes_lists():
-    cfg = RunConfig(data=RunConfig().data.__class__(sources=(SourceConfig(path="a.jsonl", name="a"),)))
+    cfg = RunConfig(data=DataConfig(sources=(SourceConfig(path="a.jsonl", name="a"),)))
     params = flatten(cfg.to_dict())
     assert params["data.sources.0.path"] == "a.jsonl"
     assert params["loss.beta"] == "0.1"
