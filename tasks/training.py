@@ -14,7 +14,7 @@ from sdpo_core.config import RunConfig
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
 from sdpo_core.tokenization import tokens_path
 from tasks.context import RunContext
-from tasks.retries import IO_RETRIES
+from tasks.retries import IO_RETRIES, attempt_key
 
 
 def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
@@ -108,12 +108,15 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     require(ctx, chunk.path, spec.ref_scores)
     fetch(ctx, tokens_path(chunk.path))
     ref_dir, ref_version = tracking.fetch_for(ctx, spec.ref_uri)
-    run_id = tracking.start_run(
+    # A retry of this task run continues the step run its first try opened (and its checkpoints).
+    key = attempt_key()
+    run_id = tracking.find_run(c, ctx.experiment_id, key) or tracking.start_run(
         c,
         ctx.experiment_id,
         f"step-{chunk.step}-{chunk.label}",
         parent_id=ctx.parent_run_id,
         tags={"sdpo.step": str(chunk.step), "sdpo.source": chunk.label, "sdpo.reference": spec.ref_uri},
+        key=key,
     )
     tracking.log_params(
         c,
