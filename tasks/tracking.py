@@ -33,10 +33,10 @@ _READY: set[str] = set()
 
 
 def client(uri: str) -> Any:
+    """An MLflow client of ``uri`` (tracking and registry). The URI is the client's own: nothing
+    here sets MLflow's process-wide tracking URI."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _READY:
         # MLflow creates or upgrades its tables the first time a process opens the database; two
         # runs starting at once on a new workspace would otherwise race in its migrations (seen:
@@ -237,15 +237,21 @@ def version_uri(model_name: str, version: str | int) -> str:
     return f"models:/{model_name}/{version}"
 
 
-def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
+def fetch_model(tracking_uri: str, uri: str, cache_root: Path) -> tuple[str, str]:
     """Download a registered model (``models:/name@alias`` or ``models:/name/version``) into the
     cache; returns (folder, version).
 
-    Each version is downloaded once; the folder is keyed by name and version. Runs at the same
-    time may download the same version: each into its own temporary folder, the first rename wins.
+    Each version is downloaded once; the folder is keyed by the registry (a hash of its URI: two
+    registries may share a workspace and both have a version 1), the name and the version. Runs
+    at the same time may download the same version: each into its own temporary folder, the first
+    rename wins.
     """
     import mlflow
 
+    from sdpo_core.hashing import sha256_bytes
+
+    c = client(tracking_uri)
+    cache_root = cache_root / sha256_bytes(tracking_uri)[:16]
     path = uri.removeprefix("models:/")
     if "@" in path:
         name, alias = path.split("@", 1)
@@ -258,11 +264,17 @@ def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
         tmp = cache_root / name / f".{version}.{uuid.uuid4().hex}.partial"
         tmp.mkdir(parents=True)
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+            # The version's own artifact URI, resolved by this client: MLflow resolves a models:/
+            # URI through its process-wide registry URI, which this project never sets.
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=c.get_model_version_download_uri(name, version),
+                dst_path=str(tmp / "download"),
+                tracking_uri=tracking_uri,
+            )
             if dest.exists() and not (dest / "config.json").is_file():
                 shutil.rmtree(dest)  # left half-made by an older version of this code
             try:
-                tmp.rename(dest)
+                Path(local).rename(dest)
             except OSError:
                 if not (dest / "config.json").is_file():
                     raise
@@ -273,7 +285,7 @@ def fetch_model(c: Any, uri: str, cache_root: Path) -> tuple[str, str]:
 
 def fetch_for(ctx: Any, uri: str) -> tuple[str, str]:
     """:func:`fetch_model` with a pipeline run's tracking URI and model cache."""
-    return fetch_model(client(ctx.tracking_uri), uri, ctx.model_cache)
+    return fetch_model(ctx.tracking_uri, uri, ctx.model_cache)
 
 
 def log_data_sources(c: Any, run_id: str, counts: dict[str, dict], source_types: dict[str, str]) -> None:

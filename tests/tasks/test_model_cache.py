@@ -1,0 +1,33 @@
+"""The registry download cache: a version is found by registry, name and version, never by
+name and version alone (two registries may share a workspace and both have a version 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks import tracking
+
+
+def _register(uri: str, tmp_path: Path, marker: str) -> str:
+    c = tracking.client(uri)
+    folder = tmp_path / f"model-{marker}"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"marker": marker}))
+    experiment = tracking.ensure_experiment(c, "cache-test", (tmp_path / f"artifacts-{marker}").as_uri())
+    run_id = tracking.start_run(c, experiment, "step-0")
+    return tracking.register(c, "shared-name", run_id, str(folder), 0, {"sdpo.step": "0"}, final=False)
+
+
+def test_two_registries_in_one_workspace_do_not_share_a_cached_version(tmp_path: Path) -> None:
+    first, second = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    assert _register(first, tmp_path, "a") == _register(second, tmp_path, "b") == "1"
+    cache = tmp_path / "cache"
+    dir_a, version_a = tracking.fetch_model(first, "models:/shared-name/1", cache)
+    dir_b, version_b = tracking.fetch_model(second, "models:/shared-name@step-0", cache)
+    assert version_a == version_b == "1"
+    assert dir_a != dir_b
+    assert json.loads((Path(dir_a) / "config.json").read_text()) == {"marker": "a"}
+    assert json.loads((Path(dir_b) / "config.json").read_text()) == {"marker": "b"}
+    # A second fetch is served from the cache: the same folder.
+    assert tracking.fetch_model(first, "models:/shared-name/1", cache)[0] == dir_a
