@@ -28,15 +28,15 @@ def test_partition_task_logs_partition_json(tmp_path: Path) -> None:
     from tasks.data import partition
     from tasks.registry import register_base
 
+    orca = SourceConfig(path=str(REPO / "data/orca_dpo_pairs_validation_msfoundry.jsonl"), name="orca", max_pairs=8)
+    # A RunConfig checks its values when built: it needs at least one source.
     cfg = RunConfig(
         model=ModelConfig(name_or_path=MODEL),
-        data=DataConfig(max_length=96, max_prompt_length=48),
+        data=DataConfig(sources=(orca,), max_length=96, max_prompt_length=48),
         partition=PartitionConfig(strategy="easy_to_hard", sizes=(4, 3)),
         train=TrainConfig(device="cpu"),
     )
-    pairs, _ = load_source(
-        SourceConfig(path=str(REPO / "data/orca_dpo_pairs_validation_msfoundry.jsonl"), name="orca", max_pairs=8)
-    )
+    pairs, _ = load_source(orca)
     run_dir = tmp_path / "runs" / "r"
     write_pairs(pairs, run_dir / "data" / "train.jsonl")
     prepared = SimpleNamespace(train_path=str(run_dir / "data" / "train.jsonl"))  # the task reads only this

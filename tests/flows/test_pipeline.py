@@ -72,11 +72,82 @@ def registered_names(tmp_path: Path) -> list[str]:
     return [m.name for m in registry(tmp_path).search_registered_models()]
 
 
-@pytest.mark.slow
-def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness):
-    from flows.pipeline import sdpo_pipeline
+class CallCounter:
+    """Wraps functions (looked up by module attribute at call time) and counts their calls."""
 
-    result = sdpo_pipeline(recipe=str(write_recipe(tmp_path, "two")), overrides=[])
+    def __init__(self, monkeypatch) -> None:
+        self.monkeypatch = monkeypatch
+        self.calls: dict[str, list] = {}
+        self.results: dict[str, list] = {}
+
+    def wrap(self, module, name: str, *, record=lambda *a, **kw: None) -> None:
+        """Count the calls of ``module.name``; ``record`` picks what each call notes. Wrapping one
+        function under several names counts a call through any of them once (each wrapper calls
+        the function itself, not another wrapper)."""
+        real = getattr(module, name)
+        calls, results = self.calls.setdefault(name, []), self.results.setdefault(name, [])
+
+        def counted(*args, **kwargs):
+            calls.append(record(*args, **kwargs))
+            results.append(real(*args, **kwargs))
+            return results[-1]
+
+        self.monkeypatch.setattr(module, name, counted)
+
+    def count(self, name: str) -> int:
+        return len(self.calls[name])
+
+
+@pytest.mark.slow
+def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness, monkeypatch, capsys):
+    """`sdpo run` in this process, in a workspace of its own: the config is parsed once and the
+    data read and validated once (by the CLI's early check, whose prepared data the flow is
+    handed), and the two steps are registered with their lineage."""
+    from prefect.settings import get_current_settings
+
+    import flows.pipeline
+    import sdpo_core.config
+    import sdpo_core.data
+    import sdpo_core.dataset
+    import tasks.data
+    from flows.cli import main
+
+    workspace = tmp_path / "ws"
+    monkeypatch.setenv("SDPO_HOME", str(workspace))
+    monkeypatch.setenv("PREFECT_API_URL", get_current_settings().api.url)  # the session's test server
+    counter = CallCounter(monkeypatch)
+    counter.wrap(sdpo_core.config, "from_dict")
+    counter.wrap(sdpo_core.config, "load_config")
+    counter.wrap(sdpo_core.config.RunConfig, "model_validate", record=lambda data, *a, **kw: type(data).__name__)
+    for module in (sdpo_core.data, sdpo_core.dataset):  # the same functions under both names
+        counter.wrap(module, "build_dataset")
+        counter.wrap(module, "load_source", record=lambda source, *a, **kw: source.name)
+    counter.wrap(tasks.data, "prepare")
+    runs: list[dict] = []
+    real_flow = flows.pipeline.sdpo_pipeline
+
+    def flow(*args, **kwargs):
+        runs.append(kwargs)
+        runs[-1]["result"] = real_flow(*args, **kwargs)
+        return runs[-1]["result"]
+
+    monkeypatch.setattr(flows.pipeline, "sdpo_pipeline", flow)
+    assert main(["run", "-c", str(write_recipe(tmp_path, "two"))]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+
+    assert counter.count("load_config") == 1 and counter.count("from_dict") == 1, "the config is parsed once"
+    assert counter.calls["model_validate"] == ["dict"], "and validated from its YAML data once"
+    assert counter.count("prepare") == 1 and counter.count("build_dataset") == 1, "the data is prepared once"
+    assert sorted(counter.calls["load_source"]) == ["mix", "orca"], "each source is read once"
+    (run,) = runs
+    result, prepared = run["result"], run["prepared"]
+    assert run["config"] is counter.results["from_dict"][0], "the flow is handed the parsed config"
+    assert prepared is counter.results["prepare"][0][0], "and the prepared data"
+    assert [p.name for p in (workspace / "runs").iterdir()] == [Path(result.run_dir).name], "one run folder"
+    assert Path(prepared.train_path) == Path(result.run_dir) / "data" / "train.jsonl"
+    assert f"sDPO run 'two': 2 step(s), files in {result.run_dir}" in out
+    assert "Registered model 'model-two': aliases step-0 .. step-2 and final." in out
+
     assert [row["step"] for row in result.rows] == [1, 2]
     assert {row["chunk"] for row in result.rows} == {"orca", "mix"}
 
@@ -116,6 +187,7 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness):
 @pytest.mark.slow
 def test_flow_with_missing_data_registers_nothing(tmp_path, prefect_harness):
     from flows.pipeline import sdpo_pipeline
+    from sdpo_core.config import load_config
     from sdpo_core.data import DataError
 
     recipe = write_recipe(tmp_path, "missing")
@@ -123,7 +195,7 @@ def test_flow_with_missing_data_registers_nothing(tmp_path, prefect_harness):
     data["data"]["sources"][1]["path"] = str(tmp_path / "nope.jsonl")
     recipe.write_text(yaml.safe_dump(data))
     with pytest.raises(DataError, match="nope.jsonl"):
-        sdpo_pipeline(recipe=str(recipe), overrides=[])
+        sdpo_pipeline(load_config(recipe))
     assert registered_names(tmp_path) == []
 
 
@@ -213,13 +285,14 @@ def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
 def test_rerun_reuses_finished_steps(tmp_path, prefect_harness):
     """The same pipeline run again registers nothing new: every step, M0 included, is reused."""
     from flows.pipeline import sdpo_pipeline
+    from sdpo_core.config import load_config
 
-    recipe = str(write_recipe(tmp_path, "again"))
-    first = sdpo_pipeline(recipe=recipe, overrides=[])
+    recipe = write_recipe(tmp_path, "again")
+    first = sdpo_pipeline(load_config(recipe))
     c = registry(tmp_path)
     before = sorted(int(v.version) for v in c.search_model_versions("name = 'model-again'"))
     assert before == [1, 2, 3]
-    second = sdpo_pipeline(recipe=recipe, overrides=[])
+    second = sdpo_pipeline(load_config(recipe))
     after = sorted(int(v.version) for v in c.search_model_versions("name = 'model-again'"))
     assert after == before
     assert [r["reused"] for r in first.rows] == [False, False]
@@ -230,7 +303,7 @@ def test_rerun_reuses_finished_steps(tmp_path, prefect_harness):
         assert b["eval/reward_accuracy_vs_m0"] == pytest.approx(a["eval/reward_accuracy_vs_m0"])
     assert str(c.get_model_version_by_alias("model-again", "final").version) == "3"
     # A changed config is a different pipeline: its steps train again.
-    third = sdpo_pipeline(recipe=recipe, overrides=["loss.beta=0.2"])
+    third = sdpo_pipeline(load_config(recipe, ["loss.beta=0.2"]))
     assert [r["reused"] for r in third.rows] == [False, False]
     assert len(c.search_model_versions("name = 'model-again'")) == 5  # M0 reused, two new steps
 

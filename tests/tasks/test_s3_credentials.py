@@ -255,25 +255,23 @@ def test_cli_unreachable_prefect_api_names_the_block(tmp_path, capsys, monkeypat
 def test_flow_with_missing_block_registers_nothing(tmp_path, prefect_harness):
     """Run as a deployment, the pipeline flow itself fails on the block, before anything is tracked."""
     from flows.pipeline import sdpo_pipeline
+    from sdpo_core.config import load_config
     from tasks.blocks import CredentialsError
     from tests.flows.test_pipeline import write_recipe
 
     recipe = write_recipe(tmp_path, "flow-block", storage__credentials_block="s3-credentials/not-saved")
     with pytest.raises(CredentialsError, match="'s3-credentials/not-saved'"):
-        sdpo_pipeline(recipe=str(recipe), overrides=[])
+        sdpo_pipeline(load_config(recipe))
     assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_train_step_flow_uses_the_block(tmp_path, signed_s3, prefect_harness, monkeypatch):
     """The train-step flow (what a GPU worker runs) reads the block itself: what it publishes is
     signed by the block's key, though its parameters hold only the block's name."""
-    from dataclasses import asdict
-
     import flows.train_step
     from sdpo_core.config import load_config
-    from sdpo_core.stages import ChunkInfo
+    from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
     from tasks.context import RunContext
-    from tasks.training import TrainedStep
 
     proxy, admin, bucket = signed_s3
     reference = save_block("train-step-test", proxy.endpoint, "AKIABLOCKTRAINSTEP01", "block-secret-train")
@@ -282,22 +280,24 @@ def test_train_step_flow_uses_the_block(tmp_path, signed_s3, prefect_harness, mo
     ctx = RunContext(str(root), str(root / "runs" / "r"), "", "", "", "m", f"s3://{bucket}/sdpo")
     seen: dict[str, str | None] = {}
 
-    def fake_train_step(cfg, ctx, chunk, ref_uri, ref_scores):
+    def fake_train_step(ctx, spec):
         seen["key_id"] = os.environ.get("AWS_ACCESS_KEY_ID")
         model_dir = Path(ctx.run_dir) / "models" / "step-1"
         model_dir.mkdir(parents=True)
         (model_dir / "model.safetensors").write_bytes(b"weights")
-        return TrainedStep(1, str(model_dir), "run-1", 1, 0.5)
+        return TrainStepResult(step=1, model_dir=str(model_dir), optimizer_steps=1, final_loss=0.5, run_id="run-1")
 
     monkeypatch.setattr(flows.train_step, "train_step", fake_train_step)
     cfg = load_config(
         REPO / "recipes" / "default.yaml", [f"storage.uri=s3://{bucket}/sdpo", f"storage.credentials_block={reference}"]
     )
-    chunk = ChunkInfo(1, "orca", str(root / "runs" / "r" / "chunks" / "step-1.jsonl"), 4, "abc", None)
-    flows.train_step.sdpo_train_step(
-        config=cfg.to_dict(), context=asdict(ctx), chunk=asdict(chunk), ref_uri="models:/m/1",
-        ref_scores=str(root / "cache" / "ref.safetensors"), step=1, label="orca",
-    )  # fmt: skip
+    chunk = ChunkInfo(
+        step=1, label="orca", path=str(root / "runs" / "r" / "chunks" / "step-1.jsonl"), size=4, content_hash="abc"
+    )
+    spec = TrainStepSpec(
+        config=cfg, chunk=chunk, ref_uri="models:/m/1", ref_scores=str(root / "cache" / "ref.safetensors")
+    )
+    flows.train_step.sdpo_train_step(spec=spec, context=ctx)
     assert seen["key_id"] == "AKIABLOCKTRAINSTEP01"
     assert os.environ["AWS_ACCESS_KEY_ID"] == ENV_KEY_ID
     keys = {o["Key"] for o in admin.list_objects_v2(Bucket=bucket, Prefix="sdpo/")["Contents"]}
@@ -315,6 +315,7 @@ def test_pipeline_with_block_credentials_keeps_the_secret_out(tmp_path, signed_s
     from prefect.logging.handlers import APILogHandler
 
     from flows.pipeline import sdpo_pipeline
+    from sdpo_core.config import load_config
     from tests.flows.test_pipeline import write_recipe
 
     proxy, admin, bucket = signed_s3
@@ -335,7 +336,7 @@ def test_pipeline_with_block_credentials_keeps_the_secret_out(tmp_path, signed_s
         storage__credentials_block=reference,
     )
     caplog.set_level(logging.DEBUG)
-    result = sdpo_pipeline(recipe=str(recipe), overrides=[])
+    result = sdpo_pipeline(load_config(recipe))
     assert len(result.rows) == 1
     assert os.environ["AWS_ACCESS_KEY_ID"] == ENV_KEY_ID and "MLFLOW_S3_ENDPOINT_URL" not in os.environ
 

@@ -84,6 +84,7 @@ def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
     from mlflow import MlflowClient
 
     from flows.pipeline import sdpo_pipeline
+    from sdpo_core.config import load_config
     from tests.flows.test_pipeline import write_recipe
 
     orca, mix = "data/orca_dpo_pairs_validation_msfoundry.jsonl", "data/llamafactory_dpo_en_demo.json"
@@ -104,7 +105,7 @@ def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
         tracking__artifact_location="s3://sdpo-test/mlflow",
         storage__uri="s3://sdpo-test/sdpo",
     )
-    result = sdpo_pipeline(recipe=str(path), overrides=[])
+    result = sdpo_pipeline(load_config(path))
     assert len(result.rows) == 2
 
     c = MlflowClient(
@@ -163,13 +164,13 @@ def test_checkpoints_travel_through_storage(tmp_path, s3_server):
     import torch
 
     from sdpo_core.config import load_config
-    from sdpo_core.stages import ChunkInfo
+    from sdpo_core.records import ChunkInfo
     from tasks.context import RunContext
     from tasks.training import clear_checkpoints, step_checkpoints
 
     cfg = load_config(REPO / "recipes" / "default.yaml")
     ctx = RunContext(str(tmp_path / "ws"), str(tmp_path / "ws" / "runs" / "r"), "", "", "", "m", "s3://sdpo-test/sdpo")
-    chunk = ChunkInfo(1, "orca", str(tmp_path / "chunk.jsonl"), 4, "abc", None)
+    chunk = ChunkInfo(step=1, label="orca", path=str(tmp_path / "chunk.jsonl"), size=4, content_hash="abc")
     ref_dir = str(REPO / "models" / "stories260K")
 
     def trainable():
