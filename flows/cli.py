@@ -92,7 +92,7 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    from tasks.tracking import redact_userinfo
+    from tasks.redact import redact_userinfo
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     prepared, _ = preflight(cfg, run_folder(workspace_root(), cfg.run_name) / "data")
     from flows.pipeline import sdpo_pipeline
-    from tasks.tracking import redact_userinfo
+    from tasks.redact import redact_userinfo
 
     create_prefect_database()
     if cfg.storage.credentials_block:

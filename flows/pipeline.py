@@ -18,7 +18,7 @@ from sdpo_core.config import RunConfig
 from sdpo_core.model_io import check_model_source
 from sdpo_core.records import PreparedData, TrainStepSpec
 from tasks import tracking
-from tasks.blocks import s3_credentials
+from tasks.blocks import S3Access, read_access
 from tasks.data import partition, prepare_data
 from tasks.registry import find_finished_step, open_tracking, register_base, register_step
 from tasks.report import report
@@ -45,7 +45,9 @@ def _flow_run_name() -> str:
     return f"sdpo-{name}"
 
 
-def run_pipeline(cfg: RunConfig, root: Path, prepared: PreparedData | None = None) -> PipelineResult:
+def run_pipeline(
+    cfg: RunConfig, root: Path, prepared: PreparedData | None = None, access: S3Access | None = None
+) -> PipelineResult:
     """The steps of the pipeline for a resolved config (called inside the flow).
 
     ``prepared``: the data already prepared under ``<run folder>/data`` (by the CLI's early
@@ -58,7 +60,7 @@ def run_pipeline(cfg: RunConfig, root: Path, prepared: PreparedData | None = Non
         run_dir = within(root / "runs", Path(prepared.train_path).parent.parent)
     # Refuse an unsafe or missing model before anything is tracked or registered.
     check_model_source(cfg.model)
-    ctx = open_tracking(cfg, str(root), str(run_dir), prepared)
+    ctx = open_tracking(cfg, str(root), str(run_dir), prepared, access)
     try:
         versions = {0: register_base(cfg, ctx)}
         # References are loaded by version, not alias: another run may move the aliases meanwhile.
@@ -120,9 +122,8 @@ def sdpo_pipeline(config: RunConfig, prepared: PreparedData | None = None) -> Pi
         prepared: data the caller has already prepared under a run folder (the CLI does, in its
             early check); None reads and prepares it here.
     """
-    # The block's credentials go into this process's environment before any S3 client exists.
-    with s3_credentials(config.storage.credentials_block):
-        return run_pipeline(config, workspace_root(), prepared)
+    # The block's credentials are read once and handed to every S3 client of the run.
+    return run_pipeline(config, workspace_root(), prepared, read_access(config.storage.credentials_block))
 
 
 if __name__ == "__main__":

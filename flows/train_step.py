@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from prefect import flow
@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 
 from sdpo_core.files import atomic_write_text
 from sdpo_core.records import TrainStepResult, TrainStepSpec
-from tasks.blocks import s3_credentials
+from tasks.blocks import read_access
 from tasks.context import RunContext
 from tasks.training import train_step
 
@@ -48,8 +48,8 @@ def sdpo_train_step(spec: TrainStepSpec, context: RunContext) -> dict:
         context: the pipeline run's workspace and MLflow run ids.
     """
     # The worker reads the credentials block itself: the secrets are never flow run parameters.
-    with s3_credentials(spec.config.storage.credentials_block):
-        return _train_step(spec, context)
+    access = read_access(spec.config.storage.credentials_block)
+    return _train_step(spec, replace(context, s3=access))
 
 
 def _train_step(spec: TrainStepSpec, context: RunContext) -> dict:
@@ -103,7 +103,8 @@ def run_train_deployment(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResul
     name = spec.config.train.deployment
     run = run_deployment(
         name=name,
-        parameters={"spec": spec.model_dump(mode="json"), "context": asdict(ctx)},
+        # The run's S3 access stays here: the worker reads the block itself.
+        parameters={"spec": spec.model_dump(mode="json"), "context": asdict(replace(ctx, s3=None))},
         timeout=None,
         poll_interval=2,
     )

@@ -2,10 +2,11 @@
 
 A run names a block, ``<block-type-slug>/<block-name>`` (``s3-credentials/prod``); only that name
 is in the config. The pipeline flow and the train-step flow each read the block once, when they
-start, and put its values into their own process's environment, where boto3 (tasks/s3.py) and
-MLflow's S3 artifact store read them. The block's values win over the environment's; what the
-block leaves empty keeps coming from boto3's usual chain. The values are never logged, tracked or
-written to a file.
+start, into an :class:`S3Access` that travels in the run's :class:`~tasks.context.RunContext`
+and is handed to every S3 client explicitly: boto3's (tasks/s3.py) and MLflow's artifact store
+(tasks/artifacts.py). Nothing is written to the process environment. What the block leaves empty
+comes from boto3's usual chain. The secrets are SecretStr: never logged, tracked, written to a
+file or sent as a flow run parameter.
 
 Two block types are read: :class:`S3Credentials` (this module; register it with
 ``prefect block register -m tasks.blocks``) and prefect-aws's ``AwsCredentials``
@@ -15,13 +16,10 @@ be installed where the pipeline runs.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Any
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class CredentialsError(RuntimeError):
@@ -51,23 +49,41 @@ class S3Credentials(Block):
 BLOCK_TYPES = ("s3-credentials", "aws-credentials")
 """Block types a credentials block may have: ours, and prefect-aws's AwsCredentials."""
 
-ENVIRONMENT = {
-    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
-    "aws_session_token": "AWS_SESSION_TOKEN",
-    "region_name": "AWS_DEFAULT_REGION",
-    "endpoint_url": "MLFLOW_S3_ENDPOINT_URL",
-}
-"""Block field -> the variable that boto3 (tasks/s3.py) and MLflow's S3 store read."""
 
+class S3Access(BaseModel):
+    """What an S3 client needs beyond boto3's usual chain: a key pair, region and endpoint.
 
-def read_credentials(reference: str) -> dict[str, str | None]:
-    """The block's values as environment variables (ENVIRONMENT's names).
-
-    Only what the block sets is given, but a key pair comes with its session token, None when the
-    block has none (to be removed from the environment). A block without a key pair leaves the
-    credentials to boto3's usual chain.
+    Secrets are SecretStr (their repr and JSON are masked). None: boto3's chain decides.
     """
+
+    model_config = ConfigDict(frozen=True)
+
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    region_name: str | None = None
+    endpoint_url: str | None = None
+
+    def boto3_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``boto3.client("s3", ...)`` for what is set."""
+        secret = self.aws_secret_access_key.get_secret_value() if self.aws_secret_access_key else None
+        token = self.aws_session_token.get_secret_value() if self.aws_session_token else None
+        values = {
+            "aws_access_key_id": self.aws_access_key_id,
+            "aws_secret_access_key": secret,
+            "aws_session_token": token,
+            "region_name": self.region_name,
+            "endpoint_url": self.endpoint_url,
+        }
+        return {k: v for k, v in values.items() if v}
+
+
+BLOCK_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "region_name", "endpoint_url")
+
+
+def read_credentials(reference: str) -> S3Access:
+    """The block's values. A key pair comes with its session token or none; a block without a
+    key pair leaves the credentials to boto3's usual chain."""
     slug, _, name = reference.partition("/")
     if not slug or not name or "/" in name:
         raise CredentialsError(
@@ -78,19 +94,22 @@ def read_credentials(reference: str) -> dict[str, str | None]:
             f"storage.credentials_block {reference!r}: unknown block type {slug!r} (known: {', '.join(BLOCK_TYPES)})"
         )
     data = _read_block_data(reference, slug, name)
-    fields = {key: data.get(key) for key in ENVIRONMENT}
+    fields = {key: data.get(key) for key in BLOCK_FIELDS}
     if fields["endpoint_url"] is None and isinstance(data.get("aws_client_parameters"), dict):
         fields["endpoint_url"] = data["aws_client_parameters"].get("endpoint_url")  # AwsCredentials
-    values: dict[str, str | None] = {ENVIRONMENT[key]: str(value) for key, value in fields.items() if value}
-    has_key = "AWS_ACCESS_KEY_ID" in values
-    if has_key != ("AWS_SECRET_ACCESS_KEY" in values) or ("AWS_SESSION_TOKEN" in values and not has_key):
+    values = {key: str(value) for key, value in fields.items() if value}
+    has_key = "aws_access_key_id" in values
+    if has_key != ("aws_secret_access_key" in values) or ("aws_session_token" in values and not has_key):
         raise CredentialsError(
             f"storage.credentials_block {reference!r}: aws_access_key_id and aws_secret_access_key must be "
             "set together, and aws_session_token only with them (or all left empty for boto3's usual chain)"
         )
-    if has_key:
-        values.setdefault("AWS_SESSION_TOKEN", None)  # a token in the environment belongs to another key
-    return values
+    return S3Access(**values)
+
+
+def read_access(reference: str | None) -> S3Access | None:
+    """:func:`read_credentials` of a config's block; None when the config names none."""
+    return read_credentials(reference) if reference else None
 
 
 def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
@@ -100,7 +119,7 @@ def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
-    from tasks.tracking import redact_userinfo
+    from tasks.redact import redact_userinfo
 
     api = get_current_settings().api.url
     where = f"the Prefect API at {redact_userinfo(api)}" if api else "the workspace's temporary Prefect server"
@@ -118,40 +137,3 @@ def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
             f"{type(exc).__name__}: {redact_userinfo(str(exc))}"
         ) from None
     return dict(document.data)
-
-
-@contextlib.contextmanager
-def s3_credentials(reference: str | None) -> Iterator[None]:
-    """Inside the ``with``, this process's S3 clients use the block's values (None: unchanged).
-
-    On exit the environment is restored, and S3 clients made afterwards use it again. The
-    environment is the process's: two flows with different blocks must not overlap in one process
-    (a pipeline runs its steps one after the other; a train-step deployment runs on its worker).
-    """
-    if reference is None:
-        yield
-        return
-    values = read_credentials(reference)
-    saved = {key: os.environ.get(key) for key in values}
-    _set_environment(values)
-    try:
-        yield
-    finally:
-        _set_environment(saved)
-
-
-def _set_environment(values: dict[str, str | None]) -> None:
-    import boto3
-
-    for key, value in values.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    # S3 clients made from now on must read the environment again: boto3's default session keeps
-    # the credentials it first found, and MLflow keeps its S3 clients by endpoint.
-    boto3.setup_default_session()
-    with contextlib.suppress(ImportError, AttributeError):
-        from mlflow.store.artifact.s3_artifact_repo import _cached_get_s3_client
-
-        _cached_get_s3_client.cache_clear()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.blocks import S3Access
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -21,6 +23,9 @@ class RunContext:
     """The registered model whose versions are the step models."""
     storage_uri: str | None = None
     """``s3://bucket/prefix`` where the run's files are published (storage.uri); None: local only."""
+    s3: S3Access | None = None
+    """The S3 credentials, region and endpoint read from storage.credentials_block (None: boto3's
+    chain). Given to each S3 client explicitly; never part of a deployment run's parameters."""
 
     @property
     def cache_dir(self) -> Path:

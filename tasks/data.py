@@ -70,7 +70,7 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
     are not computed again. partition.json records the strategy, M0's accuracy per source and each
     chunk's pair ids, in order; it is logged to the parent run.
     """
-    from tasks import tracking
+    from tasks import artifacts, tracking
     from tasks.scores import cached_scores
     from tasks.storage import fetch, publish, require
 
@@ -121,7 +121,7 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
     record = partition_record(cfg, infos, split, accuracy, len(train))
     record_path = atomic_write_text(out_dir / PARTITION_FILE, json.dumps(record, indent=2) + "\n")
     publish(ctx, *[c.path for c in infos], record_path, *written)
-    tracking.client(ctx.tracking_uri).log_artifact(ctx.parent_run_id, str(record_path))
+    artifacts.log_artifact(tracking.client(ctx.tracking_uri), ctx.parent_run_id, record_path, ctx.s3)
     logger = get_run_logger()
     logger.info("partition %s: %s", p.strategy, ", ".join(f"step {c.step} {c.label} ({c.size} pairs)" for c in infos))
     if record["unused_pairs"]:

@@ -9,17 +9,23 @@ from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.config import RunConfig
 from sdpo_core.records import ChunkInfo, PreparedData
+from tasks.blocks import S3Access
 from tasks.context import RunContext
 from tasks.retries import IO_RETRIES, attempt_key
 
 
 @task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
-def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData) -> RunContext:
+def open_tracking(
+    cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData, access: S3Access | None = None
+) -> RunContext:
     """Create the experiment if needed and the parent run; log the resolved config.
+
+    ``access``: the S3 credentials read from the run's block, for its S3 clients (kept in the
+    returned RunContext).
 
     A retry reuses the parent run its first try opened (found by the task run's id).
     """
-    from tasks import tracking
+    from tasks import artifacts, tracking
 
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri, Path(root))
     c = tracking.client(uri)
@@ -33,11 +39,11 @@ def open_tracking(cfg: RunConfig, root: str, run_dir: str, prepared: PreparedDat
         c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}, key=key
     )
     tracking.log_params(c, parent, tracking.flatten(cfg.to_dict()))
-    tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir))
+    tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir), access)
     if prepared.report_path:
-        c.log_artifact(parent, prepared.report_path)
+        artifacts.log_artifact(c, parent, prepared.report_path, access)
     tracking.log_data_sources(c, parent, prepared.counts, {s.name: source_type(s.path) for s in cfg.data.sources})
-    ctx = RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model, cfg.storage.uri)
+    ctx = RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model, cfg.storage.uri, access)
     from sdpo_core.tokenization import tokens_path
     from tasks.storage import publish
 
@@ -95,7 +101,7 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
         "sdpo.parent_run_id": ctx.parent_run_id,
         "sdpo.weights_sha256": fingerprint,
     }
-    version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False)
+    version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False, access=ctx.s3)
     c.set_terminated(run_id)
     return version
 
@@ -140,7 +146,7 @@ def register_step(
         "sdpo.optimizer_steps": str(optimizer_steps),
         **{f"sdpo.{k}": repr(v) for k, v in metrics.items()},
     }
-    version = tracking.register(c, ctx.model_name, run_id, model_dir, chunk.step, tags, final)
+    version = tracking.register(c, ctx.model_name, run_id, model_dir, chunk.step, tags, final, access=ctx.s3)
     c.set_terminated(run_id)
     return version
 

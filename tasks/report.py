@@ -52,15 +52,15 @@ def report(ctx: RunContext, rows: list[dict]) -> str:
     """Write the table and the rows (JSON) to the run folder and the MLflow parent run."""
     from prefect import get_run_logger
 
-    from tasks import tracking
+    from tasks import artifacts, tracking
 
     table = format_table(rows)
     run_dir = Path(ctx.run_dir)
     atomic_write_text(run_dir / "report.txt", table + "\n")
     atomic_write_text(run_dir / "report.json", json.dumps(rows, indent=2) + "\n")
     c = tracking.client(ctx.tracking_uri)
-    c.log_artifact(ctx.parent_run_id, str(run_dir / "report.txt"))
-    c.log_artifact(ctx.parent_run_id, str(run_dir / "report.json"))
+    artifacts.log_artifact(c, ctx.parent_run_id, run_dir / "report.txt", ctx.s3)
+    artifacts.log_artifact(c, ctx.parent_run_id, run_dir / "report.json", ctx.s3)
     from tasks.storage import publish
 
     publish(ctx, run_dir / "report.txt", run_dir / "report.json")

@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdpo_core.files import atomic_path
+
+if TYPE_CHECKING:
+    from tasks.blocks import S3Access
 
 MIB = 1 << 20
 # Part sizes an upload may have used: boto3's default (8 MiB), MLflow's multipart default (100 MiB).
@@ -25,19 +28,24 @@ class UploadError(RuntimeError):
     """An object in S3 is missing or differs from the local file it was uploaded from."""
 
 
-def client() -> Any:
-    """An S3 client; botocore retries each request (standard mode, ``AWS_MAX_ATTEMPTS``, default 5).
+def client(access: S3Access | None = None) -> Any:
+    """An S3 client with the run's credentials, region and endpoint (``access``, from its Prefect
+    block), passed to boto3 explicitly; what ``access`` leaves unset comes from boto3's usual chain,
+    and the endpoint from ``MLFLOW_S3_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``.
 
-    This is the only retry of a single S3 call. A whole upload or download that still fails is
-    retried by the Prefect task around it (tasks.retries.IO_RETRIES), never by a loop here.
+    botocore retries each request (standard mode, ``AWS_MAX_ATTEMPTS``, default 5). This is the
+    only retry of a single S3 call. A whole upload or download that still fails is retried by the
+    Prefect task around it (tasks.retries.IO_RETRIES), never by a loop here.
     """
     import boto3
     from botocore.config import Config
 
-    endpoint = (
+    kwargs = access.boto3_kwargs() if access is not None else {}
+    kwargs.setdefault(
+        "endpoint_url",
         os.environ.get("MLFLOW_S3_ENDPOINT_URL")
         or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL"),
     )
     retries = {
         "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -45,7 +53,7 @@ def client() -> Any:
         # count retries only: one attempt more).
         "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
     }
-    return boto3.client("s3", endpoint_url=endpoint, config=Config(retries=retries, connect_timeout=10))
+    return boto3.client("s3", config=Config(retries=retries, connect_timeout=10), **kwargs)
 
 
 def split_uri(uri: str) -> tuple[str, str]:

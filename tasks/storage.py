@@ -23,7 +23,7 @@ def publish(ctx: RunContext, *paths: str | Path) -> list[str]:
         return [str(p) for p in paths]
     from tasks.s3 import client, upload_file
 
-    s3 = client()
+    s3 = client(ctx.s3)
     return [upload_file(Path(p), _uri(ctx, Path(p)), s3) for p in paths]
 
 
@@ -34,9 +34,9 @@ def fetch(ctx: RunContext, path: str | Path) -> bool:
         return True
     if not ctx.storage_uri:
         return False
-    from tasks.s3 import download_file
+    from tasks.s3 import client, download_file
 
-    return download_file(_uri(ctx, path), path)
+    return download_file(_uri(ctx, path), path, client(ctx.s3))
 
 
 def require(ctx: RunContext, *paths: str | Path) -> None:
@@ -50,6 +50,6 @@ def require(ctx: RunContext, *paths: str | Path) -> None:
 def remove(ctx: RunContext, folder: str | Path) -> None:
     """Remove a folder from storage (when the run has one); the local copy is the caller's."""
     if ctx.storage_uri:
-        from tasks.s3 import delete_prefix
+        from tasks.s3 import client, delete_prefix
 
-        delete_prefix(_uri(ctx, Path(folder)))
+        delete_prefix(_uri(ctx, Path(folder)), client(ctx.s3))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -18,9 +17,9 @@ import yaml
 
 from sdpo_core.files import atomic_write_text
 from sdpo_core.locks import file_lock
+from tasks import artifacts
+from tasks.redact import SENSITIVE_MARKERS, redact_userinfo
 from tasks.workspace import default_tracking_uri, within
-
-SENSITIVE_MARKERS = ("secret", "password", "token", "key", "credential")
 
 
 def tracking_uri(configured: str | None, root: Path) -> str:
@@ -96,12 +95,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def redact_userinfo(text: str) -> str:
-    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``: credentials in URIs
-    never reach MLflow params or tags."""
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
-
-
 RETRY_KEY_TAG = "sdpo.task_run_id"
 """Tag naming the Prefect task run that started a run (tasks.retries.attempt_key), so a retried
 task finds the run its first try opened instead of opening a second one."""
@@ -155,12 +148,21 @@ def log_metrics(c: Any, run_id: str, metrics: dict[str, float], step: int) -> No
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def log_yaml(c: Any, run_id: str, data: dict[str, Any], name: str, scratch: Path) -> None:
+def log_yaml(c: Any, run_id: str, data: dict[str, Any], name: str, scratch: Path, access: Any = None) -> None:
     path = atomic_write_text(scratch / name, yaml.safe_dump(data, sort_keys=False))
-    c.log_artifact(run_id, str(path))
+    artifacts.log_artifact(c, run_id, path, access)
 
 
-def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, tags: dict[str, str], final: bool) -> str:
+def register(
+    c: Any,
+    model_name: str,
+    run_id: str,
+    model_dir: str,
+    step: int,
+    tags: dict[str, str],
+    final: bool,
+    access: Any = None,
+) -> str:
     """Log the model folder to the run, register it as a version, alias it ``step-<t>`` (and ``final``).
 
     Returns the version number. The version's source is the run's artifact folder ``model``.
@@ -171,12 +173,12 @@ def register(c: Any, model_name: str, run_id: str, model_dir: str, step: int, ta
     """
     version = run_version(c, model_name, run_id, tags)
     if version is None:
-        c.log_artifacts(run_id, model_dir, "model")
-        source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+        source = artifacts.log_artifacts(c, run_id, model_dir, "model", access)
         if source.startswith("s3://"):
+            from tasks.s3 import client as s3_client
             from tasks.s3 import verify_upload
 
-            verify_upload(Path(model_dir), source)
+            verify_upload(Path(model_dir), source, s3_client(access))
         ensure_registered_model(c, model_name)
         version = str(c.create_model_version(model_name, source, run_id=run_id, tags=tags).version)
     point_aliases(c, model_name, step, version, final)
@@ -237,7 +239,7 @@ def version_uri(model_name: str, version: str | int) -> str:
     return f"models:/{model_name}/{version}"
 
 
-def fetch_model(tracking_uri: str, uri: str, cache_root: Path) -> tuple[str, str]:
+def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = None) -> tuple[str, str]:
     """Download a registered model (``models:/name@alias`` or ``models:/name/version``) into the
     cache; returns (folder, version).
 
@@ -246,7 +248,6 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path) -> tuple[str, str
     at the same time may download the same version: each into its own temporary folder, the first
     rename wins.
     """
-    import mlflow
 
     from sdpo_core.hashing import sha256_bytes
 
@@ -266,10 +267,8 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path) -> tuple[str, str
         try:
             # The version's own artifact URI, resolved by this client: MLflow resolves a models:/
             # URI through its process-wide registry URI, which this project never sets.
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=c.get_model_version_download_uri(name, version),
-                dst_path=str(tmp / "download"),
-                tracking_uri=tracking_uri,
+            local = artifacts.download(
+                c.get_model_version_download_uri(name, version), tmp / "download", tracking_uri, access
             )
             if dest.exists() and not (dest / "config.json").is_file():
                 shutil.rmtree(dest)  # left half-made by an older version of this code
@@ -285,7 +284,7 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path) -> tuple[str, str
 
 def fetch_for(ctx: Any, uri: str) -> tuple[str, str]:
     """:func:`fetch_model` with a pipeline run's tracking URI and model cache."""
-    return fetch_model(ctx.tracking_uri, uri, ctx.model_cache)
+    return fetch_model(ctx.tracking_uri, uri, ctx.model_cache, ctx.s3)
 
 
 def log_data_sources(c: Any, run_id: str, counts: dict[str, dict], source_types: dict[str, str]) -> None:
