@@ -64,17 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preflight(cfg: RunConfig, data_dir: Path) -> tuple[PreparedData, DataReport]:
-    """Check the model folder, prepare the data into ``data_dir`` and check the tracking server,
+    """Check the model folder and the tracking server, then prepare the data into ``data_dir``,
     before Prefect starts: bad input fails in seconds, with one message, before anything is
-    tracked. The flow is handed the prepared data and does not read the sources again.
+    tracked. The flow is handed the prepared data and does not read the sources again. If
+    preparing fails, ``data_dir`` is removed: a failed start leaves no half-made run folder.
     """
+    import shutil
+
     from sdpo_core.model_io import check_model_source
     from tasks.data import prepare
 
     check_model_source(cfg.model)
-    prepared = prepare(cfg, data_dir)
     check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    return prepared
+    existed = data_dir.parent.exists()
+    try:
+        return prepare(cfg, data_dir)
+    except BaseException:
+        shutil.rmtree(data_dir if existed else data_dir.parent, ignore_errors=True)
+        raise
 
 
 class TrackingUnreachable(RuntimeError):
@@ -130,6 +137,7 @@ def create_prefect_database() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import shutil
     import tempfile
 
     import yaml
@@ -140,20 +148,25 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         with tempfile.TemporaryDirectory() as scratch:
-            _, report = preflight(cfg, Path(scratch))
+            _, report = preflight(cfg, Path(scratch) / "data")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(data_inspect.format_report(report, cfg))
         return 0
-    prepared, _ = preflight(cfg, run_folder(workspace_root(), cfg.run_name) / "data")
-    from flows.pipeline import sdpo_pipeline
+    run_dir = run_folder(workspace_root(), cfg.run_name)
+    prepared, _ = preflight(cfg, run_dir / "data")
+    try:
+        create_prefect_database()
+        if cfg.storage.credentials_block:
+            from tasks.blocks import read_credentials
+
+            # A missing block or an unreachable Prefect API stops the run before its flow run starts.
+            read_credentials(cfg.storage.credentials_block)
+        from flows.pipeline import sdpo_pipeline
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet: leave no run folder
+        raise
     from tasks.redact import redact_userinfo
 
-    create_prefect_database()
-    if cfg.storage.credentials_block:
-        from tasks.blocks import read_credentials
-
-        # A missing block or an unreachable Prefect API stops the run before its flow run starts.
-        read_credentials(cfg.storage.credentials_block)
     result = sdpo_pipeline(config=cfg, prepared=prepared)
     root = configure_environment()
     print()

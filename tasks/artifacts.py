@@ -48,7 +48,7 @@ def _explicit(uri: str, access: S3Access | None) -> _S3Repository | None:
 
 def log_artifact(c: Any, run_id: str, path: str | Path, access: S3Access | None = None) -> None:
     """Log one file to the run's artifact root."""
-    repo = _explicit(c.get_run(run_id).info.artifact_uri, access)
+    repo = None if access is None else _explicit(c.get_run(run_id).info.artifact_uri, access)
     if repo is None:
         c.log_artifact(run_id, str(path))
     else:

@@ -98,17 +98,18 @@ def save_block(name: str, endpoint: str, key_id: str, secret: str) -> str:
 
 
 def test_block_credentials_sign_boto3_and_mlflow_requests(tmp_path, signed_s3, prefect_harness, monkeypatch):
-    """Within s3_credentials, tasks/s3.py's client and MLflow's S3 store sign with the block's key
-    and region, though S3 clients made before it used the environment's (boto3's default session
-    and MLflow cache theirs); after it, the environment and its key are back."""
+    """With the block's S3Access, tasks/s3.py's client and MLflow's S3 store (tasks/artifacts.py)
+    sign with the block's key and region, while clients without it use the environment's; the
+    environment is never changed."""
     from mlflow import MlflowClient
 
-    from tasks.blocks import s3_credentials
-    from tasks.s3 import upload_file
+    from tasks import artifacts
+    from tasks.blocks import read_credentials
+    from tasks.s3 import client, upload_file
 
     proxy, admin, bucket = signed_s3
     reference = save_block("sign-test", proxy.endpoint, "AKIABLOCKSIGNS000001", "block-secret-0123456789")
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.endpoint)  # for the uploads outside the block
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", proxy.endpoint)  # for the clients without the block
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.bin").write_bytes(os.urandom(4096))
@@ -116,24 +117,29 @@ def test_block_credentials_sign_boto3_and_mlflow_requests(tmp_path, signed_s3, p
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = c.create_experiment("creds", artifact_location=f"s3://{bucket}/mlflow")
 
-    def upload(where: str) -> set[tuple[str, str]]:
+    def upload(where: str, access) -> set[tuple[str, str]]:
         """Upload the model with tasks/s3.py and with MLflow; the (key id, region) that signed."""
         proxy.signatures.clear()
-        upload_file(model / "weights.bin", f"s3://{bucket}/{where}/weights.bin")
-        c.log_artifacts(c.create_run(exp, run_name=where).info.run_id, str(model), "model")
+        upload_file(model / "weights.bin", f"s3://{bucket}/{where}/weights.bin", client(access))
+        artifacts.log_artifacts(c, c.create_run(exp, run_name=where).info.run_id, model, "model", access)
         assert len(proxy.signatures) >= 3  # an upload, its check and MLflow's upload, at least
         return set(proxy.signatures)
 
-    assert upload("before") == {(ENV_KEY_ID, "us-west-2")}
     before = dict(os.environ)
-    with s3_credentials(reference):
-        assert upload("within") == {("AKIABLOCKSIGNS000001", REGION)}
+    access = read_credentials(reference)
+    assert dict(os.environ) == before, "reading the block leaves the environment alone"
+    assert upload("environment", None) == {(ENV_KEY_ID, "us-west-2")}
+    assert upload("block", access) == {("AKIABLOCKSIGNS000001", REGION)}
+    # Clients made after the block's (boto3's default session, MLflow's cached clients) still
+    # use the environment: nothing leaked from one to the other.
+    assert upload("again", None) == {(ENV_KEY_ID, "us-west-2")}
     assert dict(os.environ) == before
-    assert upload("after") == {(ENV_KEY_ID, "us-west-2")}
 
     keys = {o["Key"] for o in admin.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert "within/weights.bin" in keys
+    assert "block/weights.bin" in keys
     assert sum(k.startswith("mlflow/") and k.endswith("/model/weights.bin") for k in keys) == 3
+    # The secret is masked wherever the access object is shown.
+    assert "block-secret" not in repr(access) and "block-secret" not in access.model_dump_json()
 
 
 def test_block_reference_errors_name_the_block(prefect_harness):
@@ -163,19 +169,22 @@ def test_block_values_are_read_whole(prefect_harness):
     S3Credentials(
         aws_access_key_id="AKIAWHOLE00000000001", aws_secret_access_key="whole-secret-0123", region_name="eu-west-3"
     ).save("whole", overwrite=True)
-    assert read_credentials("s3-credentials/whole") == {
-        "AWS_ACCESS_KEY_ID": "AKIAWHOLE00000000001",
-        "AWS_SECRET_ACCESS_KEY": "whole-secret-0123",
-        "AWS_SESSION_TOKEN": None,  # removed from the environment: a token there belongs to another key
-        "AWS_DEFAULT_REGION": "eu-west-3",
+    access = read_credentials("s3-credentials/whole")
+    assert access.boto3_kwargs() == {
+        "aws_access_key_id": "AKIAWHOLE00000000001",
+        "aws_secret_access_key": "whole-secret-0123",
+        "region_name": "eu-west-3",
     }
+    # A key pair without a token: boto3 is given no token, so one in the environment (which belongs
+    # to another key) is not combined with this pair.
+    assert access.aws_session_token is None
 
 
 def test_region_only_block_keeps_the_environments_credentials(prefect_harness):
     from tasks.blocks import S3Credentials, read_credentials
 
     S3Credentials(region_name="ap-south-1").save("region-only", overwrite=True)
-    assert read_credentials("s3-credentials/region-only") == {"AWS_DEFAULT_REGION": "ap-south-1"}
+    assert read_credentials("s3-credentials/region-only").boto3_kwargs() == {"region_name": "ap-south-1"}
 
 
 def test_prefect_aws_credentials_are_read_by_field_name(prefect_harness):
@@ -206,12 +215,12 @@ def test_prefect_aws_credentials_are_read_by_field_name(prefect_harness):
         region_name="us-west-1",
         aws_client_parameters=ClientParameters(endpoint_url="http://127.0.0.1:9000"),
     ).save("aws-test", overwrite=True)
-    assert read_credentials("aws-credentials/aws-test") == {
-        "AWS_ACCESS_KEY_ID": "AKIAPREFECTAWS000001",
-        "AWS_SECRET_ACCESS_KEY": "aws-shaped-secret",
-        "AWS_SESSION_TOKEN": "aws-shaped-token",
-        "AWS_DEFAULT_REGION": "us-west-1",
-        "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+    assert read_credentials("aws-credentials/aws-test").boto3_kwargs() == {
+        "aws_access_key_id": "AKIAPREFECTAWS000001",
+        "aws_secret_access_key": "aws-shaped-secret",
+        "aws_session_token": "aws-shaped-token",
+        "region_name": "us-west-1",
+        "endpoint_url": "http://127.0.0.1:9000",
     }
 
 
@@ -281,7 +290,8 @@ def test_train_step_flow_uses_the_block(tmp_path, signed_s3, prefect_harness, mo
     seen: dict[str, str | None] = {}
 
     def fake_train_step(ctx, spec):
-        seen["key_id"] = os.environ.get("AWS_ACCESS_KEY_ID")
+        seen["key_id"] = ctx.s3.aws_access_key_id if ctx.s3 else None
+        seen["env_key_id"] = os.environ.get("AWS_ACCESS_KEY_ID")
         model_dir = Path(ctx.run_dir) / "models" / "step-1"
         model_dir.mkdir(parents=True)
         (model_dir / "model.safetensors").write_bytes(b"weights")
@@ -298,8 +308,7 @@ def test_train_step_flow_uses_the_block(tmp_path, signed_s3, prefect_harness, mo
         config=cfg, chunk=chunk, ref_uri="models:/m/1", ref_scores=str(root / "cache" / "ref.safetensors")
     )
     flows.train_step.sdpo_train_step(spec=spec, context=ctx)
-    assert seen["key_id"] == "AKIABLOCKTRAINSTEP01"
-    assert os.environ["AWS_ACCESS_KEY_ID"] == ENV_KEY_ID
+    assert seen == {"key_id": "AKIABLOCKTRAINSTEP01", "env_key_id": ENV_KEY_ID}, "given, not put in the environment"
     keys = {o["Key"] for o in admin.list_objects_v2(Bucket=bucket, Prefix="sdpo/")["Contents"]}
     assert keys == {"sdpo/runs/r/models/step-1/model.safetensors", "sdpo/runs/r/models/step-1.trained.json"}
     assert proxy.signatures and set(proxy.signatures) == {("AKIABLOCKTRAINSTEP01", REGION)}
@@ -309,7 +318,7 @@ def test_train_step_flow_uses_the_block(tmp_path, signed_s3, prefect_harness, mo
 def test_pipeline_with_block_credentials_keeps_the_secret_out(tmp_path, signed_s3, prefect_harness, caplog, capfd):
     """A one-step pipeline with its artifacts and files on S3, credentials from a block: every
     request is signed by the block's key; its secret is in no MLflow param, tag or version tag, no
-    log (captured here or sent to Prefect), no file the run wrote, and the environment is restored."""
+    log (captured here or sent to Prefect), no file the run wrote, and the environment is untouched."""
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.logging.handlers import APILogHandler
@@ -336,9 +345,13 @@ def test_pipeline_with_block_credentials_keeps_the_secret_out(tmp_path, signed_s
         storage__credentials_block=reference,
     )
     caplog.set_level(logging.DEBUG)
+    def s3_environment() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
+
+    before = s3_environment()
     result = sdpo_pipeline(load_config(recipe))
     assert len(result.rows) == 1
-    assert os.environ["AWS_ACCESS_KEY_ID"] == ENV_KEY_ID and "MLFLOW_S3_ENDPOINT_URL" not in os.environ
+    assert s3_environment() == before
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
