@@ -61,6 +61,7 @@ TIER_TABLE = {
     "flows/test_deployments.py": "e2e",  # a Prefect server, work pools and workers
     "flows/test_faults.py": "e2e",  # the CLI's whole run in processes that are killed and rerun
     "flows/test_partition_flow.py": "integration",  # a Prefect task tracked in MLflow
+    "flows/test_cli_preflight.py": "integration",  # the CLI up to its checks, MLflow's client
     "flows/test_pipeline.py::test_two_step_pipeline_registers_lineage": "e2e",
     "flows/test_pipeline.py::test_rerun_reuses_finished_steps": "e2e",
     "flows/test_pipeline.py::test_cli_run_on_temporary_server_writes_only_to_workspace": "e2e",
@@ -71,6 +72,7 @@ TIER_TABLE = {
     "sdpo_core/test_distributed.py": "integration",  # torchrun
     "sdpo_core/test_trl_parity.py": "integration",  # TRL's DPOTrainer
     "tasks/test_registry_races.py": "integration",  # MLflow's registry on SQLite
+    "tasks/test_model_cache.py": "integration",  # two MLflow registries on SQLite
     "tasks/test_s3_credentials.py": "integration",  # Prefect blocks, moto's S3, MLflow
     "tasks/test_s3_credentials.py::test_pipeline_with_block_credentials_keeps_the_secret_out": "e2e",
     "tasks/test_s3_faults.py": "integration",  # moto's S3 behind a flaky proxy
