@@ -345,6 +345,7 @@ def test_pipeline_with_block_credentials_keeps_the_secret_out(tmp_path, signed_s
         storage__credentials_block=reference,
     )
     caplog.set_level(logging.DEBUG)
+
     def s3_environment() -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MLFLOW_"))}
 
