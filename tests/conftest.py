@@ -63,9 +63,7 @@ TIER_TABLE = {
     "flows/test_partition_flow.py": "integration",  # a Prefect task tracked in MLflow
     "flows/test_cli_preflight.py": "integration",  # the CLI up to its checks, MLflow's client
     "flows/test_pipeline.py::test_two_step_pipeline_registers_lineage": "e2e",
-    "flows/test_pipeline.py::test_rerun_reuses_finished_steps": "e2e",
-    "flows/test_pipeline.py::test_cli_run_on_temporary_server_writes_only_to_workspace": "e2e",
-    "flows/test_pipeline.py::test_secrets_never_reach_what_a_run_writes": "e2e",
+    "flows/test_pipeline.py::test_cli_run_writes_only_to_workspace_and_no_secret": "e2e",
     "flows/test_pipeline.py::test_cli_unreachable_tracking_server": "integration",  # MLflow's client
     "flows/test_pipeline.py::test_cli_storage_failure_is_a_clear_message_with_how_to_resume": "integration",
     "sdpo_core/test_checkpoint.py::test_a_second_process_cannot_train_the_same_step": "integration",

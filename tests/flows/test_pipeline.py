@@ -109,6 +109,7 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness, monkeypa
     import sdpo_core.config
     import sdpo_core.data
     import sdpo_core.dataset
+    import sdpo_core.tokenization
     import tasks.data
     from flows.cli import main
 
@@ -123,6 +124,8 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness, monkeypa
         counter.wrap(module, "build_dataset")
         counter.wrap(module, "load_source", record=lambda source, *a, **kw: source.name)
     counter.wrap(tasks.data, "prepare")
+    counter.wrap(sdpo_core.dataset, "encode_pair")
+    counter.wrap(sdpo_core.tokenization, "tokenize_pairs")
     runs: list[dict] = []
     real_flow = flows.pipeline.sdpo_pipeline
 
@@ -145,6 +148,10 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness, monkeypa
     assert prepared is counter.results["prepare"][0][0], "and the prepared data"
     assert [p.name for p in (workspace / "runs").iterdir()] == [Path(result.run_dir).name], "one run folder"
     assert Path(prepared.train_path) == Path(result.run_dir) / "data" / "train.jsonl"
+    # Tokenized once: prepare encodes each pair; scoring and training read the kept token ids.
+    prepared_pairs = sum(1 for f in (prepared.train_path, prepared.eval_path) for _ in open(f))
+    assert counter.count("encode_pair") == prepared_pairs
+    assert counter.count("tokenize_pairs") == 0, "no stage tokenizes a pairs file again"
     assert f"sDPO run 'two': 2 step(s), files in {result.run_dir}" in out
     assert "Registered model 'model-two': aliases step-0 .. step-2 and final." in out
 
@@ -182,6 +189,25 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness, monkeypa
     assert len(history) >= 2 and sorted(m.step for m in history) == list(range(1, len(history) + 1))
     assert "eval/reward_accuracy_vs_m0" in step_run.data.metrics
     assert 0.0 <= result.rows[0]["eval/reward_accuracy_vs_m0"] <= 1.0
+
+    # The same pipeline run again (the flow itself, as a deployment run calls it) registers
+    # nothing new: every step, M0 included, is reused. (Folded in here: a whole run is slow.)
+    recipe = tmp_path / "two.yaml"
+    before = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+    assert before == [1, 2, 3]
+    again = real_flow(sdpo_core.config.load_config(recipe))
+    assert sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'")) == before
+    assert [r["reused"] for r in result.rows] == [False, False]
+    assert [r["reused"] for r in again.rows] == [True, True]
+    for a, b in zip(result.rows, again.rows, strict=True):
+        assert b["version"] == a["version"] and b["chunk"] == a["chunk"]
+        assert b["train_loss"] == a["train_loss"]
+        assert b["eval/reward_accuracy_vs_m0"] == pytest.approx(a["eval/reward_accuracy_vs_m0"])
+    assert str(c.get_model_version_by_alias(name, "final").version) == "3"
+    # A changed config is a different pipeline: its steps train again.
+    third = real_flow(sdpo_core.config.load_config(recipe, ["loss.beta=0.2"]))
+    assert [r["reused"] for r in third.rows] == [False, False]
+    assert len(c.search_model_versions(f"name = '{name}'")) == 5  # M0 reused, two new steps
 
 
 @pytest.mark.slow
@@ -258,18 +284,27 @@ def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
+def test_cli_run_writes_only_to_workspace_and_no_secret(tmp_path):
     """`sdpo run` with no Prefect server configured: Prefect's temporary server, MLflow on
-    SQLite, everything under SDPO_HOME, and nothing in the home folder."""
+    SQLite, everything under SDPO_HOME, and nothing in the home folder. With secret-looking
+    credentials in the environment, nothing the run writes or prints holds them. (One run checks
+    both: each whole CLI run costs about a minute here.)"""
 
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-sdpo-secret-0123456789",
+        "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLE-sdpo-token-987",
+        "HF_TOKEN": "hf_sdpoSecretTokenValue42",
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-pass-sdpo-31415",
+    }
     home, workspace = tmp_path / "home", tmp_path / "ws"
     home.mkdir()
     recipe = write_recipe(tmp_path, "cli-e2e")
     data = yaml.safe_load(recipe.read_text())
     del data["tracking"]["tracking_uri"]  # the workspace default
     recipe.write_text(yaml.safe_dump(data))
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), **secrets}
     proc = run_cli_process(
-        recipe, workspace, {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")},
+        recipe, workspace, {**env, "AWS_ACCESS_KEY_ID": "AKIASDPOTESTKEY0001"},
         "partition.strategy=random", "partition.num_steps=2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -280,32 +315,11 @@ def test_cli_run_on_temporary_server_writes_only_to_workspace(tmp_path):
     assert any((workspace / "mlartifacts").rglob("model.safetensors"))
     assert list(home.rglob("*")) == []
 
-
-@pytest.mark.slow
-def test_rerun_reuses_finished_steps(tmp_path, prefect_harness):
-    """The same pipeline run again registers nothing new: every step, M0 included, is reused."""
-    from flows.pipeline import sdpo_pipeline
-    from sdpo_core.config import load_config
-
-    recipe = write_recipe(tmp_path, "again")
-    first = sdpo_pipeline(load_config(recipe))
-    c = registry(tmp_path)
-    before = sorted(int(v.version) for v in c.search_model_versions("name = 'model-again'"))
-    assert before == [1, 2, 3]
-    second = sdpo_pipeline(load_config(recipe))
-    after = sorted(int(v.version) for v in c.search_model_versions("name = 'model-again'"))
-    assert after == before
-    assert [r["reused"] for r in first.rows] == [False, False]
-    assert [r["reused"] for r in second.rows] == [True, True]
-    for a, b in zip(first.rows, second.rows, strict=True):
-        assert b["version"] == a["version"] and b["chunk"] == a["chunk"]
-        assert b["train_loss"] == a["train_loss"]
-        assert b["eval/reward_accuracy_vs_m0"] == pytest.approx(a["eval/reward_accuracy_vs_m0"])
-    assert str(c.get_model_version_by_alias("model-again", "final").version) == "3"
-    # A changed config is a different pipeline: its steps train again.
-    third = sdpo_pipeline(load_config(recipe, ["loss.beta=0.2"]))
-    assert [r["reused"] for r in third.rows] == [False, False]
-    assert len(c.search_model_versions("name = 'model-again'")) == 5  # M0 reused, two new steps
+    written = [p for p in [*workspace.rglob("*"), *tmp_path.glob("*.db")] if p.is_file()]
+    for value in [*secrets.values(), "AKIASDPOTESTKEY0001"]:
+        assert value not in proc.stdout and value not in proc.stderr
+        for path in written:
+            assert value.encode() not in path.read_bytes(), f"{value} found in {path}"
 
 
 def test_cli_unreachable_tracking_server(tmp_path, capsys):
@@ -322,31 +336,6 @@ def test_cli_unreachable_tracking_server(tmp_path, capsys):
     assert f"MLflow tracking server http://***@127.0.0.1:{port} does not answer" in err
     assert "hunter2" not in err
     assert not (tmp_path / "mlflow.db").exists()
-
-
-@pytest.mark.slow
-def test_secrets_never_reach_what_a_run_writes(tmp_path):
-    """With secret-looking credentials in the environment, nothing the run writes or prints holds them."""
-
-    secrets = {
-        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-sdpo-secret-0123456789",
-        "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLE-sdpo-token-987",
-        "HF_TOKEN": "hf_sdpoSecretTokenValue42",
-        "MLFLOW_TRACKING_PASSWORD": "mlflow-pass-sdpo-31415",
-    }
-    workspace = tmp_path / "ws"
-    recipe = write_recipe(tmp_path, "secrets")
-    proc = run_cli_process(
-        recipe, workspace, {**secrets, "AWS_ACCESS_KEY_ID": "AKIASDPOTESTKEY0001"},
-        "partition.strategy=random", "partition.num_steps=1",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    written = [p for p in [*workspace.rglob("*"), *tmp_path.glob("*.db")] if p.is_file()]
-    assert any(p.name == "mlflow.db" for p in written) and any(p.name == "prefect.db" for p in written)
-    for value in [*secrets.values(), "AKIASDPOTESTKEY0001"]:
-        assert value not in proc.stdout and value not in proc.stderr
-        for path in written:
-            assert value.encode() not in path.read_bytes(), f"{value} found in {path}"
 
 
 def test_cli_storage_failure_is_a_clear_message_with_how_to_resume(tmp_path, capsys, monkeypatch):
