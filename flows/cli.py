@@ -99,7 +99,7 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    from tasks.redact import redact_userinfo
+    from sdpo_core.redact import redact_userinfo
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet: leave no run folder
         raise
-    from tasks.redact import redact_userinfo
+    from sdpo_core.redact import redact_userinfo
 
     result = sdpo_pipeline(config=cfg, prepared=prepared)
     root = configure_environment()

@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
-from sdpo_core.config import RunConfig
+from sdpo_core.config import ConfigError, RunConfig
 from sdpo_core.model_io import check_model_source
 from sdpo_core.records import PreparedData, TrainStepSpec
 from tasks import tracking
@@ -57,6 +57,11 @@ def run_pipeline(
         run_dir = run_folder(root, cfg.run_name)
         prepared = prepare_data(cfg, str(run_dir))
     else:
+        if prepared.config_hash != cfg.hash():
+            raise ConfigError(
+                [f"prepared data {prepared.train_path} was prepared for config {prepared.config_hash or '?'}, "
+                 f"not for this run's {cfg.hash()}: leave `prepared` empty to prepare the data for this config"]
+            )  # fmt: skip
         run_dir = within(root / "runs", Path(prepared.train_path).parent.parent)
     # Refuse an unsafe or missing model before anything is tracked or registered.
     check_model_source(cfg.model)

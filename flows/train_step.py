@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from sdpo_core.files import atomic_write_text
 from sdpo_core.records import TrainStepResult, TrainStepSpec
+from sdpo_core.train import TrainingError
 from tasks.blocks import read_access
-from tasks.context import RunContext
-from tasks.training import train_step
-
-
-def record_path(ctx: RunContext, step: int) -> Path:
-    return Path(ctx.run_dir) / "models" / f"step-{step}.trained.json"
+from tasks.context import RunContext, RunLocation
+from tasks.training import publish_trained, record_path, train_step
 
 
 def _flow_run_name() -> str:
@@ -40,58 +36,34 @@ def _flow_run_name() -> str:
 
 
 @flow(name="sdpo_train_step", flow_run_name=_flow_run_name, validate_parameters=True)
-def sdpo_train_step(spec: TrainStepSpec, context: RunContext) -> dict:
+def sdpo_train_step(spec: TrainStepSpec, context: RunLocation) -> dict:
     """Train step ``spec.chunk.step`` on its chunk from, and against, the registered model ``spec.ref_uri``.
 
     Args:
         spec: the step's inputs: the pipeline's resolved config, the chunk, the reference.
-        context: the pipeline run's workspace and MLflow run ids.
+        context: the pipeline run's workspace and MLflow run ids (no credentials).
     """
-    # The worker reads the credentials block itself: the secrets are never flow run parameters.
-    access = read_access(spec.config.storage.credentials_block)
-    return _train_step(spec, replace(context, s3=access))
-
-
-def _train_step(spec: TrainStepSpec, context: RunContext) -> dict:
-    """sdpo_train_step's work, once the credentials are in place."""
-    from tasks.storage import publish
     from tasks.workspace import workspace_root
 
+    # The worker reads the credentials block itself: the secrets are never flow run parameters.
+    access = read_access(spec.config.storage.credentials_block)
     # The pipeline's paths are under its workspace. A worker with its own (SDPO_HOME set) keeps
     # its files there, at the same places relative to it; without one it uses the pipeline's
     # folder as is (one machine, or a volume mounted at the same path).
     pipeline_root = Path(context.root)
     root = workspace_root() if os.environ.get("SDPO_HOME") else pipeline_root
-    ctx = RunContext(
-        **(asdict(context) | {"root": str(root), "run_dir": str(rebase(context.run_dir, pipeline_root, root))})
-    )
+    run_dir = str(rebase(context.run_dir, pipeline_root, root))
+    where = {f.name: getattr(context, f.name) for f in fields(RunLocation)}
+    ctx = RunContext(**(where | {"root": str(root), "run_dir": run_dir}), s3=access)
     chunk = spec.chunk.model_copy(update={"path": str(rebase(spec.chunk.path, pipeline_root, root))})
     local = spec.model_copy(update={"chunk": chunk, "ref_scores": str(rebase(spec.ref_scores, pipeline_root, root))})
-    trained = train_step(ctx, local)
-    files = sorted(p for p in Path(trained.model_dir).rglob("*") if p.is_file())
-    # The record names files relative to the workspace, for the pipeline to find under its own.
-    record = {
-        "result": trained.model_dump()
-        | {
-            "model_dir": relative(trained.model_dir, root),
-            "checkpoint_dir": relative(trained.checkpoint_dir, root) if trained.checkpoint_dir else "",
-        },
-        "files": [relative(p, root) for p in files],
-    }
-    path = atomic_write_text(record_path(ctx, spec.step), json.dumps(record))
-    # With storage.uri the pipeline may run elsewhere: it fetches the model and this record.
-    publish(ctx, *files, path)
-    return record
+    return publish_trained(ctx, train_step(ctx, local))
 
 
 def rebase(path: str | Path, old_root: Path, new_root: Path) -> Path:
     """``path`` under ``old_root`` moved to the same place under ``new_root`` (others unchanged)."""
     path = Path(path)
     return new_root / path.relative_to(old_root) if path.is_relative_to(old_root) else path
-
-
-def relative(path: str | Path, root: Path) -> str:
-    return Path(path).resolve().relative_to(root.resolve()).as_posix()
 
 
 def run_train_deployment(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
@@ -104,13 +76,13 @@ def run_train_deployment(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResul
     run = run_deployment(
         name=name,
         # The run's S3 access stays here: the worker reads the block itself.
-        parameters={"spec": spec.model_dump(mode="json"), "context": asdict(replace(ctx, s3=None))},
+        parameters={"spec": spec.model_dump(mode="json"), "context": asdict(ctx.location())},
         timeout=None,
         poll_interval=2,
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
-        raise RuntimeError(f"train step {spec.step} ({name}, flow run {run.name}) ended {state}")
+        raise TrainingError(f"train step {spec.step} ({name}, flow run {run.name}) ended {state}")
     require(ctx, record_path(ctx, spec.step))
     record = json.loads(record_path(ctx, spec.step).read_text())
     root = Path(ctx.root)

@@ -288,8 +288,8 @@ class TrackingConfig(Section):
     artifact_location: StrictStr | None = Field(
         None,
         description=_doc("""Where a new experiment keeps its artifacts (every step's model): a folder, or
-        ``s3://bucket/prefix`` (boto3; endpoint from MLFLOW_S3_ENDPOINT_URL, credentials from the
-        environment). None: the workspace's mlartifacts/ with a local store, else the server's default.
+        ``s3://bucket/prefix`` (boto3; endpoint and credentials from storage.credentials_block, else
+        from MLFLOW_S3_ENDPOINT_URL and boto3's chain). None: the workspace's mlartifacts/ with a local store, else the server's default.
         Uploads to S3 are verified (size and checksum) before a model version points to them."""),
     )
     registered_model: StrictStr = Field(

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from sdpo_core.redact import redact_userinfo
+
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -283,6 +285,17 @@ def value_problems(cfg: Any) -> list[str]:
     if loss.label_smoothing and loss.name != "sigmoid":
         problems.append(f"loss.label_smoothing: only applies to loss.name=sigmoid, not {loss.name}")
     _partition_problems(p, len(train_sources), problems)
+    for key, uri in (
+        ("tracking.tracking_uri", cfg.tracking.tracking_uri),
+        ("tracking.artifact_location", cfg.tracking.artifact_location),
+        ("storage.uri", cfg.storage.uri),
+    ):
+        if uri is not None and redact_userinfo(uri) != uri:
+            # The config is a Prefect flow run parameter, shown in the UI and stored as is.
+            problems.append(
+                f"{key}: must not hold credentials (user:password@), got {redact_userinfo(uri)!r}; set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or name a storage.credentials_block"
+            )
     if cfg.storage.uri is not None and not cfg.storage.uri.startswith("s3://"):
         problems.append(f"storage.uri: must be s3://bucket/prefix, got {cfg.storage.uri!r}")
     block = cfg.storage.credentials_block

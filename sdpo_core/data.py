@@ -1,6 +1,6 @@
-"""Preference data: the one module the rest of the project imports for it.
+"""Preference data: the public names of the modules that do the work, gathered in one place.
 
-It gathers the public names of the modules that do the work, each of which can be read alone:
+Callers may import from here or from the module itself; each can be read alone:
 
 - :mod:`sdpo_core.pairs`: the :class:`PreferencePair` record, the drop reasons, :class:`DataError`,
   and pairs as JSON lines (:func:`write_pairs`, :func:`read_pairs`).

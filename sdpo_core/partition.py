@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -247,7 +248,7 @@ def partition_record(
                 "size": info.size,
                 "content_hash": info.content_hash,
                 "m0_accuracy": info.m0_accuracy,
-                "file": info.path.rsplit("/", 1)[-1],
+                "file": Path(info.path).name,
                 "pair_ids": [pair.id for pair in chunk.pairs],
             }
             for info, chunk in zip(infos, split.chunks, strict=True)

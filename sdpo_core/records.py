@@ -28,6 +28,7 @@ class PreparedData(Record):
         description="Per source: rows read, pairs kept, dropped by reason, train and eval pairs, lengths."
     )
     report_path: str = Field("", description="data_report.json: what `sdpo data inspect` prints.")
+    config_hash: str = Field("", description="The hash of the config the data was prepared for.")
 
 
 class ChunkInfo(Record):

@@ -101,7 +101,10 @@ def launch(spec: TrainStepSpec, num_processes: int) -> TrainStepResult:
             f"the train step under torchrun ({num_processes} processes) failed with exit code {proc.returncode}:\n"
             + proc.stderr[-3000:]
         )
-    return TrainStepResult.model_validate_json((Path(spec.out_dir) / RESULT_FILE).read_text())
+    result = Path(spec.out_dir) / RESULT_FILE
+    if not result.is_file():
+        raise TrainingError(f"the train step under torchrun exited cleanly but wrote no {result}")
+    return TrainStepResult.model_validate_json(result.read_text())
 
 
 def train_from(

@@ -119,7 +119,7 @@ def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
-    from tasks.redact import redact_userinfo
+    from sdpo_core.redact import redact_userinfo
 
     api = get_current_settings().api.url
     where = f"the Prefect API at {redact_userinfo(api)}" if api else "the workspace's temporary Prefect server"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tasks.blocks import S3Access
 
 
 @dataclass(frozen=True)
-class RunContext:
-    """Where a pipeline run keeps its files, and its MLflow identity."""
+class RunLocation:
+    """Where a pipeline run keeps its files, and its MLflow identity: what a train-step
+    deployment run is given (no credentials: its worker reads the block itself)."""
 
     root: str
     """The workspace folder."""
@@ -23,9 +24,6 @@ class RunContext:
     """The registered model whose versions are the step models."""
     storage_uri: str | None = None
     """``s3://bucket/prefix`` where the run's files are published (storage.uri); None: local only."""
-    s3: S3Access | None = None
-    """The S3 credentials, region and endpoint read from storage.credentials_block (None: boto3's
-    chain). Given to each S3 client explicitly; never part of a deployment run's parameters."""
 
     @property
     def cache_dir(self) -> Path:
@@ -36,3 +34,16 @@ class RunContext:
     def model_cache(self) -> Path:
         """Registry downloads, one folder per registered version."""
         return Path(self.root) / "cache" / "models"
+
+
+@dataclass(frozen=True)
+class RunContext(RunLocation):
+    """A run's location, and the S3 access its tasks hand to every S3 client."""
+
+    s3: S3Access | None = None
+    """The S3 credentials, region and endpoint read from storage.credentials_block (None: boto3's
+    chain). Given to each S3 client explicitly; never part of a deployment run's parameters."""
+
+    def location(self) -> RunLocation:
+        """The run's location without its credentials."""
+        return RunLocation(**{f.name: getattr(self, f.name) for f in fields(RunLocation)})

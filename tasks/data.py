@@ -51,6 +51,7 @@ def prepare(cfg: RunConfig, out_dir: str | Path) -> tuple[PreparedData, data_mod
         eval_hash=eval_hash,
         counts=counts,
         report_path=str(report_path),
+        config_hash=cfg.hash(),
     )
     return prepared, report
 
@@ -75,7 +76,7 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
     from tasks.storage import fetch, publish, require
 
     require(ctx, prepared.train_path)
-    fetch(ctx, tokens_path(prepared.train_path))  # optional: without it the chunks are tokenized later
+    fetch(ctx, tokens_path(prepared.train_path), optional=True)  # without it the chunks are tokenized later
     m0_dir, _ = tracking.fetch_for(ctx, m0_uri)
     out_dir = Path(ctx.run_dir) / "chunks"
     train = data_mod.read_pairs(Path(prepared.train_path))

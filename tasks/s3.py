@@ -2,8 +2,9 @@
 
 The endpoint comes from ``MLFLOW_S3_ENDPOINT_URL`` (what MLflow's own S3 uploads use) or
 ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``; region and credentials from boto3's usual chain
-(environment, config files, instance roles). A Prefect block (storage.credentials_block,
-tasks/blocks.py) puts its values into that environment. Works with AWS, MinIO and any
+(environment, config files, instance roles), unless the run's Prefect block
+(storage.credentials_block, tasks/blocks.py) gives them: its S3Access is passed to :func:`client`
+explicitly, never through the environment. Works with AWS, MinIO and any
 S3-compatible store.
 """
 

@@ -27,16 +27,27 @@ def publish(ctx: RunContext, *paths: str | Path) -> list[str]:
     return [upload_file(Path(p), _uri(ctx, Path(p)), s3) for p in paths]
 
 
-def fetch(ctx: RunContext, path: str | Path) -> bool:
-    """Make ``path`` present locally, downloading it from storage if needed; False if nowhere."""
+def fetch(ctx: RunContext, path: str | Path, optional: bool = False) -> bool:
+    """Make ``path`` present locally, downloading it from storage if needed; False if nowhere.
+
+    ``optional``: a file the caller can do without (a token sidecar). A store that refuses it
+    (a missing key reads as 403 without s3:ListBucket on AWS) then counts as not there.
+    """
     path = Path(path)
     if path.is_file():
         return True
     if not ctx.storage_uri:
         return False
+    from botocore.exceptions import ClientError
+
     from tasks.s3 import client, download_file
 
-    return download_file(_uri(ctx, path), path, client(ctx.s3))
+    try:
+        return download_file(_uri(ctx, path), path, client(ctx.s3))
+    except ClientError:
+        if optional:
+            return False
+        raise
 
 
 def require(ctx: RunContext, *paths: str | Path) -> None:

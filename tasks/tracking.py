@@ -17,8 +17,8 @@ import yaml
 
 from sdpo_core.files import atomic_write_text
 from sdpo_core.locks import file_lock
+from sdpo_core.redact import SENSITIVE_MARKERS, redact_userinfo
 from tasks import artifacts
-from tasks.redact import SENSITIVE_MARKERS, redact_userinfo
 from tasks.workspace import default_tracking_uri, within
 
 
@@ -244,11 +244,11 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = Non
     cache; returns (folder, version).
 
     Each version is downloaded once; the folder is keyed by the registry (a hash of its URI: two
-    registries may share a workspace and both have a version 1), the name and the version. Runs
-    at the same time may download the same version: each into its own temporary folder, the first
-    rename wins.
+    registries may share a workspace and both have a version 1), the name, the version and the
+    run that logged it (a registry recreated at the same URI numbers its versions from 1 again).
+    Runs at the same time may download the same version: each into its own temporary folder, the
+    first rename wins.
     """
-
     from sdpo_core.hashing import sha256_bytes
 
     c = client(tracking_uri)
@@ -256,11 +256,12 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = Non
     path = uri.removeprefix("models:/")
     if "@" in path:
         name, alias = path.split("@", 1)
-        version = str(c.get_model_version_by_alias(name, alias).version)
+        found = c.get_model_version_by_alias(name, alias)
     else:
-        name, version = path.rsplit("/", 1)
-        version = str(c.get_model_version(name, version).version)
-    dest = within(cache_root, cache_root / name / version)
+        name, number = path.rsplit("/", 1)
+        found = c.get_model_version(name, number)
+    version = str(found.version)
+    dest = within(cache_root, cache_root / name / f"{version}-{found.run_id or 'norun'}")
     if not (dest / "config.json").is_file():
         tmp = cache_root / name / f".{version}.{uuid.uuid4().hex}.partial"
         tmp.mkdir(parents=True)

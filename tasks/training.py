@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
+from sdpo_core.files import atomic_write_text
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
 from sdpo_core.tokenization import tokens_path
 from tasks.context import RunContext
@@ -78,11 +79,12 @@ def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path:
     from tasks.tracking import fetch_for
 
     require(ctx, pairs_path)
-    fetch(ctx, tokens_path(pairs_path))  # optional: without it the file is tokenized here
+    fetch(ctx, tokens_path(pairs_path), optional=True)  # without it the file is tokenized here
     model_dir, _ = fetch_for(ctx, model_uri)
-    path, computed = cached_scores(cfg, ctx, model_dir, pairs_path)
-    if computed:
-        publish(ctx, path)
+    path, _ = cached_scores(cfg, ctx, model_dir, pairs_path)
+    # Published even when it was already cached here: a train step on another machine reads it
+    # from this run's storage, which an earlier run's cache may never have reached.
+    publish(ctx, path)
     return str(path)
 
 
@@ -106,7 +108,7 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     cfg, chunk = spec.config, spec.chunk
     c = tracking.client(ctx.tracking_uri)
     require(ctx, chunk.path, spec.ref_scores)
-    fetch(ctx, tokens_path(chunk.path))
+    fetch(ctx, tokens_path(chunk.path), optional=True)
     ref_dir, ref_version = tracking.fetch_for(ctx, spec.ref_uri)
     # A retry of this task run continues the step run its first try opened (and its checkpoints).
     key = attempt_key()
@@ -195,10 +197,9 @@ def evaluate_step(
     from tasks.storage import fetch, publish, require
 
     require(ctx, eval_path, m0_eval_scores, prev_eval_scores, ref_scores)
-    fetch(ctx, tokens_path(eval_path))
-    eval_scores, computed = cached_scores(cfg, ctx, trained.model_dir, eval_path)
-    if computed:
-        publish(ctx, eval_scores)
+    fetch(ctx, tokens_path(eval_path), optional=True)
+    eval_scores, _ = cached_scores(cfg, ctx, trained.model_dir, eval_path)
+    publish(ctx, eval_scores)
     metrics = step_metrics(
         load_scores(eval_scores),
         load_scores(m0_eval_scores),
@@ -208,3 +209,38 @@ def evaluate_step(
     )
     tracking.log_metrics(tracking.client(ctx.tracking_uri), trained.run_id, metrics, trained.optimizer_steps)
     return metrics, str(eval_scores)
+
+
+def record_path(ctx: RunContext, step: int) -> Path:
+    return Path(ctx.run_dir) / "models" / f"step-{step}.trained.json"
+
+
+def relative(path: str | Path, root: Path) -> str:
+    return Path(path).resolve().relative_to(root.resolve()).as_posix()
+
+
+@task(
+    name="publish-trained",
+    task_run_name="publish-trained-step-{trained.step}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    **IO_RETRIES,
+)
+def publish_trained(ctx: RunContext, trained: TrainStepResult) -> dict:
+    """Write the step's record (trained.json: the result and the model's files, relative to the
+    workspace) and, with storage.uri, upload the model and the record for the pipeline to fetch."""
+    from tasks.storage import publish
+
+    root = Path(ctx.root)
+    files = sorted(p for p in Path(trained.model_dir).rglob("*") if p.is_file())
+    record = {
+        "result": trained.model_dump()
+        | {
+            "model_dir": relative(trained.model_dir, root),
+            "checkpoint_dir": relative(trained.checkpoint_dir, root) if trained.checkpoint_dir else "",
+        },
+        "files": [relative(p, root) for p in files],
+    }
+    path = atomic_write_text(record_path(ctx, trained.step), json.dumps(record))
+    publish(ctx, *files, path)
+    return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,9 @@ def test_train_step_parameter_is_the_step_record() -> None:
     assert set(schema["required"]) == {"spec", "context"}
     spec = schema["definitions"]["TrainStepSpec"]["properties"]
     assert {"config", "chunk", "ref_uri", "ref_scores"} <= set(spec)
+    # No credentials in the form: the worker reads the block itself.
+    assert "S3Access" not in schema["definitions"]
+    assert "secret" not in json.dumps(schema).lower()
 
 
 def test_deployment_defaults_are_the_default_recipe() -> None:

@@ -330,11 +330,22 @@ def test_cli_unreachable_tracking_server(tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     recipe = write_recipe(tmp_path, "cli-mlflow")
-    uri = f"http://alice:hunter2@127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{port}"
     code, err = run_cli(["run", "-c", str(recipe), f"tracking.tracking_uri={uri}"], capsys)
     assert code == 2
-    assert f"MLflow tracking server http://***@127.0.0.1:{port} does not answer" in err
-    assert "hunter2" not in err
+    assert f"MLflow tracking server http://127.0.0.1:{port} does not answer" in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_credentials_in_a_uri_are_refused(tmp_path, capsys):
+    """The config is the flow run's parameter, stored and shown by Prefect: a password in a URI is
+    refused before anything starts, and the message shows the URI without it."""
+    recipe = write_recipe(tmp_path, "cli-userinfo")
+    uri = "http://alice:hunter2@127.0.0.1:5000"
+    code, err = run_cli(["run", "-c", str(recipe), f"tracking.tracking_uri={uri}"], capsys)
+    assert code == 2
+    assert "tracking.tracking_uri: must not hold credentials" in err and "http://***@127.0.0.1:5000" in err
+    assert "hunter2" not in err and "alice" not in err
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -31,3 +31,18 @@ def test_two_registries_in_one_workspace_do_not_share_a_cached_version(tmp_path:
     assert json.loads((Path(dir_b) / "config.json").read_text()) == {"marker": "b"}
     # A second fetch is served from the cache: the same folder.
     assert tracking.fetch_model(first, "models:/shared-name/1", cache)[0] == dir_a
+
+
+def test_a_registry_recreated_at_the_same_uri_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    """Deleting the workspace's mlflow.db (or rebuilding the server) numbers versions from 1 again:
+    the new version 1 is another model, and the cache must not hand back the old one."""
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    cache = tmp_path / "cache"
+    _register(uri, tmp_path, "old")
+    old_dir, _ = tracking.fetch_model(uri, "models:/shared-name/1", cache)
+    (tmp_path / "a.db").unlink()
+    tracking._READY.discard(uri)  # this process opened the old database
+    _register(uri, tmp_path, "new")
+    new_dir, version = tracking.fetch_model(uri, "models:/shared-name/1", cache)
+    assert version == "1" and new_dir != old_dir
+    assert json.loads((Path(new_dir) / "config.json").read_text()) == {"marker": "new"}

@@ -280,13 +280,13 @@ def test_train_step_flow_uses_the_block(tmp_path, signed_s3, prefect_harness, mo
     import flows.train_step
     from sdpo_core.config import load_config
     from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
-    from tasks.context import RunContext
+    from tasks.context import RunLocation
 
     proxy, admin, bucket = signed_s3
     reference = save_block("train-step-test", proxy.endpoint, "AKIABLOCKTRAINSTEP01", "block-secret-train")
     root = tmp_path / "ws"
     monkeypatch.setenv("SDPO_HOME", str(root))  # the worker's workspace
-    ctx = RunContext(str(root), str(root / "runs" / "r"), "", "", "", "m", f"s3://{bucket}/sdpo")
+    ctx = RunLocation(str(root), str(root / "runs" / "r"), "", "", "", "m", f"s3://{bucket}/sdpo")
     seen: dict[str, str | None] = {}
 
     def fake_train_step(ctx, spec):

@@ -133,9 +133,9 @@ def test_pipeline_with_artifacts_on_s3(tmp_path, s3_server, prefect_harness):
         assert f"sdpo/{run}/{name}" in keys, name
     assert sum(k.startswith("sdpo/cache/logps/") for k in keys) >= 4  # M0 train+eval, chunks, step evals
     # The step models were downloaded from the registry (S3) to serve as references.
-    cache = Path(os.environ["SDPO_HOME"]) / "cache" / "models" / "s3-model"
-    step1 = c.get_model_version_by_alias("s3-model", "step-1").version
-    assert (cache / str(step1) / "model.safetensors").is_file()
+    step1 = c.get_model_version_by_alias("s3-model", "step-1")
+    cached = Path(os.environ["SDPO_HOME"]) / "cache" / "models"
+    assert list(cached.glob(f"*/s3-model/{step1.version}-{step1.run_id}/model.safetensors"))
 
 
 def test_a_stage_fetches_missing_inputs_from_storage(tmp_path, s3_server):
