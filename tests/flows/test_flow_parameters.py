@@ -54,3 +54,28 @@ def test_a_form_with_a_bad_value_is_refused_with_its_key() -> None:
     data["loss"]["beta"] = -1.0
     with pytest.raises(ValidationError, match=r"loss\.beta: must be positive"):
         RunConfig.model_validate(data)
+
+
+def test_prepared_data_of_another_config_is_refused(tmp_path) -> None:
+    """A run started with `prepared` from another config (through the API or UI) stops before
+    anything is tracked, instead of training on data that does not match its config."""
+    import pytest
+
+    from flows.pipeline import run_pipeline
+    from sdpo_core.config import ConfigError
+    from sdpo_core.records import PreparedData
+
+    cfg = load_config(REPO / "recipes" / "default.yaml")
+    other = load_config(REPO / "recipes" / "default.yaml", ["loss.beta=0.2"])
+    run_dir = tmp_path / "runs" / "x"
+    prepared = PreparedData(
+        train_path=str(run_dir / "data" / "train.jsonl"),
+        eval_path=str(run_dir / "data" / "eval.jsonl"),
+        train_hash="t",
+        eval_hash="e",
+        counts={},
+        config_hash=other.hash(),
+    )
+    with pytest.raises(ConfigError, match="prepared for config"):
+        run_pipeline(cfg, tmp_path, prepared)
+    assert not (tmp_path / "mlflow.db").exists() and not run_dir.exists()
