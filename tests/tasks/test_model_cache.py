@@ -9,13 +9,13 @@ from pathlib import Path
 from tasks import tracking
 
 
-def _register(uri: str, tmp_path: Path, marker: str) -> str:
+def _register(uri: str, tmp_path: Path, marker: str, experiment: str = "cache-test") -> str:
     c = tracking.client(uri)
     folder = tmp_path / f"model-{marker}"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"marker": marker}))
-    experiment = tracking.ensure_experiment(c, "cache-test", (tmp_path / f"artifacts-{marker}").as_uri())
-    run_id = tracking.start_run(c, experiment, "step-0")
+    experiment_id = tracking.ensure_experiment(c, experiment, (tmp_path / f"artifacts-{marker}").as_uri())
+    run_id = tracking.start_run(c, experiment_id, "step-0")
     return tracking.register(c, "shared-name", run_id, str(folder), 0, {"sdpo.step": "0"}, final=False)
 
 
@@ -33,16 +33,16 @@ def test_two_registries_in_one_workspace_do_not_share_a_cached_version(tmp_path:
     assert tracking.fetch_model(first, "models:/shared-name/1", cache)[0] == dir_a
 
 
-def test_a_registry_recreated_at_the_same_uri_is_not_served_from_the_cache(tmp_path: Path) -> None:
-    """Deleting the workspace's mlflow.db (or rebuilding the server) numbers versions from 1 again:
-    the new version 1 is another model, and the cache must not hand back the old one."""
+def test_a_recreated_registered_model_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    """A registered model deleted and made again (or a registry rebuilt at the same URI) numbers
+    its versions from 1 again: the new version 1 is another model, and the cache must not hand
+    back the old one."""
     uri = f"sqlite:///{tmp_path / 'a.db'}"
     cache = tmp_path / "cache"
     _register(uri, tmp_path, "old")
     old_dir, _ = tracking.fetch_model(uri, "models:/shared-name/1", cache)
-    (tmp_path / "a.db").unlink()
-    tracking._READY.discard(uri)  # this process opened the old database
-    _register(uri, tmp_path, "new")
+    tracking.client(uri).delete_registered_model("shared-name")
+    assert _register(uri, tmp_path, "new", experiment="cache-test-new") == "1"
     new_dir, version = tracking.fetch_model(uri, "models:/shared-name/1", cache)
     assert version == "1" and new_dir != old_dir
     assert json.loads((Path(new_dir) / "config.json").read_text()) == {"marker": "new"}
