@@ -10,11 +10,21 @@ the losses are (DPO, arXiv 2305.18290 eq. 7; IPO, arXiv 2310.12036 eq. 17; DPO-P
 arXiv 2402.13228 eq. 3):
 
 - sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: label smoothing)
-- ipo:     (h - 1 / (2 beta))^2
+- ipo:     (h - 1 / (2 beta))^2, with every log-prob divided by its completion's length first
+           (TRL's ipo, as the IPO authors confirmed to TRL: see :data:`LENGTH_NORMALISED`)
 - hinge:   max(0, 1 - beta h)
 - dpop:    -log sigmoid(beta (h - lambda max(0, log ref(y_w|x) - log policy(y_w|x))))
 
 A new variant is a new function added to :data:`LOSSES`, not a branch in an existing one.
+:func:`pass_losses` is what the training loop computes for each pass (and what the TRL parity
+tests call): the variant, on length-averaged log-probs where it asks for them, plus the weighted
+NLL of the chosen completions.
+
+Which TRL 1.16 ``loss_type`` each equals: sigmoid = ``sigmoid`` (with label smoothing eps > 0 it
+is conservative DPO, TRL's ``aot`` on one-pair batches; TRL's ``sigmoid`` ignores label_smoothing
+and its ``robust`` is a different loss); ipo = ``ipo``; hinge = ``hinge``; dpop has no TRL
+counterpart; ``nll_weight`` w = ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, w]``
+(RPO's ``rpo_alpha`` in older TRL).
 """
 
 from __future__ import annotations
@@ -75,6 +85,39 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
+LENGTH_NORMALISED = frozenset({"ipo"})
+"""Losses computed on per-token mean log-probs: each sequence's log-prob divided by its completion
+length, for policy and reference alike (the same tokens, so the same length)."""
+
+
+def pass_losses(
+    lp: PairLogps, tokens: torch.Tensor, cfg: LossConfig, mean_chosen_tokens: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pair losses of one pass, and the per-pair NLL term, each (B,).
+
+    Args:
+        lp: summed completion log-probs of the B pairs.
+        tokens: completion token counts, (2B,): chosen then rejected.
+        cfg: the loss and its weights.
+        mean_chosen_tokens: chosen completion tokens per pair over the whole optimizer step. The
+            NLL is a mean over every chosen token of the step, as TRL's ``sft`` term is over its
+            batch: a pair's share is -log p(y_w|x) / mean_chosen_tokens, whose mean over the step's
+            pairs is the token mean, however the step is split into passes.
+    """
+    b = lp.policy_chosen.shape[0]
+    loss_lp = lp
+    if cfg.name in LENGTH_NORMALISED:
+        n_c, n_r = tokens[:b].to(lp.policy_chosen.dtype), tokens[b:].to(lp.policy_chosen.dtype)
+        loss_lp = PairLogps(
+            lp.policy_chosen / n_c, lp.policy_rejected / n_r, lp.ref_chosen / n_c, lp.ref_rejected / n_r
+        )
+    losses = get_loss(cfg.name)(loss_lp, cfg)
+    nll = nll_loss(lp.policy_chosen, mean_chosen_tokens)
+    if cfg.nll_weight:
+        losses = losses + cfg.nll_weight * nll
+    return losses, nll
+
+
 def get_loss(name: str) -> LossFn:
     """The loss function registered under ``name``."""
     try:
@@ -83,9 +126,10 @@ def get_loss(name: str) -> LossFn:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}") from None
 
 
-def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """Per-pair negative log-likelihood of the chosen completion, mean per token, shape (B,)."""
-    return -chosen_logps / chosen_tokens.clamp(min=1)
+def nll_loss(chosen_logps: torch.Tensor, mean_chosen_tokens: float) -> torch.Tensor:
+    """Each pair's share of the token-mean NLL of the chosen completions, shape (B,): its summed
+    -log p(y_w|x) over the mean chosen length of the batch the mean is taken over."""
+    return -chosen_logps / max(mean_chosen_tokens, 1.0)
 
 
 def implicit_rewards(lp: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.collectives import max_over_processes
 from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
-from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, nll_loss
+from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
 from sdpo_core.state import is_sharded
 
@@ -162,7 +162,7 @@ def train_dpo(
     train_cfg = for_device(train_cfg, device)
     with activation_checkpointing(model, train_cfg.gradient_checkpointing):
         seed_everything(train_cfg.seed)
-        loss_fn = get_loss(loss_cfg.name)
+        get_loss(loss_cfg.name)  # an unknown loss fails before any work
         plan = batch_plan(len(pairs), train_cfg)
         world, rank = world_and_rank()
         # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
@@ -198,6 +198,9 @@ def train_dpo(
             if step <= done:  # trained before the checkpoint; the plan is the same, so skip its pairs
                 continue
             n_step = sum(len(mb) for mb in micro_batches)  # pairs in this optimizer step
+            # Chosen completion tokens per pair over the step (all processes' pairs): the NLL term
+            # is a token mean over the whole step, whatever its split into passes.
+            mean_chosen = sum(len(pairs[j].chosen_ids) for mb in micro_batches for j in mb) / n_step
             # Metric sums stay on the model's device until the step ends: one host sync per step.
             step_sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
             # Data parallel: each process takes every world-th pair of each micro-batch.
@@ -222,10 +225,7 @@ def train_dpo(
                     lp = PairLogps(
                         logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
                     )
-                    losses = loss_fn(lp, loss_cfg)  # (b,)
-                    nll = nll_loss(lp.policy_chosen, tokens[:b])  # (b,)
-                    if loss_cfg.nll_weight:
-                        losses = losses + loss_cfg.nll_weight * nll
+                    losses, nll = pass_losses(lp, tokens, loss_cfg, mean_chosen)  # (b,) each
                     # Sum over the pass divided by the optimizer step's pair count: the update is the
                     # same for any split of the step into micro-batches and passes. DDP and FSDP
                     # average gradients over the processes, hence the factor world.

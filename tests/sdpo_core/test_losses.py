@@ -15,10 +15,12 @@ import typing
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from sdpo_core.config import LossConfig, LossName
 from sdpo_core.losses import (
+    LENGTH_NORMALISED,
     LOSSES,
     PairLogps,
     dpop_loss,
@@ -27,6 +29,7 @@ from sdpo_core.losses import (
     implicit_rewards,
     ipo_loss,
     nll_loss,
+    pass_losses,
     sigmoid_loss,
 )
 
@@ -139,10 +142,37 @@ def test_get_loss_unknown_names_it() -> None:
         get_loss("kto_pair")
 
 
-def test_nll_loss_is_mean_per_token() -> None:
-    """-logps / tokens: -(-6) / 3 = 2, -(-3) / 1 = 3; a count of 0 is clamped to 1: -(-2) / 1 = 2."""
-    out = nll_loss(_t(-6.0, -3.0, -2.0), torch.tensor([3, 1, 0]))
-    assert_close(out, _t(2.0, 3.0, 2.0))
+def test_nll_is_a_token_mean_over_the_step() -> None:
+    """Chosen log-probs -6 (3 tokens), -3 (1 token), -3 (2 tokens): the token mean over the step is
+    (6 + 3 + 3) / 6 = 2. Each pair's share is -logp / (6 / 3 tokens per pair): 3, 1.5, 1.5, whose
+    mean is 2; a per-pair token mean would give (2 + 3 + 1.5) / 3 = 2.1667 instead."""
+    logps = _t(-6.0, -3.0, -3.0)
+    shares = nll_loss(logps, mean_chosen_tokens=2.0)
+    assert_close(shares, _t(3.0, 1.5, 1.5))
+    assert_close(shares.mean(), torch.tensor(2.0))
+    # Split in two passes of the same step (same mean length): the same sum.
+    assert_close(nll_loss(logps[:1], 2.0).sum() + nll_loss(logps[1:], 2.0).sum(), shares.sum())
+
+
+def test_pass_losses_adds_the_weighted_nll() -> None:
+    lp = PairLogps(_t(-6.0, -3.0), _t(-5.0, -4.0), _t(-6.0, -3.0), _t(-5.0, -4.0))  # h = 0
+    tokens = torch.tensor([3, 1, 5, 2])  # chosen 3, 1; rejected 5, 2
+    losses, nll = pass_losses(lp, tokens, LossConfig(beta=0.5, nll_weight=0.25), mean_chosen_tokens=2.0)
+    assert_close(nll, _t(3.0, 1.5))
+    assert_close(losses, _t(math.log(2.0) + 0.75, math.log(2.0) + 0.375))  # -log sigmoid(0) = log 2
+
+
+def test_ipo_is_computed_on_length_averaged_logps() -> None:
+    """TRL's ipo: each log-prob divided by its completion length before the square. Policy chosen
+    -6 over 3 tokens (-2), rejected -8 over 4 (-2); reference chosen -3 over 3 (-1), rejected -8
+    over 4 (-2): h = (-2 - -2) - (-1 - -2) = -1, and with beta 0.5: (-1 - 1)^2 = 4. On sums, h
+    would be (-6 + 8) - (-3 + 8) = -3 and the loss 16."""
+    lp = PairLogps(_t(-6.0), _t(-8.0), _t(-3.0), _t(-8.0))
+    losses, _ = pass_losses(lp, torch.tensor([3, 4]), LossConfig(name="ipo", beta=0.5), mean_chosen_tokens=3.0)
+    assert_close(losses, _t(4.0))
+    assert "ipo" in LENGTH_NORMALISED and "sigmoid" not in LENGTH_NORMALISED
+    sums, _ = pass_losses(lp, torch.tensor([3, 4]), LossConfig(name="sigmoid", beta=0.5), mean_chosen_tokens=3.0)
+    assert_close(sums, -F.logsigmoid(_t(0.5 * -3.0)))  # sigmoid keeps the sums
 
 
 def test_implicit_rewards_values_and_detached() -> None:

@@ -17,22 +17,23 @@ What is compared, and how:
    ulp is already 1.5e-5; so the tolerance is 1e-5 absolute plus 1e-6 relative (about 8 ulps).
 4. Loss and the metrics TRL logs (rewards/chosen, rewards/rejected, rewards/accuracies,
    rewards/margins, logps/chosen, logps/rejected), from ``DPOTrainer.compute_loss`` and the metric
-   store it appends to, vs our ``LOSSES[name]`` and ``implicit_rewards`` averaged over the pairs as
-   our training loop does: 1e-5 absolute, our functions fed with TRL's per-sequence log-probs (so
-   the check is of the formulas, not of float32 summation order; item 3 covers the log-probs).
+   store it appends to, vs ``pass_losses`` (what our training loop computes for each pass: the
+   loss, on length-averaged log-probs where it asks for them, plus the NLL term) and
+   ``implicit_rewards``, averaged over the pairs as our training loop does: 1e-5 absolute, fed with
+   TRL's per-sequence log-probs and completion lengths (so the check is of what training computes,
+   not of float32 summation order; item 3 covers the log-probs).
 
 TRL 1.16 facts this relies on:
 
 - ``ipo`` divides each sequence's log-ratio by its completion length before the IPO square (TRL's
-  comment: confirmed with the IPO authors); our ``ipo_loss`` uses summed log-probs, so here it is
-  fed length-averaged log-probs (logps / completion tokens) to compare the formula.
+  comment: confirmed with the IPO authors); so does ``pass_losses`` for ipo (LENGTH_NORMALISED).
 - ``sigmoid`` ignores ``label_smoothing`` in 1.16 (only robust, exo_pair, aot, aot_unpaired read
   it). ``aot`` applies conservative DPO, -(1-eps) log s(beta d) - eps log s(-beta d), to the sorted
   policy and reference log-ratios of the batch; on a one-pair batch the sort is the identity and it
   is exactly our sigmoid loss with label smoothing, so that case is checked pair by pair.
 - ``sft`` (combined with ``sigmoid`` via ``loss_weights``) is the NLL of the chosen tokens, a mean
-  over all chosen tokens of the batch; ours (``nll_loss``) is a per-pair per-token mean. They agree
-  on one-pair batches, so nll_weight (RPO) is also checked pair by pair.
+  over all chosen tokens of the batch; ours is the same mean over the optimizer step (here one
+  batch), so nll_weight (RPO) is checked on the whole multi-pair batch.
 
 Not comparable: ``dpop`` (TRL 1.16 has no DPO-Positive loss type); TRL's ``robust`` (unbiased
 robust DPO, divides by 1 - 2 eps and flips the sign of the eps term) is a different loss from our
@@ -57,7 +58,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig  # noqa: E402
 from sdpo_core.data import load_source, tokenize_pair  # noqa: E402
 from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps, token_logps  # noqa: E402
-from sdpo_core.losses import LOSSES, PairLogps, implicit_rewards, nll_loss  # noqa: E402
+from sdpo_core.losses import PairLogps, implicit_rewards, pass_losses  # noqa: E402
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,19 +257,10 @@ def test_summed_logps_match(setup: Setup, make_trainer) -> None:
     _close(lp.policy_rejected.mean(), run["metrics"]["logps/rejected"], "logps/rejected vs TRL's own logps")
 
 
-def _ours(lp: PairLogps, tokens: torch.Tensor, cfg: LossConfig, length_averaged: bool) -> dict[str, torch.Tensor]:
-    """Our loss and metrics on a batch, averaged over pairs as sdpo_core.train does."""
+def _ours(lp: PairLogps, tokens: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Our loss and metrics on a batch (one optimizer step), as sdpo_core.train computes them."""
     b = lp.policy_chosen.shape[0]
-    if length_averaged:
-        n_c, n_r = tokens[:b].float(), tokens[b:].float()
-        loss_lp = PairLogps(
-            lp.policy_chosen / n_c, lp.policy_rejected / n_r, lp.ref_chosen / n_c, lp.ref_rejected / n_r
-        )
-    else:
-        loss_lp = lp
-    losses = LOSSES[cfg.name](loss_lp, cfg)  # (b,)
-    if cfg.nll_weight:
-        losses = losses + cfg.nll_weight * nll_loss(lp.policy_chosen, tokens[:b])
+    losses, _ = pass_losses(lp, tokens, cfg, float(tokens[:b].float().mean()))  # (b,)
     chosen, rejected = implicit_rewards(lp, cfg.beta)
     return {
         "loss": losses.mean(),
@@ -287,24 +279,17 @@ class Case:
     ours: LossConfig
     trl_loss_type: list[str]
     trl_loss_weights: list[float] | None = None
-    length_averaged: bool = False  # TRL's IPO uses per-token mean log-probs
     per_pair: bool = False  # compare on one-pair batches (see the module docstring)
 
 
 CASES = [
     Case("sigmoid", LossConfig(name="sigmoid", beta=0.5), ["sigmoid"]),
-    Case("ipo", LossConfig(name="ipo", beta=0.5), ["ipo"], length_averaged=True),
+    Case("ipo", LossConfig(name="ipo", beta=0.5), ["ipo"]),
     Case("hinge", LossConfig(name="hinge", beta=1.0), ["hinge"]),  # beta h > 1 for one pair: relu clips
     # Conservative DPO: TRL 1.16's sigmoid ignores label_smoothing; its aot is cDPO on one-pair batches.
     Case("sigmoid-label-smoothing", LossConfig(name="sigmoid", beta=0.5, label_smoothing=0.2), ["aot"], per_pair=True),
-    # RPO-style NLL term: TRL's sft is a batch-wide token mean, equal to ours on one-pair batches.
-    Case(
-        "sigmoid-nll",
-        LossConfig(name="sigmoid", beta=0.5, nll_weight=0.3),
-        ["sigmoid", "sft"],
-        trl_loss_weights=[1.0, 0.3],
-        per_pair=True,
-    ),
+    # RPO-style NLL term: TRL's sft is a token mean over the batch, as ours is over the step.
+    Case("sigmoid-nll", LossConfig(name="sigmoid", beta=0.5, nll_weight=0.3), ["sigmoid", "sft"], [1.0, 0.3]),
 ]
 
 
@@ -319,7 +304,7 @@ def test_loss_and_metrics_match(setup: Setup, make_trainer, case: Case) -> None:
     batches = [[p] for p in setup.pairs] if case.per_pair else [setup.pairs]
     for i, pairs in enumerate(batches):
         run = _trl_run(trainer, pairs)
-        ours = _ours(run["lp"], run["completion_tokens"], case.ours, case.length_averaged)
+        ours = _ours(run["lp"], run["completion_tokens"], case.ours)
         _close(ours["loss"], run["loss"], f"batch {i}: loss")
         for key in (*METRICS, "logps/chosen", "logps/rejected"):
             _close(ours[key], run["metrics"][key], f"batch {i}: {key}")
