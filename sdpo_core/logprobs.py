@@ -187,13 +187,15 @@ def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> SharedPromptB
         output_index[i, : n_p + n_c] = torch.arange(n_p + n_c)
         output_index[i, n_p + n_c : end] = torch.arange(prefix, prefix + n_r)
         # Token k of a completion is predicted at the position before it; the first token of
-        # either completion at the last prompt position.
+        # either completion at the last prompt position. With an empty prompt (a tokenizer that
+        # adds no BOS) nothing predicts a first token: it is not scored, as in the padded layout.
+        first = 0 if n_p > 0 else 1
         for offset, n, s in ((n_p, n_c, i), (n_p + n_c, n_r, b + i)):
             predictors = [n_p - 1] + list(range(offset, offset + n - 1))
-            seq.extend([s] * n)
-            row.extend([i] * n)
-            pos.extend(predictors[:n])
-            labels.extend(input_ids[i, offset : offset + n].tolist())
+            seq.extend([s] * max(n - first, 0))
+            row.extend([i] * max(n - first, 0))
+            pos.extend(predictors[first:n])
+            labels.extend(input_ids[i, offset + first : offset + n].tolist())
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     # Rejected query j of a row is slot P + j of its gathered prompt + rejected: it sees keys 0 .. P + j.
     prompt_lengths = torch.tensor([n_p for n_p, _, _ in lengths], dtype=torch.long)

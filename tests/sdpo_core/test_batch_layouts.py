@@ -124,3 +124,22 @@ def test_passes_and_layout_do_not_change_the_update(pairs, tokenizer):
         diffs = torch.cat([(other[n] - t).abs().flatten() for n, t in base.items()])
         assert (diffs > 1e-5).float().mean() < 1e-3
         assert diffs.max() <= 2 * 1e-3 * 1.01
+
+
+def test_an_empty_prompt_scores_the_same_tokens_in_both_layouts(pairs, tokenizer):
+    """A tokenizer that adds no BOS gives an empty prompt for an empty prompt string. Nothing then
+    predicts a completion's first token: both layouts leave it unscored (the shared layout used to
+    read position -1, the row's last column), and the other tokens' log-probs agree."""
+    from sdpo_core.logprobs import TokenizedPair
+
+    empty = TokenizedPair([], pairs[0].chosen_ids[:7], pairs[0].rejected_ids[:5])
+    batch = [empty, pairs[1]]
+    shared = collate(batch, pad_id(tokenizer), True)
+    assert int(shared.targets()[2].min()) >= 0, "no token is predicted from position -1"
+    model = load_model(MODEL)
+    with torch.no_grad():
+        padded_logps, padded_tokens = completion_logps(model, collate(batch, pad_id(tokenizer), False), chunk_rows=16)
+        shared_logps, shared_tokens = completion_logps(model, shared, chunk_rows=16)
+    expected = [6, len(pairs[1].chosen_ids), 4, len(pairs[1].rejected_ids)]
+    assert padded_tokens.tolist() == shared_tokens.tolist() == expected
+    torch.testing.assert_close(shared_logps, padded_logps, atol=1e-4, rtol=1e-5)
