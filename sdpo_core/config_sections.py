@@ -1,0 +1,216 @@
+"""The sections of the run configuration (sdpo_core.config): the model, data, partition, loss,
+tracking and storage settings, each a frozen pydantic model with a description per field."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+from sdpo_core.config_rules import default_source_name, number
+
+DataFormat = Literal["auto", "standard", "conversational", "implicit", "hh", "openai", "sharegpt", "scored"]
+SourceUse = Literal["split", "train", "eval"]
+PartitionStrategy = Literal["by_source", "random", "easy_to_hard", "sequential"]
+AccuracyForm = Literal["sum", "mean"]
+LossName = Literal["sigmoid", "ipo", "hinge", "dpop"]
+Parallelism = Literal["ddp", "fsdp"]
+
+
+Number = Annotated[float, BeforeValidator(number)]
+
+
+class Section(BaseModel):
+    """A config section: frozen, unknown keys forbidden, every field documented."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def one_line(text: str) -> str:  # a description written over several lines, as one line
+    return " ".join(text.split())
+
+
+class SourceConfig(Section):
+    """One preference data source."""
+
+    path: StrictStr = Field(
+        description=one_line("""A file (JSON array, JSON lines, CSV, Parquet; .gz compressed JSON, JSON lines or
+        CSV), a folder of such files, a folder written by datasets' save_to_disk, or a Hugging Face hub
+        dataset id.""")
+    )
+    name: StrictStr = Field(
+        "", description="Name of the source, used for by_source chunks and in reports (default: the file stem)."
+    )
+    format: DataFormat = Field(
+        "auto",
+        description=one_line("""Row format: standard (prompt/chosen/rejected strings), conversational (TRL's
+        message lists), implicit (only chosen/rejected; the prompt is their shared start; hh is an alias),
+        openai (input.messages, preferred_output, non_preferred_output), sharegpt (conversations, chosen,
+        rejected), scored (chosen/rejected with ratings; ties dropped), or auto (detected from the first
+        row)."""),
+    )
+    split: StrictStr = Field("train", description="Split to read from a hub dataset or a save_to_disk DatasetDict.")
+    config_name: StrictStr | None = Field(None, description="Configuration (subset) name of a hub dataset.")
+    columns: dict[StrictStr, StrictStr] | None = Field(
+        None,
+        description=one_line("""Column mapping for any other schema: {prompt, chosen, rejected, score_chosen,
+        score_rejected} -> the source's column names."""),
+    )
+    max_pairs: StrictInt | None = Field(
+        None, description="Read at most this many usable pairs (the first ones in file order); None for all."
+    )
+    sample: StrictInt | None = Field(
+        None, description="Keep a seeded random sample of this many pairs (after validation); None keeps all."
+    )
+    weight: Number = Field(
+        1.0,
+        description=one_line("""Mixing weight of the source's training pairs: 2 repeats each pair twice, 0.5 keeps
+        a seeded half (a rate per source, as in data mixtures)."""),
+    )
+    use: SourceUse = Field(
+        "split",
+        description=one_line("""split: hold out data.eval_fraction for evaluation, train on the rest; train: train
+        on all; eval: evaluate on all, never train."""),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name") and isinstance(data.get("path"), str):
+            data = {**data, "name": default_source_name(data["path"])}
+        return data
+
+
+class ModelConfig(Section):
+    """The initial model M0."""
+
+    name_or_path: StrictStr = Field(
+        "models/stories260K", description="A local Hugging Face model folder (safetensors weights) or a hub id."
+    )
+    trust_remote_code: StrictBool = Field(
+        False, description="Allow model code from the model folder or hub to run. Off unless you trust the source."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype for training and scoring."
+    )
+
+
+class DataConfig(Section):
+    """Preference data: sources, prompt formatting, lengths and the held-out split."""
+
+    sources: tuple[SourceConfig, ...] = Field(
+        (), description="The sources, each with path, name, format and max_pairs."
+    )
+    eval_fraction: Number = Field(
+        0.1, description="Share of each source's pairs held out for evaluation; never trained on."
+    )
+    eval_max_pairs: StrictInt = Field(64, description="Cap on held-out pairs per source.")
+    max_length: StrictInt = Field(
+        256, description="Max tokens of prompt plus completion; completions are cut at the end."
+    )
+    max_prompt_length: StrictInt = Field(
+        128, description="Max prompt tokens; longer prompts keep their end (the most recent turns)."
+    )
+    seed: StrictInt = Field(
+        0, description="Seed of the held-out split, the per-source samples and the weights' subsampling."
+    )
+    skip_bad_rows: StrictBool = Field(
+        False,
+        description=one_line("""False: a row that cannot be parsed or lacks a field stops the run, naming the file
+        and line. True: such rows are skipped and counted by reason."""),
+    )
+    long_prompts: Literal["truncate", "drop"] = Field(
+        "truncate", description="Prompts over max_prompt_length: truncate (keep the end) or drop the pair (counted)."
+    )
+    min_pairs_per_step: StrictInt = Field(
+        1, description="Fewest training pairs a step may have; a run whose data leaves fewer stops before training."
+    )
+
+
+class PartitionConfig(Section):
+    """How the training pairs are split into the steps D1..DT."""
+
+    strategy: PartitionStrategy = Field(
+        "by_source",
+        description=one_line("""by_source: one chunk per source, ordered easy to hard by M0's reward accuracy
+        (sDPO, section 3.2); random: chunks of the pooled, shuffled pairs (the paper's ablation);
+        easy_to_hard: the pooled pairs ordered by M0's gamma, highest (easiest) first, then cut (a
+        pair-level curriculum, future work in the paper); sequential: the pooled pairs in the order given
+        (sources in recipe order, rows in file order), then cut."""),
+    )
+    num_steps: StrictInt | None = Field(
+        None,
+        description=one_line("""T, the number of steps (1 is plain DPO). by_source: the number of sources (None
+        means that); the other strategies: None means 2, or the number of ``sizes``."""),
+    )
+    sizes: tuple[Number, ...] | None = Field(
+        None,
+        description=one_line("""Explicit chunk sizes for random, easy_to_hard and sequential: pair counts (whole
+        numbers, summing to at most the training pairs) or fractions (summing to 1). None: equal chunks."""),
+    )
+    accuracy: AccuracyForm = Field(
+        "sum",
+        description=one_line("""M0's reward accuracy per source: share of pairs with gamma > 0, where gamma uses
+        summed completion log-probs (sum) or mean per-token log-probs (mean, length-normalised). The same
+        form orders pairs for easy_to_hard."""),
+    )
+    seed: StrictInt = Field(0, description="Seed of the random strategy's shuffle.")
+
+    def pooled_num_steps(self) -> int:
+        """T of a pooled strategy: num_steps, else the number of sizes, else 2 (the paper's T)."""
+        return self.num_steps if self.num_steps is not None else len(self.sizes) if self.sizes else 2
+
+
+class LossConfig(Section):
+    """The DPO-family loss (see sdpo_core.losses)."""
+
+    name: LossName = Field("sigmoid", description="sigmoid (DPO), ipo, hinge, dpop (DPO-Positive).")
+    beta: Number = Field(0.1, description="Inverse temperature of the implicit reward, beta in the DPO paper.")
+    label_smoothing: Number = Field(
+        0.0, description="Conservative DPO: assumed share of flipped labels (sigmoid only), in [0, 0.5)."
+    )
+    dpop_lambda: Number = Field(
+        50.0,
+        description="DPO-Positive's lambda: weight of the penalty when the chosen log-prob falls below the reference.",
+    )
+    nll_weight: Number = Field(
+        0.0,
+        description="Weight of an extra NLL term on the chosen completion (mean per token), as in RPO; 0 disables.",
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow tracking and registry."""
+
+    tracking_uri: StrictStr | None = Field(
+        None, description="MLflow tracking URI; None uses SQLite in the workspace (or MLFLOW_TRACKING_URI if set)."
+    )
+    experiment: StrictStr = Field("sdpo", description="MLflow experiment name.")
+    artifact_location: StrictStr | None = Field(
+        None,
+        description=one_line("""Where a new experiment keeps its artifacts (every step's model): a folder, or
+        ``s3://bucket/prefix`` (boto3; endpoint and credentials from storage.credentials_block, else
+        from MLFLOW_S3_ENDPOINT_URL and boto3's chain). None: the workspace's mlartifacts/ with a local store, else the server's default.
+        Uploads to S3 are verified (size and checksum) before a model version points to them."""),
+    )
+    registered_model: StrictStr = Field(
+        "sdpo-model", description="Registered model whose versions are the step models; aliases step-<t> and final."
+    )
+
+
+class StorageConfig(Section):
+    """Where the run's intermediate files live besides the workspace."""
+
+    uri: StrictStr | None = Field(
+        None,
+        description=one_line("""``s3://bucket/prefix``: every file one stage hands to another (data splits,
+        chunks, partition, cached log-probs, reports) is uploaded there, verified, and downloaded by a stage
+        that does not find it locally, so steps can run on other machines. None: the workspace only."""),
+    )
+    credentials_block: StrictStr | None = Field(
+        None,
+        description=one_line("""A Prefect block holding the S3 credentials, region and endpoint,
+        ``<block-type-slug>/<name>`` (``s3-credentials/prod``, or prefect-aws's ``aws-credentials/<name>``):
+        read when the pipeline and each train step start, its values win over the environment's for every S3
+        upload and download (boto3 and MLflow). None: boto3's usual chain (environment, config files)."""),
+    )
