@@ -87,6 +87,13 @@ class TrainConfig(Section):
         and less activation memory; None runs each micro-batch in one pass. auto is 1024 on a CPU and None on
         a GPU."""),
     )
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = Field(
+        "auto",
+        description=one_line("""fp32; bf16-mixed or fp16-mixed: fp32 master weights updated by AdamW, the
+        forward and backward under bf16 or fp16 autocast (fp16 with loss scaling); bf16-pure: bf16
+        weights updated in place, which rounds away most updates at DPO learning rates (it warns below
+        1e-4). auto follows model.dtype (see there). The reference is scored in the same precision."""),
+    )
     gradient_checkpointing: StrictBool = Field(
         False,
         description=one_line("""Keep only each decoder layer's input during the forward and recompute the layer in

@@ -91,7 +91,16 @@ class ModelConfig(Section):
         False, description="Allow model code from the model folder or hub to run. Off unless you trust the source."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Parameter dtype for training and scoring."
+        "float32",
+        description=one_line("""The model's compute dtype when train.precision is auto: bfloat16 or float16
+        train in that mixed precision (fp32 master weights), float32 trains in bf16-mixed on a GPU that
+        supports bf16 and in fp32 elsewhere. M0 is read in the master weights' dtype."""),
+    )
+    save_dtype: Literal["master", "float32", "bfloat16", "float16"] = Field(
+        "master",
+        description=one_line("""The dtype step models are saved and registered in. master (the master
+        weights' dtype, fp32 unless bf16-pure) keeps every update: a step model is the next step's
+        reference and start, so an update rounded away on saving is lost for the steps after it."""),
     )
 
 

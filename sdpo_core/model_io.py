@@ -58,8 +58,14 @@ def check_model_source(cfg: ModelConfig) -> None:
         check_model_folder(Path(cfg.name_or_path).expanduser())
 
 
-def load_model(cfg: ModelConfig, name_or_path: str | None = None, device: torch.device | str = "cpu") -> Any:
-    """A causal LM from a local folder or hub id, with safetensors weights only."""
+def load_model(
+    cfg: ModelConfig,
+    name_or_path: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """A causal LM from a local folder or hub id, with safetensors weights only, in ``dtype``
+    (default ``model.dtype``; training and scoring pass the master weights' dtype)."""
     from transformers import AutoModelForCausalLM
 
     target = name_or_path or cfg.name_or_path
@@ -70,7 +76,7 @@ def load_model(cfg: ModelConfig, name_or_path: str | None = None, device: torch.
             target,
             use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code,
-            dtype=getattr(torch, cfg.dtype),
+            dtype=dtype or getattr(torch, cfg.dtype),
         )
     except OSError as exc:
         raise ModelError(f"{target}: cannot load the model: {exc}") from None

@@ -17,6 +17,7 @@ from sdpo_core.files import atomic_path
 from sdpo_core.hashing import sha256_file, sha256_json
 from sdpo_core.logprobs import score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device
+from sdpo_core.precision import resolve_precision
 from sdpo_core.tokenization import tokenized_file
 from sdpo_core.train import for_device
 
@@ -30,6 +31,8 @@ def scores_key(cfg: RunConfig, fingerprint: str, pairs_path: str | Path) -> str:
         "max_prompt_length": cfg.data.max_prompt_length,
         "dtype": cfg.model.dtype,
     }
+    if cfg.train.precision != "auto":  # auto follows model.dtype, already in the key
+        parts["precision"] = cfg.train.precision
     return sha256_json(parts)[:24]
 
 
@@ -46,15 +49,18 @@ def load_scores(path: str | Path) -> Scores:
 def score_model(cfg: RunConfig, model_dir: str, pairs_path: str | Path) -> Scores:
     """Every pair of a JSON-lines file scored by the model in ``model_dir`` (forward only)."""
     device = resolve_device(cfg.train.device)
+    # The precision the policy trains in: with the same weights, h = 0 at the start of a step.
+    precision = resolve_precision(cfg.train, cfg.model, device)
     tokenizer = load_tokenizer(cfg.model, model_dir)
-    model = load_model(cfg.model, model_dir, device)
+    model = load_model(cfg.model, model_dir, device, precision.master)
     pairs = tokenized_file(pairs_path, tokenizer, cfg.data)
-    return score_pairs(
-        model,
-        pairs,
-        pad_id(tokenizer),
-        cfg.train.eval_batch_size,
-        cfg.train.logprob_chunk_rows,
-        device,
-        for_device(cfg.train, device).shared_prompt,
-    )
+    with precision.autocast(device):
+        return score_pairs(
+            model,
+            pairs,
+            pad_id(tokenizer),
+            cfg.train.eval_batch_size,
+            cfg.train.logprob_chunk_rows,
+            device,
+            for_device(cfg.train, device).shared_prompt,
+        )

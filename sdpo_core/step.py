@@ -24,6 +24,7 @@ from sdpo_core.files import atomic_write_text
 from sdpo_core.fingerprint import model_fingerprint, record_fingerprint
 from sdpo_core.hashing import sha256_bytes, sha256_json
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
+from sdpo_core.precision import resolve_precision, save_dtype
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
 from sdpo_core.scores import load_scores
 from sdpo_core.tokenization import tokenized_file
@@ -120,18 +121,24 @@ def train_from(
     cfg = spec.config
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    precision = resolve_precision(cfg.train, cfg.model, device)
     tokenizer = load_tokenizer(cfg.model, spec.ref_dir)
-    policy = load_model(cfg.model, spec.ref_dir, device)
+    policy = load_model(cfg.model, spec.ref_dir, device, precision.master)
     pairs = tokenized_file(spec.chunk.path, tokenizer, cfg.data)
     ref = load_scores(spec.ref_scores)
-    result = train_dpo(policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback, checkpoints)
+    result = train_dpo(
+        policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback, checkpoints, precision
+    )
     return policy, tokenizer, result
 
 
 def save_step_model(policy: Any, tokenizer: Any, spec: TrainStepSpec, trained: TrainResult) -> TrainStepResult:
     """Save a trained step model with its meta.json (including the weights' sha256)."""
     meta = base_meta(spec) | {"optimizer_steps": trained.optimizer_steps, "final_loss": trained.final_loss}
-    saved = save_model(policy, tokenizer, Path(spec.out_dir), meta)
+    # The master weights' dtype unless model.save_dtype says otherwise: this model is the next
+    # step's reference and start, and an update rounded away here is lost for every later step.
+    dtype = save_dtype(spec.config.model, resolve_precision(spec.config.train, spec.config.model, "cpu"))
+    saved = save_model(policy.to(dtype), tokenizer, Path(spec.out_dir), meta | {"dtype": str(dtype)})
     record_fingerprint(saved)
     return TrainStepResult(
         step=spec.step,

@@ -23,11 +23,12 @@ from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
+from sdpo_core.precision import PRECISIONS, Precision
 from sdpo_core.state import is_sharded
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 # Per-pair quantities summed over an optimizer step, for its metrics.
-METRIC_SUMS = ("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll")
+METRIC_SUMS = ("loss", "chosen", "rejected", "acc", "logps_c", "logps_r", "nll", "abs_h")
 
 
 class TrainingError(RuntimeError):
@@ -138,6 +139,7 @@ def train_dpo(
     device: torch.device | str = "cpu",
     callback: MetricsCallback | None = None,
     checkpoints: Checkpoints | None = None,
+    precision: Precision | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with DPO on ``pairs``.
 
@@ -153,6 +155,8 @@ def train_dpo(
             first with every step the checkpoint had done.
         checkpoints: where to save mid-step checkpoints and resume from the latest one. Process
             0 saves; every process resumes from the same checkpoint.
+        precision: the forward and backward's autocast, and loss scaling for fp16; the model's
+            parameters are the master weights (sdpo_core.precision). None: fp32.
 
     Returns:
         The number of optimizer steps, the last step's loss and every step's metrics.
@@ -160,6 +164,10 @@ def train_dpo(
     if len(pairs) != len(ref["chosen"]):
         raise ValueError(f"{len(pairs)} pairs but {len(ref['chosen'])} reference log-probs")
     train_cfg = for_device(train_cfg, device)
+    precision = precision or PRECISIONS["fp32"]
+    # fp16's narrow range needs the loss scaled; a step whose gradients overflow is skipped by the
+    # scaler, which then lowers the scale (its state is not checkpointed: a resume starts afresh).
+    scaler = torch.amp.GradScaler(torch.device(device).type) if precision.scaled else None
     with activation_checkpointing(model, train_cfg.gradient_checkpointing):
         seed_everything(train_cfg.seed)
         get_loss(loss_cfg.name)  # an unknown loss fails before any work
@@ -218,7 +226,7 @@ def train_dpo(
                 passes += [([micro_batches[0][0]], 0.0)] * (needed - len(passes))
             for i, (ids, weight) in enumerate(passes):
                 batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
-                with gradient_sync(module, enabled=i == len(passes) - 1):
+                with gradient_sync(module, enabled=i == len(passes) - 1), precision.autocast(device):
                     logps, tokens = module(batch)  # (2b,) each
                     b = len(ids)
                     idx = torch.tensor(ids)
@@ -229,7 +237,8 @@ def train_dpo(
                     # Sum over the pass divided by the optimizer step's pair count: the update is the
                     # same for any split of the step into micro-batches and passes. DDP and FSDP
                     # average gradients over the processes, hence the factor world.
-                    (losses.sum() * (weight * world) / n_step).backward()
+                    scaled = losses.sum() * (weight * world) / n_step
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 if weight == 0.0:
                     continue
                 r_chosen, r_rejected = implicit_rewards(lp, loss_cfg.beta)
@@ -242,6 +251,7 @@ def train_dpo(
                         lp.policy_chosen.detach().sum(),
                         lp.policy_rejected.detach().sum(),
                         nll.detach().sum(),
+                        lp.margin().detach().abs().sum(),
                     ]
                 ).double()
             if world > 1:
@@ -250,15 +260,21 @@ def train_dpo(
             loss_value = sums["loss"] / n_step
             if not math.isfinite(loss_value):
                 raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if train_cfg.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # DTensor under FSDP
-            if not math.isfinite(grad_norm):
+            if not math.isfinite(grad_norm) and scaler is None:
                 raise TrainingError(f"the gradient norm is {grad_norm} at optimizer step {step}; stopping")
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             metrics = {
@@ -270,6 +286,9 @@ def train_dpo(
                 "logps/chosen": sums["logps_c"] / n_step,
                 "logps/rejected": sums["logps_r"] / n_step,
                 "nll_loss": sums["nll"] / n_step,
+                # Mean |h|: 0 at a step's first update when the reference was scored in the
+                # policy's precision; anything else means the two computations differ.
+                "abs_margin": sums["abs_h"] / n_step,
                 "grad_norm": grad_norm,
                 "learning_rate": lr,
                 "epoch": step / len(plan) * train_cfg.epochs,

@@ -73,11 +73,18 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     """
     from sdpo_core.fingerprint import record_fingerprint
     from sdpo_core.model_io import load_model, load_tokenizer, save_model
+    from sdpo_core.precision import resolve_precision, save_dtype
     from tasks import tracking
 
+    # Read in the master weights' dtype (fp32 unless bf16-pure), as every step model is saved:
+    # a bf16 M0 is widened exactly, never rounded.
+    master = save_dtype(cfg.model, resolve_precision(cfg.train, cfg.model, "cpu"))
     out = Path(ctx.run_dir) / "models" / "step-0"
     save_model(
-        load_model(cfg.model), load_tokenizer(cfg.model), out, {"step": 0, "source_model": cfg.model.name_or_path}
+        load_model(cfg.model, dtype=master),
+        load_tokenizer(cfg.model),
+        out,
+        {"step": 0, "source_model": cfg.model.name_or_path, "dtype": str(master)},
     )
     fingerprint = record_fingerprint(out)
     c = tracking.client(ctx.tracking_uri)
