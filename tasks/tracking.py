@@ -187,14 +187,7 @@ def register(
 
 def run_version(c: Any, model_name: str, run_id: str, tags: dict[str, str]) -> str | None:
     """The newest version of ``model_name`` that run ``run_id`` registered with all these tags, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    found = search_versions(c, f"name = '{model_name}' and run_id = '{run_id}'")
     # Tags are compared here rather than in the filter: their values may hold any character.
     mine = [int(v.version) for v in found if all(v.tags.get(k) == value for k, value in tags.items())]
     return str(max(mine)) if mine else None
@@ -308,13 +301,18 @@ def log_data_sources(c: Any, run_id: str, counts: dict[str, dict], source_types:
 
 def find_version(c: Any, model_name: str, tags: dict[str, str]) -> Any:
     """The newest version of a registered model carrying all these tags, or None."""
+    quoted = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = search_versions(c, f"name = '{model_name}' and {quoted}")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def search_versions(c: Any, filter_string: str) -> list[Any]:
+    """The model versions matching ``filter_string``; none when the registered model does not exist."""
     from mlflow.exceptions import MlflowException
 
-    quoted = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     try:
-        found = c.search_model_versions(f"name = '{model_name}' and {quoted}")
+        return list(c.search_model_versions(filter_string))
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
+            return []
         raise
-    return max(found, key=lambda v: int(v.version)) if found else None
