@@ -94,6 +94,12 @@ class TrainConfig(Section):
         weights updated in place, which rounds away most updates at DPO learning rates (it warns below
         1e-4). auto follows model.dtype (see there). The reference is scored in the same precision."""),
     )
+    disable_dropout: StrictBool = Field(
+        True,
+        description=one_line("""Set every dropout layer of the policy to p = 0 while it trains (TRL's
+        DPOConfig default): the policy's log-probs are then those the reference was scored with.
+        Llama-style models have none; GPT-2- or OPT-style ones do."""),
+    )
     gradient_checkpointing: StrictBool = Field(
         False,
         description=one_line("""Keep only each decoder layer's input during the forward and recompute the layer in

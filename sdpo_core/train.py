@@ -168,7 +168,10 @@ def train_dpo(
     # fp16's narrow range needs the loss scaled; a step whose gradients overflow is skipped by the
     # scaler, which then lowers the scale (its state is not checkpointed: a resume starts afresh).
     scaler = torch.amp.GradScaler(torch.device(device).type) if precision.scaled else None
-    with activation_checkpointing(model, train_cfg.gradient_checkpointing):
+    with (
+        activation_checkpointing(model, train_cfg.gradient_checkpointing),
+        dropout_off(model, train_cfg.disable_dropout),
+    ):
         seed_everything(train_cfg.seed)
         get_loss(loss_cfg.name)  # an unknown loss fails before any work
         plan = batch_plan(len(pairs), train_cfg)
@@ -301,6 +304,21 @@ def train_dpo(
                 checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
         model.eval()
         return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
+
+
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, every ``torch.nn.Dropout`` of ``model`` has p = 0 (when ``enabled``);
+    after it, each has its own p again."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)] if enabled else []
+    saved = [m.p for m in layers]
+    for m in layers:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in zip(layers, saved, strict=True):
+            m.p = p
 
 
 @contextlib.contextmanager
