@@ -24,6 +24,7 @@ from sdpo_core.pairs import (
     IN_EVAL,
     MISSING_FIELD,
     OVERSIZED,
+    PROMPT_IN_EVAL,
     PROMPT_TOO_LONG,
     UNPARSEABLE,
     DataError,
@@ -173,7 +174,9 @@ def load_source(
 def split_eval(pairs: Sequence[PreferencePair], cfg: DataConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Hold out ``eval_fraction`` of each source (at most ``eval_max_pairs``), chosen by seed.
 
-    Identical pairs (same id) land on the same side, so nothing held out is trained on.
+    The split is by prompt: all pairs of a prompt (UltraFeedback-style data has several) land on
+    the same side, and so do identical pairs. Prompts are taken in a seeded order until the held
+    pairs reach the target, so a source whose prompts are all distinct is split pair by pair.
     Returns (train, eval), each in the input order.
     """
     by_source: dict[str, list[PreferencePair]] = {}
@@ -181,11 +184,24 @@ def split_eval(pairs: Sequence[PreferencePair], cfg: DataConfig) -> tuple[list[P
         by_source.setdefault(p.source, []).append(p)
     held: set[str] = set()
     for source, items in by_source.items():
-        ids = sorted({p.id for p in items}, key=lambda i: sha256_bytes(f"{cfg.seed}:{i}"))
-        n_eval = min(cfg.eval_max_pairs, max(1, round(cfg.eval_fraction * len(ids))))
-        if len(ids) - n_eval < 1:
-            raise DataError(f"source {source!r}: {len(ids)} distinct pair(s) are too few to hold out an eval split")
-        held.update(ids[:n_eval])
+        groups: dict[str, set[str]] = {}
+        for p in items:
+            groups.setdefault(p.prompt_key, set()).add(p.id)
+        n_ids = sum(len(ids) for ids in groups.values())
+        n_eval = min(cfg.eval_max_pairs, max(1, round(cfg.eval_fraction * n_ids)))
+        # A prompt's place in the order: its first pair's, by the seeded hash of the pair ids.
+        order = sorted(groups.values(), key=lambda ids: min(sha256_bytes(f"{cfg.seed}:{i}") for i in ids))
+        taken: set[str] = set()
+        for ids in order:
+            if len(taken) >= n_eval:
+                break
+            taken |= ids
+        if n_ids - len(taken) < 1:
+            raise DataError(
+                f"source {source!r}: {n_ids} distinct pair(s) under {len(groups)} prompt(s) are too few to "
+                "hold out an eval split by prompt"
+            )
+        held |= taken
     train = [p for p in pairs if p.id not in held]
     evals = [p for p in pairs if p.id in held]
     return train, evals
@@ -206,14 +222,17 @@ def apply_weight(pairs: Sequence[PreferencePair], weight: float, seed: str) -> l
 def drop_leaked(
     train: Sequence[PreferencePair], evals: Sequence[PreferencePair]
 ) -> tuple[list[PreferencePair], dict[str, int]]:
-    """Remove training pairs whose content is also in the eval split; counts per source."""
+    """Remove training pairs whose content, or whose prompt, is also in the eval split (from any
+    source); counts per source and reason (IN_EVAL, PROMPT_IN_EVAL)."""
     held = {p.content_key for p in evals}
+    held_prompts = {p.prompt_key for p in evals}
     kept, leaked = [], {}
     for p in train:
-        if p.content_key in held:
-            leaked[p.source] = leaked.get(p.source, 0) + 1
-        else:
+        reason = IN_EVAL if p.content_key in held else PROMPT_IN_EVAL if p.prompt_key in held_prompts else None
+        if reason is None:
             kept.append(p)
+        else:
+            leaked[(p.source, reason)] = leaked.get((p.source, reason), 0) + 1
     return kept, leaked
 
 
@@ -262,8 +281,8 @@ def build_dataset(
     evals = split_eval_pairs + [p for s, pairs, _ in loaded if s.use == "eval" for p in pairs]
     train, leaked = drop_leaked(train, evals)
     reports = {r.name: r for _, _, r in loaded}
-    for name, n in leaked.items():
-        reports[name].drop(IN_EVAL, n)
+    for (name, reason), n in leaked.items():
+        reports[name].drop(reason, n)
 
     # Token lengths under the run's tokenizer, and the prompt policy.
     lengths: dict[str, dict[str, list[int]]] = {n: {"prompt": [], "chosen": [], "rejected": []} for n in reports}
@@ -295,7 +314,7 @@ def build_dataset(
         report.train = len(own)
         report.eval = sum(1 for p in kept_eval if p.source == source.name)
         report.token_lengths = {k: _percentiles(v) for k, v in lengths[source.name].items()}
-        report.kept = report.kept - report.dropped.get(IN_EVAL, 0) - report.dropped.get(PROMPT_TOO_LONG, 0)
+        report.kept -= sum(report.dropped.get(r, 0) for r in (IN_EVAL, PROMPT_IN_EVAL, PROMPT_TOO_LONG))
 
     steps = cfg.planned_steps()
     result = DataReport(

@@ -35,6 +35,7 @@ TIED_SCORES = "tied scores"
 REVERSED_SCORES = "rejected scored higher"
 PROMPT_TOO_LONG = "prompt too long"
 IN_EVAL = "also in eval split"
+PROMPT_IN_EVAL = "prompt also in eval split"
 OVERSIZED = "pair over the size limit"
 
 
@@ -58,6 +59,11 @@ class PreferencePair:
         """Id of the pair's content alone (whatever its source): finds the same pair anywhere."""
         blob = json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False)
         return sha256_bytes(blob)[:16]
+
+    @property
+    def prompt_key(self) -> str:
+        """Id of the prompt alone: the pairs of one prompt share it, whatever their completions."""
+        return sha256_bytes(json.dumps(self.prompt, ensure_ascii=False))[:16]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

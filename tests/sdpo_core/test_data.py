@@ -419,3 +419,61 @@ def test_tokenize_pair_uses_the_chat_template(tokenizer) -> None:
     assert plain.prompt_ids != tp.prompt_ids
     # A plain-string prompt is not templated.
     assert render_prompt("Just text", tok) == ("Just text", False)
+
+
+def _grouped(source: str, prompts: int, per_prompt: int) -> list[PreferencePair]:
+    """UltraFeedback-style data: several pairs (different completions) under each prompt."""
+    return [
+        PreferencePair(f"{source} prompt {i}", f"good {i}.{j}", f"bad {i}.{j}", source)
+        for i in range(prompts)
+        for j in range(per_prompt)
+    ]
+
+
+def test_split_eval_keeps_each_prompt_on_one_side() -> None:
+    pairs = _grouped("uf", 20, 3)  # 60 pairs, 20 prompts
+    for seed in range(5):
+        train, evals = split_eval(pairs, DataConfig(eval_fraction=0.2, seed=seed))
+        assert not {p.prompt_key for p in train} & {p.prompt_key for p in evals}, seed
+        assert len(evals) == 12, "0.2 of 60 pairs: 4 whole prompts of 3 pairs"
+        assert len(train) + len(evals) == 60
+
+
+def test_split_eval_of_distinct_prompts_is_pair_by_pair() -> None:
+    """Each prompt once: the same split as by pair (the shipped data's split did not change)."""
+    from sdpo_core.hashing import sha256_bytes
+
+    pairs = _grouped("s", 30, 1)
+    _, evals = split_eval(pairs, DataConfig(eval_fraction=0.2, seed=3))
+    by_hash = sorted(pairs, key=lambda p: sha256_bytes(f"3:{p.id}"))[:6]
+    assert {p.id for p in evals} == {p.id for p in by_hash}
+
+
+def test_split_eval_one_prompt_cannot_be_split() -> None:
+    with pytest.raises(DataError, match=r"'one': 4 distinct pair\(s\) under 1 prompt\(s\) are too few"):
+        split_eval(_grouped("one", 1, 4), DataConfig())
+
+
+def test_the_leakage_check_drops_training_pairs_whose_prompt_is_held_out(tokenizer, tmp_path) -> None:
+    """A prompt of the eval-only source appears, with other completions, in a training source:
+    those training pairs are dropped and counted under 'prompt also in eval split'."""
+    from sdpo_core.config import RunConfig
+    from sdpo_core.data import PROMPT_IN_EVAL, build_dataset
+
+    train_rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+    eval_rows = [{"prompt": "q1", "chosen": "other yes", "rejected": "other no"}]
+    for name, rows in (("t", train_rows), ("e", eval_rows)):
+        _jsonl(tmp_path, rows, f"{name}.jsonl")
+    cfg = RunConfig(
+        data=DataConfig(
+            sources=(
+                SourceConfig(path=str(tmp_path / "t.jsonl"), name="t", format="standard", use="train"),
+                SourceConfig(path=str(tmp_path / "e.jsonl"), name="e", format="standard", use="eval"),
+            )
+        ),
+        partition={"strategy": "sequential", "num_steps": 1},
+    )
+    train, evals, report = build_dataset(cfg, tokenizer)
+    assert [p.prompt for p in evals] == ["q1"]
+    assert sorted(p.prompt for p in train) == ["q0", "q2", "q3", "q4", "q5"]
+    assert {r.name: r.dropped for r in report.sources}["t"] == {PROMPT_IN_EVAL: 1}
