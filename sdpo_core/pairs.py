@@ -61,6 +61,11 @@ class PreferencePair:
         return sha256_bytes(blob)[:16]
 
     @property
+    def completions(self) -> tuple[str, str]:
+        """(chosen, rejected)."""
+        return self.chosen, self.rejected
+
+    @property
     def prompt_key(self) -> str:
         """Id of the prompt alone: the pairs of one prompt share it, whatever their completions."""
         return sha256_bytes(json.dumps(self.prompt, ensure_ascii=False))[:16]

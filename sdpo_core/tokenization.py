@@ -47,14 +47,46 @@ def render_prompt(prompt: str | Sequence[Message], tokenizer: Any) -> tuple[str,
 
 
 def encode_pair(pair: PreferencePair, tokenizer: Any) -> TokenizedPair:
-    """Token ids of one pair, untruncated: prompt (with BOS), completions (with EOS)."""
-    text, templated = render_prompt(pair.prompt, tokenizer)
-    prompt_ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sep = "" if templated else " "
-    chosen = tokenizer(sep + pair.chosen, add_special_tokens=False)["input_ids"] + eos
-    rejected = tokenizer(sep + pair.rejected, add_special_tokens=False)["input_ids"] + eos
-    return TokenizedPair(prompt_ids, chosen, rejected)
+    """Token ids of one pair, untruncated: prompt (with BOS), completions (ending with EOS).
+
+    As TRL 1.16's DPOTrainer does it: the prompt and each prompt + completion are tokenized whole,
+    and a completion is what follows their common prefix (the shorter one of the two completions).
+    SentencePiece tokenizers merge or mark the boundary differently when a completion is tokenized
+    alone (a stray "▁", another first token). A conversational prompt under a chat template is
+    rendered with the completion as the assistant's turn, so the completion ends with the template's
+    own end of turn; otherwise the prompt text is followed by a space, the completion and EOS.
+    """
+    if not isinstance(pair.prompt, str) and getattr(tokenizer, "chat_template", None):
+        messages = list(pair.prompt)
+        prompt_ids = _chat_ids(tokenizer, messages, add_generation_prompt=True)
+        joint = [_chat_ids(tokenizer, [*messages, {"role": "assistant", "content": c}]) for c in pair.completions]
+        eos: list[int] = []
+    else:
+        text, templated = render_prompt(pair.prompt, tokenizer)
+        special = not templated
+        sep = "" if templated else " "
+        prompt_ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+        joint = [tokenizer(text + sep + c, add_special_tokens=special)["input_ids"] for c in pair.completions]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    n = min(_common_prefix(prompt_ids, ids) for ids in joint)
+    return TokenizedPair(prompt_ids[:n], joint[0][n:] + eos, joint[1][n:] + eos)
+
+
+def _chat_ids(tokenizer: Any, messages: list[Any], add_generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def tokenize_pair(pair: PreferencePair, tokenizer: Any, cfg: DataConfig) -> TokenizedPair:
@@ -88,6 +120,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, cfg: DataCon
 # pairs file's sha256, the tokenizer and the length limits. A stage that finds a matching sidecar
 # reads the ids instead of tokenizing again; a stale or missing one is ignored.
 PARTS = ("prompt", "chosen", "rejected")
+TOKENIZATION = "joint-1"
+"""How :func:`encode_pair` splits a pair (joint, as TRL 1.16): a sidecar of another method is stale."""
 
 
 def tokens_path(pairs_path: str | Path) -> Path:
@@ -115,6 +149,7 @@ def _sidecar_meta(pairs_path: str | Path, tokenizer: Any, cfg: DataConfig) -> di
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": str(cfg.max_length),
         "max_prompt_length": str(cfg.max_prompt_length),
+        "method": TOKENIZATION,
     }
 
 

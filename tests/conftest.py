@@ -69,6 +69,7 @@ TIER_TABLE = {
     "sdpo_core/test_checkpoint.py::test_a_second_process_cannot_train_the_same_step": "integration",
     "sdpo_core/test_distributed.py": "integration",  # torchrun
     "sdpo_core/test_trl_parity.py": "integration",  # TRL's DPOTrainer
+    "sdpo_core/test_tokenization_trl.py": "integration",  # TRL's DPOTrainer
     "tasks/test_registry_races.py": "integration",  # MLflow's registry on SQLite
     "tasks/test_model_cache.py": "integration",  # two MLflow registries on SQLite
     "tasks/test_s3_credentials.py": "integration",  # Prefect blocks, moto's S3, MLflow

@@ -380,19 +380,17 @@ class RecordingTokenizer:
 
 
 def test_tokenize_pair_texts(tokenizer) -> None:
-    """Plain: the rendered prompt with special tokens, then " " + completion without. Templated: the
-    template's text without added special tokens, then the completion as it is."""
+    """Plain: the rendered prompt, then the prompt + " " + each completion, all tokenized whole with
+    special tokens (as TRL: the completion is what follows their common prefix)."""
     msgs = ({"role": "user", "content": "Hi"},)
     pair = PreferencePair(msgs, "Yes.", "No.", "s")
     rec = RecordingTokenizer(tokenizer)
     tokenize_pair(pair, rec, DataConfig())
-    assert rec.calls == [("User: Hi\n\nAssistant:", True), (" Yes.", False), (" No.", False)]
-
-    templated = copy.deepcopy(tokenizer)
-    templated.chat_template = CHAT_TEMPLATE
-    rec = RecordingTokenizer(templated)
-    tokenize_pair(pair, rec, DataConfig())
-    assert rec.calls == [("<s><|user|>Hi\n<|assistant|>", False), ("Yes.", False), ("No.", False)]
+    assert rec.calls == [
+        ("User: Hi\n\nAssistant:", True),
+        ("User: Hi\n\nAssistant: Yes.", True),
+        ("User: Hi\n\nAssistant: No.", True),
+    ]
 
 
 CHAT_TEMPLATE = (
@@ -414,7 +412,12 @@ def test_tokenize_pair_uses_the_chat_template(tokenizer) -> None:
     )
     assert tp.prompt_ids == tok(text, add_special_tokens=False)["input_ids"]
     assert tp.prompt_ids[0] == tok.bos_token_id and tp.prompt_ids.count(tok.bos_token_id) == 1
-    assert tp.chosen_ids == tok("Hello.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # The completion is the assistant's turn as the template renders the whole conversation (as
+    # TRL does): its text and the template's end of turn, with no EOS of our own.
+    whole = tok.apply_chat_template([*msgs, {"role": "assistant", "content": "Hello."}], tokenize=False)
+    assert whole == text + "Hello.\n"
+    assert tp.chosen_ids == tok(whole, add_special_tokens=False)["input_ids"][len(tp.prompt_ids) :]
+    assert tok.decode(tp.chosen_ids) == "Hello.\n"
     plain = tokenize_pair(PreferencePair(msgs, "Hello.", "Go.", "s"), tokenizer, DataConfig())
     assert plain.prompt_ids != tp.prompt_ids
     # A plain-string prompt is not templated.
