@@ -15,9 +15,6 @@ What is compared, and how:
    (``DPOTrainer.compute_ref_log_probs``, the code path ``compute_loss`` uses): the per-token values
    agree exactly, but the two sides sum in a different order, and above |logp| = 128 one float32
    ulp is already 1.5e-5; so the tolerance is 1e-5 absolute plus 1e-6 relative (about 8 ulps).
-5. Gradients of the policy through the whole training path (our batch, log-probs, ``pass_losses``)
-   against those of TRL's ``compute_loss`` on the same rows, for every loss TRL has: within 1e-5 of
-   the largest gradient (the two sides sum the same float32 terms in another order).
 4. Loss and the metrics TRL logs (rewards/chosen, rewards/rejected, rewards/accuracies,
    rewards/margins, logps/chosen, logps/rejected), from ``DPOTrainer.compute_loss`` and the metric
    store it appends to, vs ``pass_losses`` (what our training loop computes for each pass: the
@@ -25,6 +22,10 @@ What is compared, and how:
    ``implicit_rewards``, averaged over the pairs as our training loop does: 1e-5 absolute, fed with
    TRL's per-sequence log-probs and completion lengths (so the check is of what training computes,
    not of float32 summation order; item 3 covers the log-probs).
+
+5. Gradients of the policy through the whole training path (our batch, log-probs, ``pass_losses``)
+   against those of TRL's ``compute_loss`` on the same rows, for every loss TRL has: within 1e-5 of
+   the largest gradient (the two sides sum the same float32 terms in another order).
 
 TRL 1.16 facts this relies on:
 
