@@ -27,6 +27,7 @@ from sdpo_core.config_sections import (
     AccuracyForm,
     DataConfig,
     DataFormat,
+    LoraConfig,
     LossConfig,
     LossName,
     ModelConfig,
@@ -46,7 +47,7 @@ from sdpo_core.overrides import apply_override, parse_override
 
 __all__ = [
     "AccuracyForm", "ConfigError", "DataConfig", "DataFormat", "LossConfig", "LossName", "ModelConfig",
-    "Parallelism", "PartitionConfig", "PartitionStrategy", "RunConfig", "SourceConfig", "SourceUse",
+    "Parallelism", "LoraConfig", "PartitionConfig", "PartitionStrategy", "RunConfig", "SourceConfig", "SourceUse",
     "StorageConfig", "TrackingConfig", "TrainConfig", "from_dict", "load_config",
 ]  # fmt: skip
 
@@ -140,6 +141,7 @@ class TrainConfig(Section):
         decoder layer; gradients are reduce-scattered every pass, so they stay sharded), for models whose
         training state does not fit one GPU. The update is the same."""),
     )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA for each train step (off: r = 0).")
     num_threads: StrictInt | None = Field(None, description="torch CPU threads; None keeps torch's default.")
 
 

@@ -272,6 +272,12 @@ def value_problems(cfg: Any) -> list[str]:
     ]:
         if value < 1:
             problems.append(f"{key}: must be at least 1, got {value}")
+    if t.lora.r < 0:
+        problems.append(f"train.lora.r: must be 0 (off) or more, got {t.lora.r}")
+    if t.lora.r > 0 and not t.lora.target_modules:
+        problems.append("train.lora.target_modules: LoRA needs at least one module name")
+    if t.lora.r > 0 and t.parallelism == "fsdp" and t.num_processes > 1:
+        problems.append("train.lora: LoRA under FSDP is not supported; use train.parallelism=ddp")
     if t.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every: must be 0 or more, got {t.checkpoint_every}")
     if not t.learning_rate > 0 or t.learning_rate == float("inf"):

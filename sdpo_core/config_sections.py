@@ -188,6 +188,23 @@ class LossConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    """LoRA for each train step (peft): the policy is M(t-1) plus a fresh adapter."""
+
+    r: StrictInt = Field(0, description="Adapter rank; 0 trains every weight (no LoRA).")
+    alpha: Number = Field(16.0, description="LoRA's alpha: the adapter's update is scaled by alpha / r.")
+    dropout: Number = Field(0.0, description="Dropout on the adapter's input.")
+    target_modules: tuple[StrictStr, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        description="Names of the linear layers that get an adapter (Llama's attention projections by default).",
+    )
+    register: Literal["merged"] = Field(
+        "merged",
+        description=one_line("""merged: after the step the adapter is merged into the weights and the
+        full model is registered, which then serves as the next step's reference and start."""),
+    )
+
+
 class TrackingConfig(Section):
     """MLflow tracking and registry."""
 

@@ -23,6 +23,7 @@ from sdpo_core.config import RunConfig
 from sdpo_core.files import atomic_write_text
 from sdpo_core.fingerprint import model_fingerprint, record_fingerprint
 from sdpo_core.hashing import sha256_bytes, sha256_json
+from sdpo_core.lora import merged, with_adapter
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
 from sdpo_core.precision import resolve_precision, save_dtype
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
@@ -123,7 +124,7 @@ def train_from(
         torch.set_num_threads(cfg.train.num_threads)
     precision = resolve_precision(cfg.train, cfg.model, device)
     tokenizer = load_tokenizer(cfg.model, spec.ref_dir)
-    policy = load_model(cfg.model, spec.ref_dir, device, precision.master)
+    policy = with_adapter(load_model(cfg.model, spec.ref_dir, device, precision.master), cfg.train.lora)
     pairs = tokenized_file(spec.chunk.path, tokenizer, cfg.data)
     ref = load_scores(spec.ref_scores)
     result = train_dpo(
@@ -138,6 +139,7 @@ def save_step_model(policy: Any, tokenizer: Any, spec: TrainStepSpec, trained: T
     # The master weights' dtype unless model.save_dtype says otherwise: this model is the next
     # step's reference and start, and an update rounded away here is lost for every later step.
     dtype = save_dtype(spec.config.model, resolve_precision(spec.config.train, spec.config.model, "cpu"))
+    policy = merged(policy)  # a LoRA step registers full weights: the next step's reference
     saved = save_model(policy.to(dtype), tokenizer, Path(spec.out_dir), meta | {"dtype": str(dtype)})
     record_fingerprint(saved)
     return TrainStepResult(

@@ -59,7 +59,8 @@ TIER_TABLE = {
     "docker/test_docker.py::test_compose_matches_the_compose_specification": "integration",  # subprocess
     "docker/test_docker.py::test_docker_compose_config": "e2e",  # runs the docker CLI
     "flows/test_deployments.py": "e2e",  # a Prefect server, work pools and workers
-    "flows/test_faults.py": "e2e",  # the CLI's whole run in processes that are killed and rerun
+    "flows/test_faults.py": "e2e",
+    "flows/test_lora_pipeline.py": "e2e",  # a whole two-step pipeline with LoRA  # the CLI's whole run in processes that are killed and rerun
     "flows/test_partition_flow.py": "integration",  # a Prefect task tracked in MLflow
     "flows/test_cli_preflight.py": "integration",  # the CLI up to its checks, MLflow's client
     "flows/test_pipeline.py::test_two_step_pipeline_registers_lineage": "e2e",
