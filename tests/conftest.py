@@ -69,6 +69,7 @@ TIER_TABLE = {
     "flows/test_pipeline.py::test_cli_storage_failure_is_a_clear_message_with_how_to_resume": "integration",
     "sdpo_core/test_checkpoint.py::test_a_second_process_cannot_train_the_same_step": "integration",
     "sdpo_core/test_distributed.py": "integration",  # torchrun
+    "sdpo_core/test_lora.py": "integration",  # peft, three LoRA train steps: seconds
     "sdpo_core/test_trl_parity.py": "integration",  # TRL's DPOTrainer
     "sdpo_core/test_tokenization_trl.py": "integration",  # TRL's DPOTrainer
     "tasks/test_registry_races.py": "integration",  # MLflow's registry on SQLite
