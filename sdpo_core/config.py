@@ -214,6 +214,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError([f"not valid YAML: {exc}"], origin) from None
+        except RecursionError:
+            raise ConfigError(["YAML nested too deeply"], origin) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"not UTF-8 text: {exc}"], origin) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"the top level must be a mapping, got {type(loaded).__name__}"], origin)
         data = loaded or {}

@@ -50,8 +50,9 @@ def reprlib_repr(value: Any) -> str:
     r = reprlib.Repr()
     r.maxstring = r.maxother = MAX_SHOWN
     r.maxlist = r.maxdict = r.maxtuple = 6
-    r.maxlevel = 3
-    return r.repr(value)
+    r.maxlevel = 2
+    text = r.repr(value)
+    return text if len(text) <= 2 * MAX_SHOWN else text[: 2 * MAX_SHOWN] + "..."
 
 
 # pydantic error types -> how a config value of that kind is written.

@@ -198,7 +198,7 @@ class LoraConfig(Section):
         ("q_proj", "k_proj", "v_proj", "o_proj"),
         description="Names of the linear layers that get an adapter (Llama's attention projections by default).",
     )
-    register: Literal["merged"] = Field(
+    registered_as: Literal["merged"] = Field(
         "merged",
         description=one_line("""merged: after the step the adapter is merged into the weights and the
         full model is registered, which then serves as the next step's reference and start."""),

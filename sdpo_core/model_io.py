@@ -32,7 +32,16 @@ def check_model_folder(path: Path) -> None:
         raise ModelError(f"{path}: model folder not found")
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
-    if any(path.glob("*.safetensors")):
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path / 'config.json'}: expected a JSON object")
+    weights = sorted(path.glob("*.safetensors"))
+    for file in weights:
+        _check_safetensors_header(file)
+    if weights:
         return
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -41,6 +50,18 @@ def check_model_folder(path: Path) -> None:
             "Convert them with save_pretrained(..., safe_serialization=True) in an environment you trust."
         )
     raise ModelError(f"{path}: no *.safetensors weights found")
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """Read a safetensors file's header (not its tensors): a corrupt one fails here, naming it,
+    before anything is tracked, and not at the first load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
 def _is_local(name_or_path: str) -> bool:
@@ -72,14 +93,23 @@ def load_model(
     if _is_local(target):
         check_model_folder(Path(target))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             target,
             use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype or getattr(torch, cfg.dtype),
+            output_loading_info=True,
         )
-    except OSError as exc:
-        raise ModelError(f"{target}: cannot load the model: {exc}") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # unreadable, or shapes that do not fit the config
+        raise ModelError(f"{target}: cannot load the model: {str(exc)[:500]}") from None
+    # Weights that do not match the config (another architecture's config.json over these
+    # weights, say) would leave layers randomly initialised and train on noise: refuse.
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        listed = "; ".join(
+            f"{k.replace('_', ' ')}: {len(v)} ({', '.join(map(str, list(v)[:3]))}, ...)" for k, v in problems.items()
+        )
+        raise ModelError(f"{target}: the weights do not match config.json ({listed})")
     return model.to(device)
 
 

@@ -21,6 +21,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError([f"{key.strip()}: the value is nested too deeply"]) from None
     return path, value
 
 

@@ -288,3 +288,28 @@ def test_describe_covers_every_leaf_with_a_doc() -> None:
     assert defaults["loss.beta"] == "0.1"
     assert defaults["data.sources"] == "[]"
     assert defaults["train.adam_betas"] == "(0.9, 0.999)"
+
+
+def _alias_bomb(key: str) -> str:
+    """540 bytes of YAML that expand to 10^9 strings if walked: nine levels of ten aliases."""
+    lines = ['  a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"  a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    return "anchors:\n" + "\n".join(lines) + f"\n{key}: *a8\n"
+
+
+@pytest.mark.parametrize("key", ["run_name", "data:\n  sources", "train:\n  adam_betas"])
+def test_a_yaml_alias_bomb_is_one_short_error(tmp_path: Path, key: str) -> None:
+    """The values are shared, never walked or printed whole: each problem names its key and shows
+    a short excerpt of the value."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, _alias_bomb(key)))
+    assert len(str(info.value)) < 4000
+    assert all(len(p) < 300 for p in info.value.problems)
+    assert any(p.startswith("anchors: unknown key") for p in info.value.problems)
+
+
+def test_deeply_nested_yaml_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(_write(tmp_path, "run_name: " + "[" * 100_000 + "]" * 100_000 + "\n"))
+    with pytest.raises(ConfigError, match="run_name: the value is nested too deeply"):
+        load_config(None, ["run_name=" + "[" * 100_000 + "]" * 100_000])
