@@ -74,26 +74,35 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     from sdpo_core.fingerprint import record_fingerprint
     from sdpo_core.model_io import load_model, load_tokenizer, save_model
     from sdpo_core.precision import resolve_precision, save_dtype
+    from sdpo_core.tokenization import tokenizer_fingerprint
     from tasks import tracking
 
     # Read in the master weights' dtype (fp32 unless bf16-pure), as every step model is saved:
     # a bf16 M0 is widened exactly, never rounded.
     master = save_dtype(cfg.model, resolve_precision(cfg.train, cfg.model, "cpu"))
     out = Path(ctx.run_dir) / "models" / "step-0"
+    tokenizer = load_tokenizer(cfg.model)
     save_model(
         load_model(cfg.model, dtype=master),
-        load_tokenizer(cfg.model),
+        tokenizer,
         out,
         {"step": 0, "source_model": cfg.model.name_or_path, "dtype": str(master)},
     )
     fingerprint = record_fingerprint(out)
+    # M0 is its weights and its tokenizer (vocabulary, chat template, special tokens): the same
+    # weights under a new chat template are another M0, and their steps train again.
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
     c = tracking.client(ctx.tracking_uri)
     key = attempt_key()
     # A retry goes on with the run its first try opened (register reuses a version made there).
     run_id = tracking.find_run(c, ctx.experiment_id, key)
     if run_id is None:
         # The same M0 registered before (same weights): reuse its version, so reruns add none.
-        existing = tracking.find_version(c, ctx.model_name, {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint})
+        existing = tracking.find_version(
+            c,
+            ctx.model_name,
+            {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint, "sdpo.tokenizer_sha256": tokenizer_id},
+        )
         if existing is not None:
             tracking.point_aliases(c, ctx.model_name, 0, existing.version, final=False)
             return str(existing.version)
@@ -107,6 +116,7 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
         "sdpo.run": cfg.run_name,
         "sdpo.parent_run_id": ctx.parent_run_id,
         "sdpo.weights_sha256": fingerprint,
+        "sdpo.tokenizer_sha256": tokenizer_id,
     }
     version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False, access=ctx.s3)
     c.set_terminated(run_id)

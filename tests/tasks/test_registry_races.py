@@ -247,3 +247,41 @@ class RacingLookup:
     def get_experiment_by_name(self, name: str):
         self.lookups += 1
         return None if self.lookups == 1 else self.inner.get_experiment_by_name(name)
+
+
+@pytest.mark.slow
+def test_m0_is_its_weights_and_its_tokenizer(client, tmp_path, prefect_harness) -> None:
+    """The same weights registered again are reused; the same weights under a new chat template
+    are another M0 (a new version, whose tokenizer carries the template)."""
+    import json
+    import shutil
+
+    from sdpo_core.config import RunConfig
+
+    folder = tmp_path / "m0"
+    shutil.copytree(REPO / "models" / "stories260K", folder, ignore=shutil.ignore_patterns("source"))
+    cfg = RunConfig.model_validate({"model": {"name_or_path": str(folder)}, "data": {"sources": [{"path": "a.jsonl"}]}})
+    experiment_id = client.get_experiment_by_name("e").experiment_id
+
+    def register(run: str) -> str:
+        parent = tracking.start_run(client, experiment_id, run)
+        ctx = RunContext(
+            str(tmp_path), str(tmp_path / run), f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_id, parent, "m0"
+        )
+        return registry.register_base(cfg, ctx)
+
+    first = register("first")
+    assert register("again") == first, "the same M0 is reused"
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["chat_template"] = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    config_path.write_text(json.dumps(tokenizer_config))
+    second = register("templated")
+    assert second != first
+    tags = client.get_model_version("m0", second).tags
+    assert tags["sdpo.weights_sha256"] == client.get_model_version("m0", first).tags["sdpo.weights_sha256"]
+    saved = json.loads((tmp_path / "templated" / "models" / "step-0" / "tokenizer_config.json").read_text())
+    assert (
+        "<|{{ m['role'] }}|>" in saved.get("chat_template", "")
+        or (tmp_path / "templated" / "models" / "step-0" / "chat_template.jinja").is_file()
+    )
