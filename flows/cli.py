@@ -66,22 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 def preflight(cfg: RunConfig, data_dir: Path) -> tuple[PreparedData, DataReport]:
     """Check the model folder and the tracking server, then prepare the data into ``data_dir``,
     before Prefect starts: bad input fails in seconds, with one message, before anything is
-    tracked. The flow is handed the prepared data and does not read the sources again. If
-    preparing fails, ``data_dir`` is removed: a failed start leaves no half-made run folder.
+    tracked. The flow is handed the prepared data and does not read the sources again.
     """
-    import shutil
-
     from sdpo_core.model_io import check_model_source
     from tasks.data import prepare
 
     check_model_source(cfg.model)
     check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    existed = data_dir.parent.exists()
-    try:
-        return prepare(cfg, data_dir)
-    except BaseException:
-        shutil.rmtree(data_dir if existed else data_dir.parent, ignore_errors=True)
-        raise
+    return prepare(cfg, data_dir)
 
 
 class TrackingUnreachable(RuntimeError):
@@ -153,8 +145,8 @@ def _run(args: argparse.Namespace) -> int:
         print(data_inspect.format_report(report, cfg))
         return 0
     run_dir = run_folder(workspace_root(), cfg.run_name)
-    prepared, _ = preflight(cfg, run_dir / "data")
     try:
+        prepared, _ = preflight(cfg, run_dir / "data")
         create_prefect_database()
         if cfg.storage.credentials_block:
             from tasks.blocks import read_credentials
@@ -163,7 +155,7 @@ def _run(args: argparse.Namespace) -> int:
             read_credentials(cfg.storage.credentials_block)
         from flows.pipeline import sdpo_pipeline
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet: leave no run folder
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet: a failed start leaves no run folder
         raise
     from sdpo_core.redact import redact_userinfo
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
@@ -53,8 +53,7 @@ def sdpo_train_step(spec: TrainStepSpec, context: RunLocation) -> dict:
     pipeline_root = Path(context.root)
     root = workspace_root() if os.environ.get("SDPO_HOME") else pipeline_root
     run_dir = str(rebase(context.run_dir, pipeline_root, root))
-    where = {f.name: getattr(context, f.name) for f in fields(RunLocation)}
-    ctx = RunContext(**(where | {"root": str(root), "run_dir": run_dir}), s3=access)
+    ctx = RunContext.at(context, access, root=str(root), run_dir=run_dir)
     chunk = spec.chunk.model_copy(update={"path": str(rebase(spec.chunk.path, pipeline_root, root))})
     local = spec.model_copy(update={"chunk": chunk, "ref_scores": str(rebase(spec.ref_scores, pipeline_root, root))})
     return publish_trained(ctx, train_step(ctx, local))

@@ -84,6 +84,11 @@ def resolve_precision(train: TrainConfig, model: ModelConfig, device: torch.devi
     return precision
 
 
-def save_dtype(model: ModelConfig, precision: Precision) -> torch.dtype:
-    """The dtype a step model is saved in: the master weights' unless ``model.save_dtype`` says."""
-    return precision.master if model.save_dtype == "master" else getattr(torch, model.save_dtype)
+def save_dtype(model: ModelConfig, train: TrainConfig) -> torch.dtype:
+    """The dtype a model is saved in: the master weights' unless ``model.save_dtype`` says.
+
+    The master dtype does not depend on the device (``auto`` always resolves to fp32 master
+    weights), so no device is needed, and nothing warns a second time."""
+    if model.save_dtype != "master":
+        return getattr(torch, model.save_dtype)
+    return PRECISIONS["fp32" if train.precision == "auto" else train.precision].master

@@ -138,7 +138,7 @@ def save_step_model(policy: Any, tokenizer: Any, spec: TrainStepSpec, trained: T
     meta = base_meta(spec) | {"optimizer_steps": trained.optimizer_steps, "final_loss": trained.final_loss}
     # The master weights' dtype unless model.save_dtype says otherwise: this model is the next
     # step's reference and start, and an update rounded away here is lost for every later step.
-    dtype = save_dtype(spec.config.model, resolve_precision(spec.config.train, spec.config.model, "cpu"))
+    dtype = save_dtype(spec.config.model, spec.config.train)
     policy = merged(policy)  # a LoRA step registers full weights: the next step's reference
     saved = save_model(policy.to(dtype), tokenizer, Path(spec.out_dir), meta | {"dtype": str(dtype)})
     record_fingerprint(saved)

@@ -44,6 +44,15 @@ class RunContext(RunLocation):
     """The S3 credentials, region and endpoint read from storage.credentials_block (None: boto3's
     chain). Given to each S3 client explicitly; never part of a deployment run's parameters."""
 
+    @classmethod
+    def at(cls, location: RunLocation, s3: S3Access | None, **changes: str) -> RunContext:
+        """A context for ``location`` (fields replaced by ``changes``) with ``s3``."""
+        return cls(**(_location_fields(location) | changes), s3=s3)
+
     def location(self) -> RunLocation:
         """The run's location without its credentials."""
-        return RunLocation(**{f.name: getattr(self, f.name) for f in fields(RunLocation)})
+        return RunLocation(**_location_fields(self))
+
+
+def _location_fields(location: RunLocation) -> dict[str, str | None]:
+    return {f.name: getattr(location, f.name) for f in fields(RunLocation)}

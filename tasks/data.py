@@ -7,21 +7,19 @@ from pathlib import Path
 
 import torch
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from sdpo_core import data as data_mod
 from sdpo_core.config import RunConfig
 from sdpo_core.evaluate import gamma
 from sdpo_core.files import atomic_write_text
-from sdpo_core.fingerprint import model_fingerprint
 from sdpo_core.logprobs import TokenizedPair
 from sdpo_core.model_io import load_tokenizer
 from sdpo_core.partition import PARTITION_FILE, needs_m0_scores, partition_pairs, partition_record, source_accuracy
 from sdpo_core.records import ChunkInfo, PreparedData
-from sdpo_core.scores import load_scores, save_scores, scores_key
+from sdpo_core.scores import load_scores, save_scores
 from sdpo_core.tokenization import load_tokens, save_tokens, tokens_path
 from tasks.context import RunContext
-from tasks.retries import IO_RETRIES
+from tasks.retries import IO_TASK
 
 
 def prepare(cfg: RunConfig, out_dir: str | Path) -> tuple[PreparedData, data_mod.DataReport]:
@@ -56,13 +54,13 @@ def prepare(cfg: RunConfig, out_dir: str | Path) -> tuple[PreparedData, data_mod
     return prepared, report
 
 
-@task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+@task(name="prepare-data", task_run_name="prepare-data", **IO_TASK)
 def prepare_data(cfg: RunConfig, run_dir: str) -> PreparedData:
     """Load, normalise and validate every source; hold out the eval split."""
     return prepare(cfg, Path(run_dir) / "data")[0]
 
 
-@task(name="partition", task_run_name="partition", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+@task(name="partition", task_run_name="partition", **IO_TASK)
 def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: str) -> list[ChunkInfo]:
     """Split the training pairs into the steps' chunks; write each as JSON lines and partition.json.
 
@@ -72,7 +70,7 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
     chunk's pair ids, in order; it is logged to the parent run.
     """
     from tasks import artifacts, tracking
-    from tasks.scores import cached_scores
+    from tasks.scores import cached_scores, scores_path
     from tasks.storage import fetch, publish, require
 
     require(ctx, prepared.train_path)
@@ -94,20 +92,17 @@ def partition(cfg: RunConfig, ctx: RunContext, prepared: PreparedData, m0_uri: s
     position = {pair.id: i for i, pair in enumerate(train)}
     tokenizer = load_tokenizer(cfg.model, m0_dir)
     train_tokens = load_tokens(prepared.train_path, tokenizer, cfg.data)
-    fingerprint = model_fingerprint(m0_dir)
     infos = []
     for chunk in split.chunks:
         path = out_dir / f"step-{chunk.step}.jsonl"
         digest = data_mod.write_pairs(chunk.pairs, path)
+        rows = [position[pair.id] for pair in chunk.pairs]  # the chunk's rows in the training file
         if train_tokens is not None:
-            tokens_file = save_tokens(
-                path, [train_tokens[position[pair.id]] for pair in chunk.pairs], tokenizer, cfg.data
-            )
-            written.append(tokens_file)
+            written.append(save_tokens(path, [train_tokens[i] for i in rows], tokenizer, cfg.data))
         if m0_scores is not None:
-            cached = ctx.cache_dir / f"{scores_key(cfg, fingerprint, path)}.safetensors"
+            cached = scores_path(cfg, ctx, m0_dir, path)  # where step 1's reference scoring looks
             if not cached.is_file():
-                idx = torch.tensor([position[pair.id] for pair in chunk.pairs])
+                idx = torch.tensor(rows)
                 written.append(save_scores({k: v[idx] for k, v in m0_scores.items()}, cached))
         infos.append(
             ChunkInfo(

@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.config import RunConfig
 from sdpo_core.records import ChunkInfo, PreparedData
 from tasks.blocks import S3Access
 from tasks.context import RunContext
-from tasks.retries import IO_RETRIES, attempt_key
+from tasks.retries import IO_TASK, attempt_key
 
 
-@task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE, persist_result=False, **IO_RETRIES)
+@task(name="open-tracking", task_run_name="open-tracking", **IO_TASK)
 def open_tracking(
     cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData, access: S3Access | None = None
 ) -> RunContext:
@@ -61,9 +60,7 @@ def source_type(path: str) -> str:
 @task(
     name="register-step-0",
     task_run_name="register-step-0-M0",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     """Register M0 as the version with alias step-0, so the lineage starts at the SFT model.
@@ -73,13 +70,13 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     """
     from sdpo_core.fingerprint import record_fingerprint
     from sdpo_core.model_io import load_model, load_tokenizer, save_model
-    from sdpo_core.precision import resolve_precision, save_dtype
+    from sdpo_core.precision import save_dtype
     from sdpo_core.tokenization import tokenizer_fingerprint
     from tasks import tracking
 
     # Read in the master weights' dtype (fp32 unless bf16-pure), as every step model is saved:
     # a bf16 M0 is widened exactly, never rounded.
-    master = save_dtype(cfg.model, resolve_precision(cfg.train, cfg.model, "cpu"))
+    master = save_dtype(cfg.model, cfg.train)
     out = Path(ctx.run_dir) / "models" / "step-0"
     tokenizer = load_tokenizer(cfg.model)
     save_model(
@@ -126,9 +123,7 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
 @task(
     name="register-step",
     task_run_name="register-step-{chunk.step}-{chunk.label}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def register_step(
     cfg: RunConfig,
@@ -171,9 +166,7 @@ def register_step(
 @task(
     name="find-finished-step",
     task_run_name="find-finished-step-{chunk.step}-{chunk.label}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_version: str, final: bool) -> dict | None:
     """A version registered for this step by an earlier run of the same pipeline, or None.

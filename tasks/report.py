@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.files import atomic_write_text
 from tasks.context import RunContext
-from tasks.retries import IO_RETRIES
+from tasks.retries import IO_TASK
 
 COLUMNS = [
     ("step", "step", "{}"),
@@ -44,9 +43,7 @@ def format_table(rows: list[dict]) -> str:
 @task(
     name="report",
     task_run_name="report",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def report(ctx: RunContext, rows: list[dict]) -> str:
     """Write the table and the rows (JSON) to the run folder and the MLflow parent run."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
+
 # Exceptions that are never transient, whatever they derive from.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _TRANSIENT_MARKERS = ("database is locked", "API request to", "Could not connect", "Connection reset", "timed out")
@@ -77,3 +79,7 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
 IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": retry_on_io}
 """Task options for tasks that talk to MLflow, S3 or the hub: two retries, after 2 s and 10 s,
 of I/O failures only."""
+
+IO_TASK: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False, **IO_RETRIES}
+"""The options of every pipeline stage task: IO_RETRIES, and no result caching or persistence
+(stages hand each other paths, URIs and small records; a rerun's reuse is the registry's)."""

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
@@ -15,7 +14,7 @@ from sdpo_core.files import atomic_write_text
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
 from sdpo_core.tokenization import tokens_path
 from tasks.context import RunContext
-from tasks.retries import IO_RETRIES, attempt_key
+from tasks.retries import IO_TASK, attempt_key
 
 
 def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
@@ -68,9 +67,7 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
 @task(
     name="reference-logps",
     task_run_name="logps-{what}-under-{model_uri}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path: str, what: str) -> str:
     """Forward-only log-probs of a data file under a registered model (cached by content)."""
@@ -91,9 +88,7 @@ def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path:
 @task(
     name="train-step",
     task_run_name="train-step-{spec.chunk.step}-{spec.chunk.label}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,  # I/O failures only; the retry resumes from the newest checkpoint
+    **IO_TASK,  # I/O failures only; the retry resumes from the newest checkpoint
 )
 def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     """DPO on the chunk, policy and reference both M(t-1); metrics to the step's MLflow run.
@@ -174,9 +169,7 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
 @task(
     name="evaluate-step",
     task_run_name="evaluate-step-{chunk.step}-{chunk.label}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def evaluate_step(
     cfg: RunConfig,
@@ -222,9 +215,7 @@ def relative(path: str | Path, root: Path) -> str:
 @task(
     name="publish-trained",
     task_run_name="publish-trained-step-{trained.step}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    **IO_RETRIES,
+    **IO_TASK,
 )
 def publish_trained(ctx: RunContext, trained: TrainStepResult) -> dict:
     """Write the step's record (trained.json: the result and the model's files, relative to the
