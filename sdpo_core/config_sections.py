@@ -164,6 +164,11 @@ class PartitionConfig(Section):
         form orders pairs for easy_to_hard."""),
     )
     seed: StrictInt = Field(0, description="Seed of the random strategy's shuffle.")
+    order: Literal["easy_to_hard", "hard_to_easy"] = Field(
+        "easy_to_hard",
+        description=one_line("""The order of by_source's and easy_to_hard's chunks: easy_to_hard is the paper's
+        (M0's accuracy or gamma highest first); hard_to_easy reverses it, as a control."""),
+    )
 
     def pooled_num_steps(self) -> int:
         """T of a pooled strategy: num_steps, else the number of sizes, else 2 (the paper's T)."""
@@ -198,10 +203,41 @@ class LoraConfig(Section):
         ("q_proj", "k_proj", "v_proj", "o_proj"),
         description="Names of the linear layers that get an adapter (Llama's attention projections by default).",
     )
-    registered_as: Literal["merged"] = Field(
+    registered_as: Literal["merged", "adapter"] = Field(
         "merged",
         description=one_line("""merged: after the step the adapter is merged into the weights and the
-        full model is registered, which then serves as the next step's reference and start."""),
+        full model is registered, which then serves as the next step's reference and start. adapter:
+        only the adapter is registered (peft's files, safetensors), its base version and the base's
+        sha256 in its tags and meta.json; whatever loads it (the next step, reference scoring,
+        evaluation) merges it into its base, resolving a chain of adapters down to a full model."""),
+    )
+
+
+class HarnessConfig(Section):
+    """lm-evaluation-harness on each step's model (the ``harness`` extra)."""
+
+    tasks: tuple[StrictStr, ...] = Field(
+        (),
+        description=one_line("""lm-evaluation-harness task names (e.g. arc_challenge, hellaswag, mmlu,
+        truthfulqa_mc2: the paper's H4 set) run on each step's model where it trained; their scores
+        become the step run's MLflow metrics harness/<task>/<metric>. Empty: off. Needs
+        pip install 'sdpo[harness]'."""),
+    )
+    limit: StrictInt | None = Field(
+        None, description="Examples per task (the harness's limit, for a quick look); None: every example."
+    )
+    batch_size: StrictInt = Field(8, description="The harness's batch size.")
+    num_fewshot: StrictInt | None = Field(None, description="Few-shot examples per prompt; None: each task's default.")
+    include_path: StrictStr | None = Field(
+        None, description="A folder of custom task YAML files for the harness to find besides its own."
+    )
+
+
+class EvaluateConfig(Section):
+    """Evaluation of each step's model beyond the held-out reward metrics."""
+
+    harness: HarnessConfig = Field(
+        default_factory=HarnessConfig, description="lm-evaluation-harness on each step's model (off by default)."
     )
 
 
