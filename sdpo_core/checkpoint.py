@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdpo_core.files import atomic_path
+from sdpo_core.files import DiskFullError, atomic_path, disk_full_error, is_disk_full
 from sdpo_core.hashing import sha256_file
 from sdpo_core.locks import file_lock
 from sdpo_core.state import full_state, load_full_state
@@ -220,8 +220,11 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync(self.root)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                # Not retried (tasks.retries): the previous checkpoint is still `latest`.
+                raise disk_full_error(final, exc) from exc
             raise
         previous = self.latest_name()
         _replace_durably(self.root / LATEST, final.name + "\n")

@@ -2,9 +2,10 @@
 
 I/O is: a tracking server, an S3 endpoint or the hub that did not answer, a SQLite database
 briefly locked by another run, a registry write that lost a race with another run's write of the
-same row. Computation and input are not: a NaN loss, running out of memory, bad data or a
-missing file fail the same way again, so they fail the task at once. A train step retried after
-an I/O failure resumes from its newest checkpoint, so the retry costs little.
+same row. Computation and input are not: a NaN loss, running out of memory, bad data, a
+missing file or a full disk (ENOSPC, EDQUOT) fail the same way again, so they fail the task at
+once. A train step retried after an I/O failure resumes from its newest checkpoint, so the retry
+costs little.
 
 This is the one retry of a whole task. A single S3 request is retried by botocore (tasks.s3.client)
 and nothing else is retried by code of our own, so attempts multiply across two layers at most.
@@ -28,10 +29,13 @@ _UNIQUE_KEY_MARKERS = ("IntegrityError", "UNIQUE constraint", "duplicate key", "
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` looks like I/O that may succeed when tried again."""
     from sdpo_core.data import DataError
+    from sdpo_core.files import is_disk_full
     from sdpo_core.train import TrainingError
     from tasks.s3 import UploadError
 
     if isinstance(exc, (TrainingError, DataError, MemoryError, *_PERMANENT_OS_ERRORS)):
+        return False
+    if is_disk_full(exc):  # ENOSPC or EDQUOT, however wrapped: a retry would fill the disk again
         return False
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, a RuntimeError
         return False

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from sdpo_core.files import atomic_path, atomic_write_bytes, atomic_write_text
+from sdpo_core.files import DiskFullError, atomic_path, atomic_write_bytes, atomic_write_text, is_disk_full
 from sdpo_core.hashing import sha256_bytes, sha256_file, sha256_files, sha256_json
 
 
@@ -95,3 +97,42 @@ def test_sha256_bytes_and_json() -> None:
     assert sha256_json(one) == sha256_json(other)
     assert sha256_json(one) == hashlib.sha256(json.dumps(one, sort_keys=True).encode()).hexdigest()
     assert sha256_json({"a": [1, 2]}) != sha256_json({"a": [2, 1]})  # lists keep their order
+
+
+@pytest.mark.parametrize(("code", "words"), [(errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "quota")])
+def test_a_full_disk_is_a_clear_error_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, words: str
+) -> None:
+    """The write fails half-way with ENOSPC (EDQUOT): the half-written temporary file is removed,
+    the old file stays, and the error names the target and says the disk is full."""
+    target = tmp_path / "runs" / "x" / "partition.json"
+    target.parent.mkdir(parents=True)
+    target.write_text("old")
+
+    def fill_then_fail(self: Path, data: bytes) -> int:
+        with open(self, "wb") as fh:
+            fh.write(data[:3])  # a partial file, as a disk filling mid-write leaves one
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "write_bytes", fill_then_fail)
+    with pytest.raises(DiskFullError) as caught:
+        atomic_write_text(target, "the new, longer content")
+    assert str(target) in str(caught.value) and words in str(caught.value)
+    assert caught.value.errno == code and is_disk_full(caught.value)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["partition.json"]
+    assert target.read_text() == "old"
+
+
+def test_disk_full_is_found_however_a_library_wraps_it() -> None:
+    """safetensors (Rust) words ENOSPC in its own exception, without an errno."""
+    assert is_disk_full(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"))
+    assert is_disk_full(RuntimeError("I/O error: Disk quota exceeded (os error 122)"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert is_disk_full(outer)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(ValueError("bad value"))

@@ -103,3 +103,23 @@ def test_every_task_that_does_io_retries_only_io() -> None:
     for t in tasks:
         assert t.retries == IO_RETRIES["retries"] == 2, t.name
         assert t.retry_condition_fn is retry_on_io, t.name
+
+
+def test_a_full_disk_is_not_retried() -> None:
+    """ENOSPC and EDQUOT are OSErrors, which are otherwise retried as I/O: a retry would only fill
+    the disk again (and Prefect would wait for it), however the error reaches the task."""
+    import errno
+
+    from sdpo_core.files import DiskFullError
+
+    assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_transient(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_transient(DiskFullError(errno.ENOSPC, "runs/x/partition.json: cannot write, the disk is full"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("Error while serializing") from inner
+    except RuntimeError as wrapped:
+        assert not is_transient(wrapped)
+    assert is_transient(OSError(errno.ECONNRESET, "Connection reset by peer"))  # still I/O
