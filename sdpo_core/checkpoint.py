@@ -37,6 +37,7 @@ from sdpo_core.state import full_state, load_full_state
 
 LATEST = "latest"
 STATE = "state.json"
+SCALER = "scaler.json"
 LOCK = ".lock"
 FORMAT = 2  # 2: weights and optimizer state keyed by parameter name (1: by position)
 
@@ -187,11 +188,13 @@ class Checkpoints:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         history: list[dict[str, float]],
         write: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Path | None:
         """Write the checkpoint after ``step`` optimizer steps; the older one is removed.
 
         The state is gathered whole first, which is collective for an FSDP-sharded model: then
         every process calls this and only the one with ``write`` writes (None elsewhere).
+        ``scaler``: fp16's loss scaler, whose scale and growth count are saved too.
         """
         weights, optim = full_state(model, optimizer)
         if not write:
@@ -207,6 +210,8 @@ class Checkpoints:
             _write_json(tmp / "optimizer.json", opt_rest)
             sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
             _write_json(tmp / "scheduler.json", sched)
+            if scaler is not None:  # plain numbers: the scale, its growth and backoff settings
+                _write_json(tmp / SCALER, scaler.state_dict())
             rng_tensors, python_rng = _rng_states()
             save_file(rng_tensors, str(tmp / "rng.safetensors"))
             _write_json(tmp / "rng.json", {"python": python_rng})
@@ -243,8 +248,11 @@ class Checkpoints:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> Resumed | None:
-        """Load the latest checkpoint into the model, optimizer and scheduler; None if none."""
+        """Load the latest checkpoint into the model, optimizer, scheduler (and fp16's loss
+        ``scaler``: a fresh scale of 65536 would overflow again the steps that lowered it); None
+        if none."""
         path = self.latest()
         if path is None:
             return None
@@ -255,6 +263,12 @@ class Checkpoints:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise RuntimeError(f"{path}: the checkpoint does not fit this model and optimizer: {exc}") from exc
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()) | {"lr_lambdas": [None]})
+        if scaler is not None and (path / SCALER).is_file():
+            scaler.load_state_dict(json.loads((path / SCALER).read_text()))
+        elif scaler is not None:  # written before the scaler was saved: its scale starts afresh
+            warnings.warn(
+                f"{path}: no loss-scaler state; fp16 loss scaling restarts at its initial scale", stacklevel=2
+            )
         _set_rng_states(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())["python"])
         state = json.loads((path / STATE).read_text())
         return Resumed(state["step"], state["history"], path)

@@ -166,7 +166,7 @@ def train_dpo(
     train_cfg = for_device(train_cfg, device)
     precision = precision or PRECISIONS["fp32"]
     # fp16's narrow range needs the loss scaled; a step whose gradients overflow is skipped by the
-    # scaler, which then lowers the scale (its state is not checkpointed: a resume starts afresh).
+    # scaler, which then lowers the scale (its state is checkpointed, so a resume keeps the scale).
     scaler = torch.amp.GradScaler(torch.device(device).type) if precision.scaled else None
     with (
         activation_checkpointing(model, train_cfg.gradient_checkpointing),
@@ -198,7 +198,7 @@ def train_dpo(
         ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
         history: list[dict[str, float]] = []
         done = 0
-        resumed = checkpoints.restore(model, optimizer, scheduler) if checkpoints is not None else None
+        resumed = checkpoints.restore(model, optimizer, scheduler, scaler) if checkpoints is not None else None
         if resumed is not None:
             done, history = resumed.step, list(resumed.history)
             for step, metrics in enumerate(history, start=1):
@@ -296,12 +296,14 @@ def train_dpo(
                 "learning_rate": lr,
                 "epoch": step / len(plan) * train_cfg.epochs,
             }
+            if scaler is not None:  # fp16: the loss scale after this step's update
+                metrics["loss_scale"] = scaler.get_scale()
             history.append(metrics)
             if callback is not None:
                 callback(step, metrics)
             # Process 0 writes; under FSDP gathering the state takes every process.
             if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
-                checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0)
+                checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0, scaler=scaler)
         model.eval()
         return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
 
