@@ -27,6 +27,7 @@ from sdpo_core.config_sections import (
     AccuracyForm,
     DataConfig,
     DataFormat,
+    EvaluateConfig,
     LoraConfig,
     LossConfig,
     LossName,
@@ -160,6 +161,7 @@ class RunConfig(Section):
     storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Artifact storage for intermediate files (S3)."
     )
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Harness evaluation of step models.")
 
     @model_validator(mode="after")
     def _check_values(self, info: ValidationInfo) -> RunConfig:

@@ -23,7 +23,7 @@ from sdpo_core.config import RunConfig
 from sdpo_core.files import atomic_write_text
 from sdpo_core.fingerprint import model_fingerprint, record_fingerprint
 from sdpo_core.hashing import sha256_bytes, sha256_json
-from sdpo_core.lora import merged, with_adapter
+from sdpo_core.lora import base_record, merged, save_adapter, with_adapter
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id, resolve_device, save_model
 from sdpo_core.precision import resolve_precision, save_dtype
 from sdpo_core.records import ChunkInfo, TrainStepResult, TrainStepSpec
@@ -48,6 +48,7 @@ def training_hash(cfg: RunConfig) -> str:
     data = cfg.to_dict()
     data.pop("tracking", None)
     data.pop("storage", None)
+    data.pop("evaluate", None)  # evaluation runs after training
     for key in OPERATIONAL_TRAIN_KEYS:
         data["train"].pop(key, None)
     return sha256_json(data)
@@ -139,8 +140,15 @@ def save_step_model(policy: Any, tokenizer: Any, spec: TrainStepSpec, trained: T
     # The master weights' dtype unless model.save_dtype says otherwise: this model is the next
     # step's reference and start, and an update rounded away here is lost for every later step.
     dtype = save_dtype(spec.config.model, spec.config.train)
-    policy = merged(policy)  # a LoRA step registers full weights: the next step's reference
-    saved = save_model(policy.to(dtype), tokenizer, Path(spec.out_dir), meta | {"dtype": str(dtype)})
+    meta |= {"dtype": str(dtype)}
+    lora = spec.config.train.lora
+    if lora.r > 0 and lora.registered_as == "adapter":
+        # Only the adapter, over the model the policy started from; loading it merges it there.
+        base = base_record(spec.ref_uri, spec.ref_dir)
+        saved = save_adapter(policy.to(dtype), tokenizer, Path(spec.out_dir), meta, base)
+    else:
+        policy = merged(policy)  # a LoRA step registers full weights: the next step's reference
+        saved = save_model(policy.to(dtype), tokenizer, Path(spec.out_dir), meta)
     record_fingerprint(saved)
     return TrainStepResult(
         step=spec.step,

@@ -141,6 +141,7 @@ def register_step(
 
     Safe to retry: register reuses the version an earlier try registered from this run.
     """
+    from sdpo_core.lora import lineage_tags
     from tasks import tracking
 
     c = tracking.client(ctx.tracking_uri)
@@ -156,6 +157,7 @@ def register_step(
         "sdpo.parent_run_id": ctx.parent_run_id,
         "sdpo.train_loss": repr(train_loss),
         "sdpo.optimizer_steps": str(optimizer_steps),
+        **lineage_tags(model_dir),  # full weights, or an adapter and the base version it needs
         **{f"sdpo.{k}": repr(v) for k, v in metrics.items()},
     }
     version = tracking.register(c, ctx.model_name, run_id, model_dir, chunk.step, tags, final, access=ctx.s3)

@@ -234,7 +234,8 @@ def version_uri(model_name: str, version: str | int) -> str:
 
 def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = None) -> tuple[str, str]:
     """Download a registered model (``models:/name@alias`` or ``models:/name/version``) into the
-    cache; returns (folder, version).
+    cache; returns (folder, version). The folder holds a full model: a version registered as a
+    LoRA adapter comes back merged into its base (:func:`full_model_dir`).
 
     Each version is downloaded once; the folder is keyed by the registry (a hash of its URI: two
     registries may share a workspace and both have a version 1), the name, the version and the
@@ -242,7 +243,16 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = Non
     Runs at the same time may download the same version: each into its own temporary folder, the
     first rename wins.
     """
+    folder, version = _download(tracking_uri, uri, cache_root, access)
+    return str(full_model_dir(tracking_uri, folder, cache_root, access)), version
+
+
+def _download(tracking_uri: str, uri: str, cache_root: Path, access: Any = None) -> tuple[Path, str]:
+    from mlflow.exceptions import MlflowException
+
     from sdpo_core.hashing import sha256_bytes
+    from sdpo_core.model_io import ModelError
+    from sdpo_core.redact import redact_userinfo
 
     c = client(tracking_uri)
     cache_root = cache_root / sha256_bytes(tracking_uri)[:16]
@@ -252,10 +262,15 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = Non
         found = c.get_model_version_by_alias(name, alias)
     else:
         name, number = path.rsplit("/", 1)
-        found = c.get_model_version(name, number)
+        try:
+            found = c.get_model_version(name, number)
+        except MlflowException as exc:  # an adapter's base that was deleted, say
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise ModelError(f"{uri}: not in the registry at {redact_userinfo(tracking_uri)}") from None
+            raise
     version = str(found.version)
     dest = within(cache_root, cache_root / name / f"{version}-{found.run_id or 'norun'}")
-    if not (dest / "config.json").is_file():
+    if not _complete(dest):
         tmp = cache_root / name / f".{version}.{uuid.uuid4().hex}.partial"
         tmp.mkdir(parents=True)
         try:
@@ -264,16 +279,30 @@ def fetch_model(tracking_uri: str, uri: str, cache_root: Path, access: Any = Non
             local = artifacts.download(
                 c.get_model_version_download_uri(name, version), tmp / "download", tracking_uri, access
             )
-            if dest.exists() and not (dest / "config.json").is_file():
+            if dest.exists() and not _complete(dest):
                 shutil.rmtree(dest)  # left half-made by an older version of this code
             try:
                 Path(local).rename(dest)
             except OSError:
-                if not (dest / "config.json").is_file():
+                if not _complete(dest):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest), version
+    return dest, version
+
+
+def _complete(folder: Path) -> bool:  # a model's config.json or an adapter's is in place
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+
+def full_model_dir(tracking_uri: str, folder: str | Path, cache_root: Path, access: Any = None) -> Path:
+    """``folder`` itself, or for a LoRA adapter its merge into the base it records, the bases
+    fetched from this registry (:func:`sdpo_core.lora.resolve_adapter`), merged once, cached."""
+    from sdpo_core.hashing import sha256_bytes
+    from sdpo_core.lora import resolve_adapter
+
+    merged_root = cache_root / sha256_bytes(tracking_uri)[:16] / "merged"
+    return resolve_adapter(Path(folder), lambda u: _download(tracking_uri, u, cache_root, access)[0], merged_root)
 
 
 def fetch_for(ctx: Any, uri: str) -> tuple[str, str]:

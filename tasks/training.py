@@ -96,11 +96,14 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     Fetches the reference named by ``spec.ref_uri`` and fills the spec's local paths (the
     step model under this run's folder, the checkpoints under the workspace) before training.
     """
+    from sdpo_core.harness import check_available as check_harness
     from sdpo_core.step import run_step
     from tasks import tracking
+    from tasks.harness import log_harness
     from tasks.storage import fetch, require
 
     cfg, chunk = spec.config, spec.chunk
+    check_harness(cfg)  # evaluate.harness without lm_eval fails before the step trains
     c = tracking.client(ctx.tracking_uri)
     require(ctx, chunk.path, spec.ref_scores)
     fetch(ctx, tokens_path(chunk.path), optional=True)
@@ -163,6 +166,7 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
         logger.info(
             "train step %d resumed at optimizer step %d of %d", chunk.step, result.resumed_from, result.optimizer_steps
         )
+    log_harness(cfg, ctx, result.model_dir, run_id, result.optimizer_steps)  # evaluate.harness, where it trained
     return result.model_copy(update={"run_id": run_id, "checkpoint_dir": str(checkpoints.root)})
 
 
@@ -191,7 +195,9 @@ def evaluate_step(
 
     require(ctx, eval_path, m0_eval_scores, prev_eval_scores, ref_scores)
     fetch(ctx, tokens_path(eval_path), optional=True)
-    eval_scores, _ = cached_scores(cfg, ctx, trained.model_dir, eval_path)
+    # An adapter step model (train.lora.registered_as: adapter) is scored merged into its base.
+    model_dir = str(tracking.full_model_dir(ctx.tracking_uri, trained.model_dir, ctx.model_cache, ctx.s3))
+    eval_scores, _ = cached_scores(cfg, ctx, model_dir, eval_path)
     publish(ctx, eval_scores)
     metrics = step_metrics(
         load_scores(eval_scores),
