@@ -9,12 +9,14 @@ files) in the run folder, which the pipeline reads to go on. The worker keeps it
 workspace (``SDPO_HOME``), at the places the pipeline's have in the pipeline's, so the two may
 share one folder (one machine, a shared volume) or none: with storage.uri on S3 each side fetches
 what the other published.
+
+Whoever can call the Prefect API chooses a run's parameters, so the worker moves every path they
+hold into its own workspace and refuses, before doing anything, one that would land outside it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,8 +26,11 @@ from prefect.runtime import flow_run
 from sdpo_core.records import TrainStepResult, TrainStepSpec
 from sdpo_core.train import TrainingError
 from tasks.blocks import read_access
-from tasks.context import RunContext, RunLocation
+from tasks.context import RunContext, RunLocation, confine
 from tasks.training import publish_trained, record_path, train_step
+
+LOCAL_PATHS = ("ref_dir", "init_dir", "out_dir", "checkpoint_dir")
+"""The spec's local paths, filled where the step trains (a record without one skips it)."""
 
 
 def _flow_run_name() -> str:
@@ -42,27 +47,45 @@ def sdpo_train_step(spec: TrainStepSpec, context: RunLocation) -> dict:
     Args:
         spec: the step's inputs: the pipeline's resolved config, the chunk, the reference.
         context: the pipeline run's workspace and MLflow run ids (no credentials).
+
+    Raises:
+        OutsideWorkspace: a path of ``spec`` or ``context`` lies outside the worker's workspace;
+            nothing has been read or written.
     """
     from tasks.workspace import workspace_root
 
+    # Whoever can call the Prefect API chooses these parameters: every path is moved into this
+    # worker's own workspace (SDPO_HOME, else .sdpo in its working folder) and checked there
+    # before anything else happens, so a run cannot write or delete outside it.
+    location, local = confined(spec, context, workspace_root())
     # The worker reads the credentials block itself: the secrets are never flow run parameters.
     access = read_access(spec.config.storage.credentials_block)
-    # The pipeline's paths are under its workspace. A worker with its own (SDPO_HOME set) keeps
-    # its files there, at the same places relative to it; without one it uses the pipeline's
-    # folder as is (one machine, or a volume mounted at the same path).
-    pipeline_root = Path(context.root)
-    root = workspace_root() if os.environ.get("SDPO_HOME") else pipeline_root
-    run_dir = str(rebase(context.run_dir, pipeline_root, root))
-    ctx = RunContext.at(context, access, root=str(root), run_dir=run_dir)
-    chunk = spec.chunk.model_copy(update={"path": str(rebase(spec.chunk.path, pipeline_root, root))})
-    local = spec.model_copy(update={"chunk": chunk, "ref_scores": str(rebase(spec.ref_scores, pipeline_root, root))})
+    ctx = RunContext.at(location, access)
     return publish_trained(ctx, train_step(ctx, local))
 
 
-def rebase(path: str | Path, old_root: Path, new_root: Path) -> Path:
-    """``path`` under ``old_root`` moved to the same place under ``new_root`` (others unchanged)."""
-    path = Path(path)
-    return new_root / path.relative_to(old_root) if path.is_relative_to(old_root) else path
+def confined(spec: TrainStepSpec, context: RunLocation, root: Path) -> tuple[RunLocation, TrainStepSpec]:
+    """The location and spec of a deployment run with every path in the worker's workspace ``root``.
+
+    The pipeline's paths lie under its workspace (``context.root``); the worker keeps its files at
+    the same places relative to its own, so the two may share one folder (one machine, a shared
+    volume) or none (with storage.uri on S3 each side fetches what the other published).
+
+    Raises:
+        OutsideWorkspace: naming the first parameter whose path, resolved (symlinks and ``..``),
+            is not inside ``root``.
+    """
+    location = context.confined(root)
+    given = Path(context.root)
+
+    def inside(path: str, what: str) -> str:
+        return str(confine(path, given, Path(location.root), what))
+
+    chunk = spec.chunk.model_copy(update={"path": inside(spec.chunk.path, "spec.chunk.path")})
+    # Filled where the step trains (tasks.training.train_step); one given anyway must be inside too.
+    filled = {key: inside(getattr(spec, key), f"spec.{key}") for key in LOCAL_PATHS if getattr(spec, key, None)}
+    local = spec.model_copy(update={"chunk": chunk, "ref_scores": inside(spec.ref_scores, "spec.ref_scores"), **filled})
+    return location, local
 
 
 def run_train_deployment(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:

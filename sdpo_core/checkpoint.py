@@ -129,12 +129,21 @@ class Checkpoints:
             after the last.
         on_saved: called with each checkpoint folder once it is in place (to copy it elsewhere,
             for instance to object storage).
+        lease: a lock beyond this machine, held inside :meth:`exclusive` after the local one
+            (tasks.lease: a lease in the S3 store the checkpoints are copied to).
     """
 
-    def __init__(self, root: str | Path, every: int, on_saved: Callable[[Path], None] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        every: int,
+        on_saved: Callable[[Path], None] | None = None,
+        lease: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.every = every
         self.on_saved = on_saved
+        self.lease = lease
         self._verified: tuple[Path, tuple] | None = None
         """The last checkpoint that passed verify(), with its files' sizes and times then."""
 
@@ -276,7 +285,10 @@ class Checkpoints:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold this step's lock while training it: a second process training the same step
-        (the same run started twice) fails at once instead of writing the same checkpoints."""
+        (the same run started twice) fails at once instead of writing the same checkpoints.
+
+        The lock is a ``flock``, which holds among the processes of one machine; the ``lease``
+        given to the constructor, if any, is held inside it for processes on other machines."""
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(file_lock(self.root / LOCK, wait=False))
@@ -285,6 +297,8 @@ class Checkpoints:
                     f"{self.root}: another process is training this step (same run name, config, chunk and "
                     "reference); wait for it, or give this run another run_name"
                 ) from None
+            if self.lease is not None:
+                held.enter_context(self.lease())  # raises its own CheckpointBusy when held elsewhere
             yield
 
     def clear(self) -> None:

@@ -61,7 +61,12 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
                 fetch(ctx, root / name / f)
     if (root / LATEST).is_file():  # resuming: the checkpoint the next one replaces
         uploaded.append(root / (root / LATEST).read_text().strip())
-    return Checkpoints(root, cfg.train.checkpoint_every, upload if ctx.storage_uri else None)
+    if not ctx.storage_uri:
+        return Checkpoints(root, cfg.train.checkpoint_every)
+    from tasks.lease import step_lease
+
+    # Machines sharing the store must not train the same step at once: a lease there (tasks.lease).
+    return Checkpoints(root, cfg.train.checkpoint_every, upload, lease=lambda: step_lease(ctx, root, chunk.step))
 
 
 @task(

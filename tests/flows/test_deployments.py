@@ -121,6 +121,9 @@ def run_deployed_pipeline(tmp_path: Path, workspaces: dict[str, Path], bucket: s
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
     prefect = str(BIN / "prefect")
+    # A local tracking store stands in for an MLflow server: the train-step worker refuses one
+    # outside its own workspace (as every path a deployment run is given), so it lives there.
+    tracking_uri = f"sqlite:///{workspaces['gpu-pool'] / 'mlflow.db'}"
     procs: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -164,7 +167,7 @@ def run_deployed_pipeline(tmp_path: Path, workspaces: dict[str, Path], bucket: s
             },
             "train": {"micro_batch_size": 4, "deployment": "sdpo_train_step/sdpo-train-step"},
             "tracking": {
-                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "tracking_uri": tracking_uri,
                 "experiment": "deployed",
                 "registered_model": "deployed-model",
             },
@@ -190,6 +193,8 @@ def run_deployed_pipeline(tmp_path: Path, workspaces: dict[str, Path], bucket: s
         assert {r["work_pool_name"] for r in runs} == {"gpu-pool"}
         pipeline_runs = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["sdpo_pipeline"]}}})
         assert [(r["state_type"], r["work_pool_name"]) for r in pipeline_runs] == [("COMPLETED", "cpu-pool")]
+        if bucket is None:
+            refuses_a_run_folder_outside_the_workspace(tmp_path, prefect, env, url, runs[0]["parameters"])
     except BaseException:
         for name in ("server", "cpu-worker", "gpu-worker"):
             if (logs / f"{name}.log").exists():
@@ -206,9 +211,28 @@ def run_deployed_pipeline(tmp_path: Path, workspaces: dict[str, Path], bucket: s
 
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     versions = {
         a: c.get_model_version_by_alias("deployed-model", a).version for a in ("step-0", "step-1", "step-2", "final")
     }
     assert versions["final"] == versions["step-2"] and len(set(versions.values())) == 3
+
+
+def refuses_a_run_folder_outside_the_workspace(tmp_path: Path, prefect: str, env: dict, url: str, params: dict) -> None:
+    """A train-step run started through the API with a step's real parameters but a run folder
+    outside the worker's workspace fails before it trains, and the folder there is untouched."""
+    victim = tmp_path / "elsewhere" / "models" / "step-1"
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    params["context"]["run_dir"] = str(tmp_path / "elsewhere")
+    cmd = [prefect, "deployment", "run", "sdpo_train_step/sdpo-train-step", "--params", json.dumps(params)]
+    proc = subprocess.run(
+        [*cmd, "--watch", "--watch-timeout", "300"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    runs = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["sdpo_train_step"]}}})
+    assert sorted(r["state_type"] for r in runs) == ["COMPLETED", "COMPLETED", "FAILED"]
+    failed = next(r for r in runs if r["state_type"] == "FAILED")
+    assert "outside this worker's workspace" in failed["state"]["message"]
+    assert sorted(p.name for p in (tmp_path / "elsewhere").rglob("*")) == ["keep.txt", "models", "step-1"]
+    assert (victim / "keep.txt").read_text() == "precious"
