@@ -91,7 +91,7 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
-    from sdpo_core.redact import redact_userinfo
+    from sdpo_core.redact import redact
 
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
@@ -102,7 +102,7 @@ def check_tracking_server(uri: str | None, timeout: float = 5.0) -> None:
         problem = f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
-    raise TrackingUnreachable(f"MLflow tracking server {redact_userinfo(uri)} does not answer: {problem}")
+    raise TrackingUnreachable(f"MLflow tracking server {redact(uri)} does not answer: {problem}")
 
 
 def create_prefect_database() -> None:
@@ -157,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet: a failed start leaves no run folder
         raise
-    from sdpo_core.redact import redact_userinfo
+    from sdpo_core.redact import redact
 
     result = sdpo_pipeline(config=cfg, prepared=prepared)
     root = configure_environment()
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     if result.tracking_uri.startswith("sqlite:"):
         print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
     else:
-        print(f"MLflow:     {redact_userinfo(result.tracking_uri)} (parent run {result.parent_run_id})")
+        print(f"MLflow:     {redact(result.tracking_uri)} (parent run {result.parent_run_id})")
     print(f"Prefect UI: PREFECT_HOME={root / 'prefect'} .venv/bin/prefect server start")
     return 0
 
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo_core.config import ConfigError
     from sdpo_core.data import DataError
     from sdpo_core.model_io import ModelError
+    from sdpo_core.redact import redact
     from sdpo_core.train import TrainingError
     from tasks.blocks import CredentialsError
     from tasks.s3 import UploadError
@@ -191,16 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         return data_inspect.run_inspect(args)
     except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable, CredentialsError) as exc:
-        print(f"sdpo: error: {exc}", file=sys.stderr)
+        print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingError as exc:
-        print(f"sdpo: training failed: {exc}", file=sys.stderr)
+        print(f"sdpo: training failed: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except CheckpointBusy as exc:
-        print(f"sdpo: error: {exc}", file=sys.stderr)
+        print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except UploadError as exc:
-        print(f"sdpo: storage failed: {exc}", file=sys.stderr)
+        print(f"sdpo: storage failed: {redact(str(exc))}", file=sys.stderr)
         print(f"sdpo: {RESUME_HINT}", file=sys.stderr)
         return EXIT_FAILED
 

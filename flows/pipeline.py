@@ -2,11 +2,13 @@
 
 At step t both the reference and the starting policy are M(t-1), loaded from the registry by
 its version, ``models:/<name>/<version>`` (sDPO, arXiv 2403.19270, section 3.2); the result is
-registered with alias ``step-<t>``. Nothing happens at import time.
+registered as a version. When every step is done, aliases ``step-0`` .. ``step-T`` and ``final``
+move together to this run's versions. Nothing happens at import time.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +19,12 @@ from flows.train_step import run_train_deployment
 from sdpo_core.config import ConfigError, RunConfig
 from sdpo_core.model_io import check_model_source
 from sdpo_core.records import PreparedData, TrainStepSpec
+from sdpo_core.redact import redact_log_handlers
 from tasks import tracking
 from tasks.blocks import S3Access, read_access
 from tasks.data import partition, prepare_data
-from tasks.registry import find_finished_step, open_tracking, register_base, register_step
+from tasks.outage import end_run
+from tasks.registry import find_finished_step, open_tracking, point_aliases, register_base, register_step
 from tasks.report import report
 from tasks.tracking import model_uri, version_uri
 from tasks.training import clear_checkpoints, evaluate_step, reference_logps, train_step
@@ -75,11 +79,10 @@ def run_pipeline(
         prev_eval = m0_eval
         rows = []
         for chunk in chunks:
-            final = chunk is chunks[-1]
             row = {"step": chunk.step, "chunk": chunk.label, "pairs": chunk.size, "m0_accuracy": chunk.m0_accuracy}
             # A rerun of the same pipeline (same name, config, chunk and reference) reuses the
             # step's registered version instead of training it again.
-            done = find_finished_step(cfg, ctx, chunk, versions[chunk.step - 1], final)
+            done = find_finished_step(cfg, ctx, chunk, versions[chunk.step - 1])
             if done is not None:
                 versions[chunk.step] = done["version"]
                 prev_eval = reference_logps(
@@ -99,7 +102,7 @@ def run_pipeline(
                     cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
                 )
                 versions[chunk.step] = register_step(
-                    cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics, final,
+                    cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics,
                     trained.final_loss, trained.optimizer_steps,
                 )  # fmt: skip
                 # Registered: the step's checkpoints are no longer needed.
@@ -110,10 +113,13 @@ def run_pipeline(
                 row | {"version": versions[chunk.step], "model_uri": model_uri(ctx.model_name, chunk.step), **metrics}
             )
         table = report(ctx, rows)
+        # Only a run that finished moves the aliases, all together (step-0 .. step-T, final).
+        point_aliases(ctx, versions)
+        tracking.client(ctx.tracking_uri).set_terminated(ctx.parent_run_id)
     except BaseException:
-        tracking.client(ctx.tracking_uri).set_terminated(ctx.parent_run_id, "FAILED")
+        # Best effort and bounded: a tracking server that is down must not hide the error.
+        end_run(ctx.tracking_uri, ctx.parent_run_id, "FAILED")
         raise
-    tracking.client(ctx.tracking_uri).set_terminated(ctx.parent_run_id)
     return PipelineResult(rows, table, str(run_dir), ctx.tracking_uri, ctx.parent_run_id, ctx.model_name)
 
 
@@ -127,6 +133,9 @@ def sdpo_pipeline(config: RunConfig, prepared: PreparedData | None = None) -> Pi
         prepared: data the caller has already prepared under a run folder (the CLI does, in its
             early check); None reads and prepares it here.
     """
+    # Log lines stored by Prefect or printed pass through the one redaction (sdpo_core.redact).
+    loggers = ("", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")  # Prefect's handlers
+    redact_log_handlers(*(logging.getLogger(name) for name in loggers))
     # The block's credentials are read once and handed to every S3 client of the run.
     return run_pipeline(config, workspace_root(), prepared, read_access(config.storage.credentials_block))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from sdpo_core.redact import redact_userinfo
+from sdpo_core.redact import redact
 
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
 
@@ -292,16 +292,14 @@ def value_problems(cfg: Any) -> list[str]:
     if loss.label_smoothing and loss.name != "sigmoid":
         problems.append(f"loss.label_smoothing: only applies to loss.name=sigmoid, not {loss.name}")
     _partition_problems(p, len(train_sources), problems)
-    for key, uri in (
-        ("tracking.tracking_uri", cfg.tracking.tracking_uri),
-        ("tracking.artifact_location", cfg.tracking.artifact_location),
-        ("storage.uri", cfg.storage.uri),
-    ):
-        if uri is not None and redact_userinfo(uri) != uri:
-            # The config is a Prefect flow run parameter, shown in the UI and stored as is.
+    for key, text in _strings(cfg.to_dict()):
+        if redact(text) != text:
+            # The config is a Prefect flow run parameter, shown in the UI and stored as is: no
+            # value of it may hold a secret (sdpo_core.redact finds the same ones it masks).
             problems.append(
-                f"{key}: must not hold credentials (user:password@), got {redact_userinfo(uri)!r}; set "
-                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or name a storage.credentials_block"
+                f"{key}: must not hold credentials (user:password@ or a token such as ?X-Amz-Signature=), got "
+                f"{redact(text)!r}; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN), or name a storage.credentials_block"
             )
     if cfg.storage.uri is not None and not cfg.storage.uri.startswith("s3://"):
         problems.append(f"storage.uri: must be s3://bucket/prefix, got {cfg.storage.uri!r}")
@@ -312,6 +310,15 @@ def value_problems(cfg: Any) -> list[str]:
             f"and dashes (e.g. s3-credentials/prod), got {block!r}"
         )
     return problems
+
+
+def _strings(data: Any, key: str = "") -> list[tuple[str, str]]:
+    """Every string value of a nested config, with its dotted key."""
+    if isinstance(data, dict):
+        return [item for k, v in data.items() for item in _strings(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(data, (list, tuple)):
+        return [item for i, v in enumerate(data) for item in _strings(v, f"{key}.{i}")]
+    return [(key, data)] if isinstance(data, str) else []
 
 
 def _partition_problems(p: Any, num_train_sources: int, problems: list[str]) -> None:

@@ -119,10 +119,10 @@ def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
-    from sdpo_core.redact import redact_userinfo
+    from sdpo_core.redact import redact
 
     api = get_current_settings().api.url
-    where = f"the Prefect API at {redact_userinfo(api)}" if api else "the workspace's temporary Prefect server"
+    where = f"the Prefect API at {redact(api)}" if api else "the workspace's temporary Prefect server"
     try:
         with get_client(sync_client=True) as client:
             document = client.read_block_document_by_name(name, block_type_slug=slug, include_secrets=True)
@@ -134,6 +134,6 @@ def _read_block_data(reference: str, slug: str, name: str) -> dict[str, Any]:
     except (httpx.HTTPError, OSError) as exc:
         raise CredentialsError(
             f"storage.credentials_block {reference!r}: cannot read it from {where}: "
-            f"{type(exc).__name__}: {redact_userinfo(str(exc))}"
+            f"{type(exc).__name__}: {redact(str(exc))}"
         ) from None
     return dict(document.data)

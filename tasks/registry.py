@@ -63,7 +63,8 @@ def source_type(path: str) -> str:
     **IO_TASK,
 )
 def register_base(cfg: RunConfig, ctx: RunContext) -> str:
-    """Register M0 as the version with alias step-0, so the lineage starts at the SFT model.
+    """Register M0 as step 0's version, so the lineage starts at the SFT model (its alias step-0
+    is set when the run finishes: :func:`point_aliases`).
 
     The model is loaded (safetensors only) and saved again, so the registry holds a clean
     safetensors folder whatever else the source folder contains. Returns the version.
@@ -101,7 +102,6 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
             {"sdpo.step": "0", "sdpo.weights_sha256": fingerprint, "sdpo.tokenizer_sha256": tokenizer_id},
         )
         if existing is not None:
-            tracking.point_aliases(c, ctx.model_name, 0, existing.version, final=False)
             return str(existing.version)
         run_id = tracking.start_run(
             c, ctx.experiment_id, "step-0-M0", parent_id=ctx.parent_run_id, tags={"sdpo.step": "0"}, key=key
@@ -115,7 +115,7 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
         "sdpo.weights_sha256": fingerprint,
         "sdpo.tokenizer_sha256": tokenizer_id,
     }
-    version = tracking.register(c, ctx.model_name, run_id, str(out), 0, tags, final=False, access=ctx.s3)
+    version = tracking.register(c, ctx.model_name, run_id, str(out), tags, access=ctx.s3)
     c.set_terminated(run_id)
     return version
 
@@ -133,11 +133,12 @@ def register_step(
     run_id: str,
     ref_version: str,
     metrics: dict[str, float],
-    final: bool,
     train_loss: float,
     optimizer_steps: int,
 ) -> str:
-    """Log Mt to its step run and register it with alias step-<t> (and final); returns the version.
+    """Log Mt to its step run and register it as a version tagged with its step, its reference
+    version and the pipeline run (``sdpo.parent_run_id``); returns the version. Aliases are set
+    when the run finishes (:func:`point_aliases`).
 
     Safe to retry: register reuses the version an earlier try registered from this run.
     """
@@ -160,7 +161,7 @@ def register_step(
         **lineage_tags(model_dir),  # full weights, or an adapter and the base version it needs
         **{f"sdpo.{k}": repr(v) for k, v in metrics.items()},
     }
-    version = tracking.register(c, ctx.model_name, run_id, model_dir, chunk.step, tags, final, access=ctx.s3)
+    version = tracking.register(c, ctx.model_name, run_id, model_dir, tags, access=ctx.s3)
     c.set_terminated(run_id)
     return version
 
@@ -170,11 +171,11 @@ def register_step(
     task_run_name="find-finished-step-{chunk.step}-{chunk.label}",
     **IO_TASK,
 )
-def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_version: str, final: bool) -> dict | None:
+def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_version: str) -> dict | None:
     """A version registered for this step by an earlier run of the same pipeline, or None.
 
     Same run name, config hash, step, chunk content and reference version: the step is done.
-    Its aliases are pointed at it again and its metrics are read back from its tags.
+    Its metrics are read back from its tags (its aliases are set when this run finishes).
     """
     from tasks import tracking
 
@@ -192,7 +193,6 @@ def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_ve
     )
     if found is None:
         return None
-    tracking.point_aliases(c, ctx.model_name, chunk.step, found.version, final)
     metrics = {
         k.removeprefix("sdpo."): float(v) for k, v in found.tags.items() if k.startswith(("sdpo.eval/", "sdpo.chunk/"))
     }
@@ -202,3 +202,16 @@ def find_finished_step(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_ve
         "train_loss": float(found.tags["sdpo.train_loss"]),
         "optimizer_steps": int(found.tags["sdpo.optimizer_steps"]),
     }
+
+
+@task(name="point-aliases", task_run_name="point-aliases", **IO_TASK)
+def point_aliases(ctx: RunContext, versions: dict[int, str]) -> None:
+    """Point step-0 .. step-T and final at this finished run's versions, and delete any step-k
+    alias with k > T, so the aliases never mix the chains of two runs.
+
+    Called once, when every step is registered: a run that fails part-way moves no alias. Safe
+    to retry (setting an alias again is harmless).
+    """
+    from tasks import tracking
+
+    tracking.point_aliases(tracking.client(ctx.tracking_uri), ctx.model_name, versions)

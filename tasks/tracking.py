@@ -17,7 +17,7 @@ import yaml
 
 from sdpo_core.files import atomic_write_text
 from sdpo_core.locks import file_lock
-from sdpo_core.redact import SENSITIVE_MARKERS, redact_userinfo
+from sdpo_core.redact import redact, redact_mapping
 from tasks import artifacts
 from tasks.workspace import default_tracking_uri, within
 
@@ -78,20 +78,22 @@ def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"a.b": "value"} for MLflow params; values that look secret are masked."""
+    """Nested config -> {"a.b": "value"} for MLflow params, redacted (sdpo_core.redact): values
+    under secret-named keys masked, URIs' user info and token parameters masked."""
+    return _flatten(redact_mapping(data), prefix)
+
+
+def _flatten(data: dict[str, Any], prefix: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, full + "."))
+            out.update(_flatten(value, full + "."))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             for i, item in enumerate(value):
-                out.update(flatten(item, f"{full}.{i}."))
+                out.update(_flatten(item, f"{full}.{i}."))
         else:
-            text = json.dumps(value) if not isinstance(value, str) else value
-            if any(m in key.lower() for m in SENSITIVE_MARKERS) and value:
-                text = "***"
-            out[full] = redact_userinfo(text)[:6000]
+            out[full] = (json.dumps(value) if not isinstance(value, str) else value)[:6000]
     return out
 
 
@@ -149,27 +151,21 @@ def log_metrics(c: Any, run_id: str, metrics: dict[str, float], step: int) -> No
 
 
 def log_yaml(c: Any, run_id: str, data: dict[str, Any], name: str, scratch: Path, access: Any = None) -> None:
-    path = atomic_write_text(scratch / name, yaml.safe_dump(data, sort_keys=False))
+    """Log ``data`` as the YAML artifact ``name``, redacted as MLflow params are (:func:`flatten`)."""
+    path = atomic_write_text(scratch / name, yaml.safe_dump(redact_mapping(data), sort_keys=False))
     artifacts.log_artifact(c, run_id, path, access)
 
 
-def register(
-    c: Any,
-    model_name: str,
-    run_id: str,
-    model_dir: str,
-    step: int,
-    tags: dict[str, str],
-    final: bool,
-    access: Any = None,
-) -> str:
-    """Log the model folder to the run, register it as a version, alias it ``step-<t>`` (and ``final``).
+def register(c: Any, model_name: str, run_id: str, model_dir: str, tags: dict[str, str], access: Any = None) -> str:
+    """Log the model folder to the run and register it as a version; returns the version number.
 
-    Returns the version number. The version's source is the run's artifact folder ``model``.
+    The version's source is the run's artifact folder ``model``. No alias is moved here: a run
+    points its aliases only when it has finished (:func:`point_aliases`), so that they never
+    name versions of two runs at once.
 
     Safe to run again, so the Prefect task around it may retry it: a version that this run
-    already registered with these tags (a first try that failed after creating it, say while
-    setting an alias another run was setting too) is reused, never registered a second time.
+    already registered with these tags (a first try that failed after creating it) is reused,
+    never registered a second time.
     """
     version = run_version(c, model_name, run_id, tags)
     if version is None:
@@ -181,7 +177,6 @@ def register(
             verify_upload(Path(model_dir), source, s3_client(access))
         ensure_registered_model(c, model_name)
         version = str(c.create_model_version(model_name, source, run_id=run_id, tags=tags).version)
-    point_aliases(c, model_name, step, version, final)
     return version
 
 
@@ -193,15 +188,23 @@ def run_version(c: Any, model_name: str, run_id: str, tags: dict[str, str]) -> s
     return str(max(mine)) if mine else None
 
 
-def point_aliases(c: Any, model_name: str, step: int, version: str | int, final: bool) -> None:
-    """Point ``step-<step>`` (and ``final``) at ``version``.
+def point_aliases(c: Any, model_name: str, versions: dict[int, str]) -> None:
+    """Point ``step-0`` .. ``step-T`` at one finished run's versions and ``final`` at step T's,
+    and delete every ``step-k`` alias with k > T: afterwards no alias names a version of another
+    run's chain.
 
-    Another run moving the same alias at the same moment can make this fail (tasks.retries.lost_race);
-    the Prefect task around it retries it then, and setting an alias again is harmless.
+    Another run moving the same alias at the same moment can make a write fail
+    (tasks.retries.lost_race); the Prefect task around it retries it then, and setting an alias
+    again is harmless.
     """
-    c.set_registered_model_alias(model_name, f"step-{step}", version)
-    if final:
-        c.set_registered_model_alias(model_name, "final", version)
+    last = max(versions)
+    for step in sorted(versions):
+        c.set_registered_model_alias(model_name, f"step-{step}", versions[step])
+    c.set_registered_model_alias(model_name, "final", versions[last])
+    for alias in c.get_registered_model(model_name).aliases:
+        rest = alias.removeprefix("step-")
+        if alias != rest and rest.isdigit() and int(rest) > last:
+            c.delete_registered_model_alias(model_name, alias)
 
 
 def ensure_registered_model(c: Any, model_name: str) -> None:
@@ -222,7 +225,7 @@ def ensure_registered_model(c: Any, model_name: str) -> None:
 
 
 def model_uri(model_name: str, step: int) -> str:
-    """The alias URI of step ``step``'s model: what users load; it moves with the latest run."""
+    """The alias URI of step ``step``'s model: what users load; it names the last run that finished."""
     return f"models:/{model_name}@step-{step}"
 
 
@@ -252,7 +255,6 @@ def _download(tracking_uri: str, uri: str, cache_root: Path, access: Any = None)
 
     from sdpo_core.hashing import sha256_bytes
     from sdpo_core.model_io import ModelError
-    from sdpo_core.redact import redact_userinfo
 
     c = client(tracking_uri)
     cache_root = cache_root / sha256_bytes(tracking_uri)[:16]
@@ -266,7 +268,7 @@ def _download(tracking_uri: str, uri: str, cache_root: Path, access: Any = None)
             found = c.get_model_version(name, number)
         except MlflowException as exc:  # an adapter's base that was deleted, say
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise ModelError(f"{uri}: not in the registry at {redact_userinfo(tracking_uri)}") from None
+                raise ModelError(f"{uri}: not in the registry at {redact(tracking_uri)}") from None
             raise
     version = str(found.version)
     dest = within(cache_root, cache_root / name / f"{version}-{found.run_id or 'norun'}")
@@ -321,7 +323,7 @@ def log_data_sources(c: Any, run_id: str, counts: dict[str, dict], source_types:
             name=name,
             digest=info["content_hash"],
             source_type=source_types.get(name, "local"),
-            source=json.dumps({"uri": redact_userinfo(info["path"]), "format": info["format"]}),
+            source=json.dumps({"uri": redact(info["path"]), "format": info["format"]}),
             profile=json.dumps(profile),
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")]))

@@ -104,6 +104,7 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     from sdpo_core.harness import check_available as check_harness
     from sdpo_core.step import run_step
     from tasks import tracking
+    from tasks.outage import MetricBuffer
     from tasks.harness import log_harness
     from tasks.storage import fetch, require
 
@@ -143,8 +144,11 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
         logger.info("resuming train step %d from checkpoint %s", chunk.step, resume)
         c.set_tag(run_id, "sdpo.resumed_from", resume.name)
 
+    # Buffered: a tracking server down for a while costs metrics a delay, not the train step.
+    buffer = MetricBuffer(c, run_id, warn=logger.warning)
+
     def log(step: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics(c, run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+        buffer.add({f"train/{k}": v for k, v in metrics.items()}, step)
         if step == 1 or step % 10 == 0:
             logger.info(
                 "optimizer step %d: loss %.4f, reward accuracy %.3f, margin %.3f",
@@ -165,8 +169,10 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     try:
         result = run_step(local, callback=log, checkpoints=checkpoints)
     except Exception:
+        buffer.flush(final=True)
         c.set_terminated(run_id, "FAILED")
         raise
+    buffer.flush(final=True)
     if result.resumed_from:
         logger.info(
             "train step %d resumed at optimizer step %d of %d", chunk.step, result.resumed_from, result.optimizer_steps

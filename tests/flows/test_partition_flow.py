@@ -51,8 +51,8 @@ def test_partition_task_logs_partition_json(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     try:
         with disable_run_logger():
-            register_base.fn(cfg, ctx)
-            chunks = partition.fn(cfg, ctx, prepared, tracking.model_uri(ctx.model_name, 0))
+            m0 = register_base.fn(cfg, ctx)  # a run points its aliases only when it finishes
+            chunks = partition.fn(cfg, ctx, prepared, tracking.version_uri(ctx.model_name, m0))
     finally:
         torch.set_num_threads(before)
 

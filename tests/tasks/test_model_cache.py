@@ -16,7 +16,9 @@ def _register(uri: str, tmp_path: Path, marker: str, experiment: str = "cache-te
     (folder / "config.json").write_text(json.dumps({"marker": marker}))
     experiment_id = tracking.ensure_experiment(c, experiment, (tmp_path / f"artifacts-{marker}").as_uri())
     run_id = tracking.start_run(c, experiment_id, "step-0")
-    return tracking.register(c, "shared-name", run_id, str(folder), 0, {"sdpo.step": "0"}, final=False)
+    version = tracking.register(c, "shared-name", run_id, str(folder), {"sdpo.step": "0"})
+    tracking.point_aliases(c, "shared-name", {0: version})  # as a finished run does
+    return version
 
 
 def test_two_registries_in_one_workspace_do_not_share_a_cached_version(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Two runs moving one registered model at the same moment, and a registry task tried again.
+"""Two runs moving one registered model at the same moment, a registry task tried again, and
+the aliases of runs that finish one after another.
 
 A registry write that loses a race with another run's (a broken unique key, a locked database)
 is not retried by a loop of our own: it fails the Prefect task, which IO_RETRIES runs again, and
@@ -103,8 +104,14 @@ def run_register_step(step: dict, monkeypatch, c) -> str:
     monkeypatch.setattr(tracking, "client", lambda uri: c)
     quick = registry.register_step.with_options(retry_delay_seconds=0)
     return quick(
-        step["cfg"], step["ctx"], step["chunk"], step["model_dir"], step["run_id"], "1", {"eval/x": 0.5}, True, 0.6, 2
+        step["cfg"], step["ctx"], step["chunk"], step["model_dir"], step["run_id"], "1", {"eval/x": 0.5}, 0.6, 2
     )
+
+
+def run_point_aliases(step: dict, monkeypatch, c, versions: dict[int, str]) -> None:
+    """The point-aliases task as the pipeline runs it, with the MLflow client ``c``."""
+    monkeypatch.setattr(tracking, "client", lambda uri: c)
+    registry.point_aliases.with_options(retry_delay_seconds=0)(step["ctx"], versions)
 
 
 def versions_of(client: MlflowClient, run_id: str) -> list[str]:
@@ -113,29 +120,35 @@ def versions_of(client: MlflowClient, run_id: str) -> list[str]:
     )
 
 
+def test_registering_a_step_moves_no_alias(client, step, monkeypatch, prefect_harness) -> None:
+    """A step's version is found by its number and tags while the run goes on; only a finished
+    run moves the aliases (test_aliases_never_mix_runs)."""
+    version = run_register_step(step, monkeypatch, client)
+    assert client.get_registered_model("m").aliases == {}
+    tags = client.get_model_version("m", version).tags
+    assert tags["sdpo.parent_run_id"] == step["ctx"].parent_run_id and tags["sdpo.step"] == "1"
+    assert client.get_run(step["run_id"]).info.status == "FINISHED"
+
+
 def test_alias_race_lost_twice_is_retried_by_the_task(client, step, monkeypatch, prefect_harness) -> None:
     racing = RacingClient(client, "set_registered_model_alias", [unique_key_error(), locked_error()])
-    version = run_register_step(step, monkeypatch, racing)
-    assert racing.calls == 3 + 1, "two lost races, then step-1 and final set"
-    assert versions_of(client, step["run_id"]) == [version], "the retries registered no second version"
-    assert str(client.get_model_version_by_alias("m", "step-1").version) == version
-    assert str(client.get_model_version_by_alias("m", "final").version) == version
-    assert client.get_run(step["run_id"]).info.status == "FINISHED"
+    run_point_aliases(step, monkeypatch, racing, {0: "1", 1: "2"})
+    assert racing.calls == 2 + 3, "two lost races, then step-0, step-1 and final set"
+    assert client.get_registered_model("m").aliases == {"step-0": 1, "step-1": 2, "final": 2}
 
 
 def test_alias_race_lost_on_every_try_fails_the_task(client, step, monkeypatch, prefect_harness) -> None:
     racing = RacingClient(client, "set_registered_model_alias", [unique_key_error()] * TRIES)
     with pytest.raises(MlflowException, match="UNIQUE"):
-        run_register_step(step, monkeypatch, racing)
+        run_point_aliases(step, monkeypatch, racing, {0: "1", 1: "2"})
     assert racing.calls == TRIES
-    assert len(versions_of(client, step["run_id"])) == 1, "one version, whatever the number of tries"
 
 
 def test_other_registry_errors_fail_the_task_at_once(client, step, monkeypatch, prefect_harness) -> None:
     other = MlflowException("(sqlite3.DataError) value too long", error_code=BAD_REQUEST)
     racing = RacingClient(client, "set_registered_model_alias", [other])
     with pytest.raises(MlflowException, match="too long"):
-        run_register_step(step, monkeypatch, racing)
+        run_point_aliases(step, monkeypatch, racing, {0: "1", 1: "2"})
     assert racing.calls == 1
     # Another step run, so that registering is not skipped for the version made just above.
     fresh = step | {"run_id": tracking.start_run(client, step["ctx"].experiment_id, "step-1-b")}
@@ -153,20 +166,18 @@ def test_version_created_but_its_reply_lost_is_reused_by_the_retry(client, step,
     version = run_register_step(step, monkeypatch, racing)
     assert racing.calls == 1, "the retry found the version and did not create another"
     assert versions_of(client, step["run_id"]) == [version]
-    assert str(client.get_model_version_by_alias("m", "step-1").version) == version
 
 
 def test_register_again_returns_the_same_version(client, step) -> None:
     """register is idempotent per run and tags: a second call (a retried task) adds no version;
     a different model from the same run (other tags) is a new version."""
-    args = (client, "m", step["run_id"], step["model_dir"], 1)
+    args = (client, "m", step["run_id"], step["model_dir"])
     before = len(client.search_model_versions("name = 'm'"))
-    first = tracking.register(*args, {"sdpo.step": "1", "q": "it's"}, final=False)
-    again = tracking.register(*args, {"sdpo.step": "1", "q": "it's"}, final=True)
+    first = tracking.register(*args, {"sdpo.step": "1", "q": "it's"})
+    again = tracking.register(*args, {"sdpo.step": "1", "q": "it's"})
     assert again == first
     assert len(client.search_model_versions("name = 'm'")) == before + 1
-    assert str(client.get_model_version_by_alias("m", "final").version) == first
-    other = tracking.register(*args, {"sdpo.step": "1", "q": "other"}, final=False)
+    other = tracking.register(*args, {"sdpo.step": "1", "q": "other"})
     assert other != first
     assert versions_of(client, step["run_id"]) == sorted([first, other], key=int)
 
@@ -205,7 +216,6 @@ def test_register_base_retried_opens_no_second_run(client, tmp_path, monkeypatch
     assert [r.info.run_name for r in runs] == ["step-0-M0"]
     assert runs[0].info.status == "FINISHED"
     assert [str(v.version) for v in client.search_model_versions("name = 'm0'")] == [version]
-    assert str(client.get_model_version_by_alias("m0", "step-0").version) == version
 
 
 def test_registered_model_created_by_another_run_in_between(client: MlflowClient) -> None:
@@ -285,3 +295,41 @@ def test_m0_is_its_weights_and_its_tokenizer(client, tmp_path, prefect_harness) 
         "<|{{ m['role'] }}|>" in saved.get("chat_template", "")
         or (tmp_path / "templated" / "models" / "step-0" / "chat_template.jinja").is_file()
     )
+
+
+def test_aliases_never_mix_runs(client, step, monkeypatch, prefect_harness) -> None:
+    """Run A (two steps), then runs B and C (one step each) into one registered model: the aliases
+    name run C's chain only (step-2 of run A is gone, not left beside C's step-1). A run that
+    fails before its end (D) moves no alias."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(tracking, "client", lambda uri: client)
+    experiment_id = step["ctx"].experiment_id
+
+    def pipeline_run(name: str, steps: int, finish: bool = True) -> tuple[str, dict[int, str]]:
+        parent = tracking.start_run(client, experiment_id, name)
+        ctx = replace(step["ctx"], parent_run_id=parent)
+        versions = {0: "1"}  # M0, shared by the runs (the same weights are reused)
+        for t in range(1, steps + 1):
+            run_id = tracking.start_run(client, experiment_id, f"{name}-step-{t}", parent_id=parent)
+            chunk = step["chunk"].model_copy(update={"step": t, "content_hash": f"{name}{t}"})
+            versions[t] = registry.register_step(
+                step["cfg"], ctx, chunk, step["model_dir"], run_id, versions[t - 1], {"eval/x": 0.5}, 0.6, 2
+            )
+        if finish:
+            registry.point_aliases(ctx, versions)
+        return parent, versions
+
+    def aliases() -> dict[str, str]:
+        return {alias: str(v) for alias, v in client.get_registered_model("m").aliases.items()}
+
+    _, a = pipeline_run("A", 2)
+    assert aliases() == {"step-0": "1", "step-1": a[1], "step-2": a[2], "final": a[2]}
+    pipeline_run("B", 1)
+    run_c, c = pipeline_run("C", 1)
+    assert aliases() == {"step-0": "1", "step-1": c[1], "final": c[1]}
+    for alias, version in aliases().items():
+        if alias != "step-0":
+            assert client.get_model_version("m", version).tags["sdpo.parent_run_id"] == run_c, alias
+    pipeline_run("D", 2, finish=False)
+    assert aliases() == {"step-0": "1", "step-1": c[1], "final": c[1]}, "an unfinished run moves no alias"

@@ -284,5 +284,5 @@ def test_no_version_registered_when_the_store_is_down(tmp_path: Path, flaky_s3: 
     _big_file(model, 1)
     flaky_s3.down(None)
     with pytest.raises(Exception, match="(?i)connect|endpoint"):
-        tracking.register(c, "faulty-model", run_id, str(model), 1, {}, final=True)
+        tracking.register(c, "faulty-model", run_id, str(model), {})
     assert c.search_model_versions("name = 'faulty-model'") == []
