@@ -26,11 +26,11 @@ DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DOCKERFILES = ["Dockerfile", "Dockerfile.gpu", "Dockerfile.mlflow"]
 SERVICES = {"postgres", "prefect-server", "mlflow", "minio", "minio-init", "cpu-worker", "gpu-worker"}
-SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDENTIAL")
-# ${VAR}, ${VAR:-default}; not $${...}, which compose passes on as a literal $.
-SUBSTITUTION = re.compile(r"(?<!\$)\$\{(\w+)(?::?-([^}]*))?\}")
-# The only literal defaults a secret may fall back to: the well-known values of a local stack.
-LOCAL_DEFAULTS = {"sdpo", "minioadmin"}
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDENTIAL|AUTH_STRING")
+# ${VAR}, ${VAR:-default}, ${VAR:?message}; not $${...}, which compose passes on as a literal $.
+SUBSTITUTION = re.compile(r"(?<!\$)\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+# MinIO's root account: only MinIO itself and the one-shot minio-init may see it.
+MINIO_ROOT = {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
 # Subcommands the MinIO images' entrypoints (`minio`, `mc`) are given.
 MINIO_SUBCOMMANDS = {"server"}
 MC_SUBCOMMANDS = {"mb", "alias", "admin", "anonymous", "policy", "ready", "cp", "mirror"}
@@ -240,14 +240,21 @@ def test_commands_name_programs_the_images_have():
     project_programs |= set(project.get("scripts", {}))
     for name, service in compose["services"].items():
         argv = service_argv(name, service, compose)
-        assert service.get("entrypoint") is None, f"{name}: the image's entrypoint is expected"
         image = service.get("image", "")
+        if "minio/mc" in image and service.get("entrypoint") == ["/bin/sh", "-c"]:
+            # A script of mc commands: each must name an mc subcommand.
+            argv = [line.split()[1] for line in argv[0].splitlines() if line.strip().startswith("mc ")]
+            assert argv, f"{name}: a shell script without mc commands"
+            assert set(argv) <= MC_SUBCOMMANDS, f"{name}: {argv}"
+            continue
+        assert service.get("entrypoint") is None, f"{name}: the image's entrypoint is expected"
         if name in built:
             dockerfile = built[name][1]
             installs = " ".join(a for kw, a in instructions(dockerfile) if kw == "RUN")
             has_project = "pip install --no-cache-dir ." in installs
             assert argv, f"{name} has no command"
-            assert (has_project and argv[0] in project_programs) or f"{argv[0]}==" in installs, (
+            pinned = re.search(rf"\b{re.escape(argv[0])}(\[[\w,]+\])?==", installs)  # extras allowed
+            assert (has_project and argv[0] in project_programs) or pinned, (
                 f"{name} runs {argv[0]!r}, which {dockerfile.name} does not install"
             )
             if name.endswith("-worker"):
@@ -266,7 +273,7 @@ def test_services_point_at_each_other():
     services = load_compose()["services"]
     assert services["minio"]["command"][:2] == ["server", "/data"]
     assert "--console-address" in services["minio"]["command"]
-    assert "local/mlflow" in services["minio-init"]["command"]
+    assert "mc mb --ignore-existing local/mlflow local/sdpo" in services["minio-init"]["command"][0]
     assert "@minio:9000" in environment(services["minio-init"])["MC_HOST_local"]
     prefect_env = environment(services["prefect-server"])
     assert prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
@@ -317,14 +324,14 @@ def test_secrets_are_substituted_never_literal():
         for key, value in environment(service).items():
             if SECRET_KEY.search(key) or re.search(r"_USER$", key):
                 assert SUBSTITUTION.fullmatch(value), f"{name}: {key} must be a ${{...}} substitution"
-            userinfo = re.search(r"://([^/@\s]+)@", value)
+            userinfo = re.search(r"://([^/@\s]*)@", SUBSTITUTION.sub("", value))
             if userinfo:
-                literal = SUBSTITUTION.sub("", userinfo.group(1)).replace(":", "")
+                literal = userinfo.group(1).replace(":", "")
                 assert not literal, f"{name}: {key} has literal credentials in its URL"
-    text = COMPOSE.read_text()
-    for variable, default in SUBSTITUTION.findall(text):
-        if SECRET_KEY.search(variable) or variable.endswith("_USER"):
-            assert default in LOCAL_DEFAULTS, f"{variable} falls back to {default!r}, not a known local default"
+    for variable, operator, _ in SUBSTITUTION.findall(compose_text()):
+        if SECRET_KEY.search(variable) or re.search(r"_USER$|AUTH_STRING|SECRET", variable):
+            # No fallback to a well-known value when docker/.env is missing: compose stops instead.
+            assert operator == ":?", f"${{{variable}}} must be ${{{variable}:?message}}, not {operator or 'bare'}"
     for path in [COMPOSE, DOCKER / "env.example", *(DOCKER / name for name in DOCKERFILES)]:
         content = path.read_text()
         assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", content), f"{path.name} holds an AWS access key id"
@@ -395,3 +402,107 @@ def test_compose_matches_the_compose_specification():
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compose_text() -> str:
+    """compose.yaml without its comment lines (which may show ${VAR:?message} as an example)."""
+    return "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
+
+
+def substituted(value: str) -> set[str]:
+    """The variables a compose value reads."""
+    return {variable for variable, _, _ in SUBSTITUTION.findall(value)}
+
+
+def test_only_minio_init_uses_the_minio_root_account():
+    """MLflow and the workers get their own MinIO users (minio-init), each limited by a policy to
+    its bucket; the root account stays with MinIO and the one-shot job that creates them."""
+    services = load_compose()["services"]
+    for name, service in services.items():
+        reads = set().union(*(substituted(v) for v in environment(service).values()))
+        if name not in {"minio", "minio-init"}:
+            assert not reads & MINIO_ROOT, f"{name} uses MinIO's root account"
+    script = services["minio-init"]["command"][0]
+    buckets = {"mlflow": "mlflow", "worker": "sdpo"}
+    for who, bucket in buckets.items():
+        policy = json.loads((DOCKER / "minio" / f"{who}-policy.json").read_text())
+        resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
+        assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}, f"{who}: {resources}"
+        actions = {a for statement in policy["Statement"] for a in statement["Action"]}
+        assert not any("*" in a or a.startswith("admin:") for a in actions), f"{who}: {actions}"
+    assert "mc admin policy create local" in script and "mc admin policy attach local" in script
+    assert "./minio:/policies:ro" in services["minio-init"]["volumes"]
+    mlflow_keys = environment(services["mlflow"])
+    assert substituted(mlflow_keys["AWS_ACCESS_KEY_ID"]) == {"MLFLOW_S3_ACCESS_KEY"}
+    for worker in ["cpu-worker", "gpu-worker"]:
+        env = environment(services[worker])
+        assert substituted(env["AWS_ACCESS_KEY_ID"]) == {"WORKER_S3_ACCESS_KEY"}
+        assert substituted(env["AWS_SECRET_ACCESS_KEY"]) == {"WORKER_S3_SECRET_KEY"}
+    init_env = environment(services["minio-init"])
+    assert {"MLFLOW_S3_ACCESS_KEY", "WORKER_S3_ACCESS_KEY", "WORKER_S3_SECRET_KEY"} <= set(init_env)
+
+
+def test_mlflow_and_prefect_ask_for_credentials():
+    services = load_compose()["services"]
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    env = environment(mlflow)
+    assert substituted(env["MLFLOW_AUTH_ADMIN_USERNAME"]) == {"MLFLOW_ADMIN_USER"}
+    assert substituted(env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == {"MLFLOW_ADMIN_PASSWORD"}
+    assert substituted(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == {"MLFLOW_FLASK_SECRET_KEY"}
+    config_path = env["MLFLOW_AUTH_CONFIG_PATH"]
+    assert f"./mlflow/basic_auth.ini:{config_path}:ro" in mlflow["volumes"]
+    import configparser
+
+    auth = configparser.ConfigParser()
+    auth.read(DOCKER / "mlflow" / "basic_auth.ini")
+    assert auth["mlflow"]["database_uri"].startswith("sqlite:////mlflow-auth/")
+    assert "mlflow-auth:/mlflow-auth" in mlflow["volumes"]
+    assert "admin_password" not in auth["mlflow"], "the admin's password comes from docker/.env"
+    assert auth["mlflow"]["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    mlflow_install = " ".join(a for kw, a in instructions(DOCKER / "Dockerfile.mlflow") if kw == "RUN")
+    assert "mlflow[auth]==" in mlflow_install
+    prefect = environment(services["prefect-server"])
+    assert substituted(prefect["PREFECT_SERVER_API_AUTH_STRING"]) == {"PREFECT_AUTH_STRING"}
+    for worker in ["cpu-worker", "gpu-worker"]:
+        env = environment(services[worker])
+        assert substituted(env["PREFECT_API_AUTH_STRING"]) == {"PREFECT_AUTH_STRING"}
+        assert substituted(env["MLFLOW_TRACKING_USERNAME"]) == {"MLFLOW_ADMIN_USER"}
+        assert substituted(env["MLFLOW_TRACKING_PASSWORD"]) == {"MLFLOW_ADMIN_PASSWORD"}
+
+
+def test_env_example_names_every_required_variable():
+    """Every variable compose refuses to start without is in env.example, empty when a secret."""
+    required = {v for v, operator, _ in SUBSTITUTION.findall(compose_text()) if operator == ":?"}
+    example = {}
+    for line in (DOCKER / "env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            example[key] = value
+    assert required == set(example), f"missing {required - set(example)}, extra {set(example) - required}"
+    for key, value in example.items():
+        if re.search(r"PASSWORD|SECRET|TOKEN|AUTH_STRING", key):  # user names and access key ids may have values
+            assert value == "", f"env.example sets {key}: a copied file would start with a known secret"
+
+
+def test_no_secret_is_a_deployment_parameter():
+    """Flow run parameters are stored in Prefect's database and shown in its UI: the deployments
+    pass none of the stack's secrets (the workers read theirs from their environment or a block)."""
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    names = {v for v, _, _ in SUBSTITUTION.findall(compose_text()) if SECRET_KEY.search(v)}
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                assert not SECRET_KEY.search(str(key).upper()), f"{where}.{key}: a secret as a parameter"
+                walk(inner, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(inner, f"{where}[{i}]")
+        elif isinstance(value, str):
+            assert not any(n in value for n in names), f"{where}: {value}"
+            assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value), f"{where}: credentials in a URI"
+
+    for deployment in spec["deployments"]:
+        walk(deployment.get("parameters", {}), deployment["name"])
+        walk(deployment.get("job_variables", {}), deployment["name"])
