@@ -9,12 +9,31 @@ MLflow client as usual.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository, _get_s3_client
 
+from sdpo_core.redact import redact
 from tasks.blocks import S3Access
+
+
+@contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    """An S3 failure as one UploadError naming ``what``, its message redacted: botocore's
+    messages quote the endpoint URL, which may carry user info or a token."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tasks.s3 import UploadError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
+        # `from None`: the original's text (and its endpoint URL) stays out of tracebacks too.
+        raise UploadError(redact(f"{what} failed: {type(exc).__name__}: {exc}")) from None
 
 
 class _S3Repository(S3ArtifactRepository):
@@ -49,10 +68,11 @@ def _explicit(uri: str, access: S3Access | None) -> _S3Repository | None:
 def log_artifact(c: Any, run_id: str, path: str | Path, access: S3Access | None = None) -> None:
     """Log one file to the run's artifact root."""
     repo = None if access is None else _explicit(c.get_run(run_id).info.artifact_uri, access)
-    if repo is None:
-        c.log_artifact(run_id, str(path))
-    else:
-        repo.log_artifact(str(path))
+    with _storage_errors(f"logging {path} to MLflow run {run_id}"):
+        if repo is None:
+            c.log_artifact(run_id, str(path))
+        else:
+            repo.log_artifact(str(path))
 
 
 def log_artifacts(
@@ -61,21 +81,23 @@ def log_artifacts(
     """Log a folder under ``artifact_path`` of the run; returns the artifacts' URI."""
     root = c.get_run(run_id).info.artifact_uri.rstrip("/")
     repo = _explicit(root, access)
-    if repo is None:
-        c.log_artifacts(run_id, str(local_dir), artifact_path)
-    else:
-        repo.log_artifacts(str(local_dir), artifact_path)
+    with _storage_errors(f"{root}/{artifact_path}: upload of {local_dir}"):
+        if repo is None:
+            c.log_artifacts(run_id, str(local_dir), artifact_path)
+        else:
+            repo.log_artifacts(str(local_dir), artifact_path)
     return f"{root}/{artifact_path}"
 
 
 def download(artifact_uri: str, dst: Path, tracking_uri: str, access: S3Access | None = None) -> Path:
     """Download a folder of artifacts into ``dst``; returns the local folder holding its files."""
     repo = _explicit(artifact_uri, access)
-    if repo is not None:
-        dst.mkdir(parents=True, exist_ok=True)
-        return Path(repo.download_artifacts("", str(dst)))
-    import mlflow
+    with _storage_errors(f"{artifact_uri}: download to {dst}"):
+        if repo is not None:
+            dst.mkdir(parents=True, exist_ok=True)
+            return Path(repo.download_artifacts("", str(dst)))
+        import mlflow
 
-    return Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking_uri)
-    )
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking_uri)
+        )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdpo_core.files import atomic_path
+from sdpo_core.redact import redact
 
 if TYPE_CHECKING:
     from tasks.blocks import S3Access
@@ -108,7 +109,7 @@ def verify_file(path: Path, bucket: str, key: str, s3: Any) -> None:
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except Exception as exc:  # botocore ClientError 404, or the endpoint is gone
-        raise UploadError(f"s3://{bucket}/{key}: not found after upload of {path} ({exc})") from None
+        raise UploadError(redact(f"s3://{bucket}/{key}: not found after upload of {path} ({exc})")) from None
     size = path.stat().st_size
     if head["ContentLength"] != size:
         raise UploadError(f"s3://{bucket}/{key}: {head['ContentLength']} bytes, but {path} has {size}")
@@ -136,7 +137,8 @@ def upload_file(path: Path, uri: str, s3: Any = None) -> str:
     try:
         s3.upload_file(str(path), bucket, key, Config=config)
     except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
-        raise UploadError(f"{uri}: upload of {path} failed: {exc}") from exc
+        # Redacted: botocore's message may quote an endpoint URL with user info or a token.
+        raise UploadError(redact(f"{uri}: upload of {path} failed: {exc}")) from None
     verify_file(path, bucket, key, s3)
     return uri
 

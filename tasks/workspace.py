@@ -50,6 +50,13 @@ def configure_environment(root: Path | None = None) -> Path:
         # The temporary server needs ~13 s to start cold on 2 cores; Prefect's default limit is 20 s.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # MLflow's HTTP client waits 120 s a request and retries 7 times with backoff (about 4 min
+        # before a call to a server that is gone fails). Bounded here: a call fails within about
+        # 50 s at worst (3 tries of 15 s, 1 + 2 s of backoff), in a few seconds when the server
+        # refuses connections; Prefect's task retries (tasks.retries) come on top.
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -295,6 +295,7 @@ def test_cli_run_writes_only_to_workspace_and_no_secret(tmp_path):
         "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLE-sdpo-token-987",
         "HF_TOKEN": "hf_sdpoSecretTokenValue42",
         "MLFLOW_TRACKING_PASSWORD": "mlflow-pass-sdpo-31415",
+        "MLFLOW_TRACKING_TOKEN": "mlflow-token-sdpo-27182",
     }
     home, workspace = tmp_path / "home", tmp_path / "ws"
     home.mkdir()
@@ -314,9 +315,15 @@ def test_cli_run_writes_only_to_workspace_and_no_secret(tmp_path):
     assert (workspace / "prefect" / "prefect.db").is_file()
     assert any((workspace / "mlartifacts").rglob("model.safetensors"))
     assert list(home.rglob("*")) == []
+    # The same workspace, an override carrying a query token: refused (exit 2), and its value
+    # is in no file of the workspace afterwards, both databases included (checked below).
+    planted = "SECRETVALUE123"
+    refused = run_cli_process(recipe, workspace, env, f"data.sources.0.path=/data/x.jsonl?X-Amz-Signature={planted}")
+    assert refused.returncode == 2 and "must not hold credentials" in refused.stderr, refused.stderr[-2000:]
 
     written = [p for p in [*workspace.rglob("*"), *tmp_path.glob("*.db")] if p.is_file()]
-    for value in [*secrets.values(), "AKIASDPOTESTKEY0001"]:
+    assert {workspace / "mlflow.db", workspace / "prefect" / "prefect.db"} <= set(written)
+    for value in [*secrets.values(), "AKIASDPOTESTKEY0001", planted]:
         assert value not in proc.stdout and value not in proc.stderr
         for path in written:
             assert value.encode() not in path.read_bytes(), f"{value} found in {path}"
