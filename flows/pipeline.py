@@ -41,6 +41,7 @@ class PipelineResult:
     tracking_uri: str
     parent_run_id: str
     model_name: str
+    m0_version: str = ""
 
 
 def _flow_run_name() -> str:
@@ -50,26 +51,33 @@ def _flow_run_name() -> str:
 
 
 def run_pipeline(
-    cfg: RunConfig, root: Path, prepared: PreparedData | None = None, access: S3Access | None = None
+    cfg: RunConfig,
+    root: Path,
+    prepared: PreparedData | None = None,
+    access: S3Access | None = None,
+    parent_run_id: str | None = None,
+    run_dir: str | None = None,
 ) -> PipelineResult:
     """The steps of the pipeline for a resolved config (called inside the flow).
 
-    ``prepared``: the data already prepared under ``<run folder>/data`` (by the CLI's early
-    check), so it is not read again; None prepares it here.
+    ``prepared``: the data already prepared (by the CLI's early check under ``<run folder>/data``,
+    or once for all arms of an experiment), so it is not read again; None prepares it here.
+    ``parent_run_id``: an MLflow run to nest this run's parent run under (an experiment's).
+    ``run_dir``: this run's folder; None: the one holding ``prepared``, or a new one.
     """
+    if run_dir is None:  # the CLI's run folder holds its prepared data; else a new one
+        run_dir = str(Path(prepared.train_path).parent.parent if prepared else run_folder(root, cfg.run_name))
+    run_dir = str(within(root / "runs", Path(run_dir)))
     if prepared is None:
-        run_dir = run_folder(root, cfg.run_name)
-        prepared = prepare_data(cfg, str(run_dir))
-    else:
-        if prepared.config_hash != cfg.hash():
-            raise ConfigError(
-                [f"prepared data {prepared.train_path} was prepared for config {prepared.config_hash or '?'}, "
-                 f"not for this run's {cfg.hash()}: leave `prepared` empty to prepare the data for this config"]
-            )  # fmt: skip
-        run_dir = within(root / "runs", Path(prepared.train_path).parent.parent)
+        prepared = prepare_data(cfg, run_dir)
+    elif prepared.config_hash != cfg.data_hash():
+        raise ConfigError(
+            [f"prepared data {prepared.train_path} was prepared for config {prepared.config_hash or '?'}, "
+             f"not for this run's {cfg.data_hash()}: leave `prepared` empty to prepare the data for this config"]
+        )  # fmt: skip
     # Refuse an unsafe or missing model before anything is tracked or registered.
     check_model_source(cfg.model)
-    ctx = open_tracking(cfg, str(root), str(run_dir), prepared, access)
+    ctx = open_tracking(cfg, str(root), run_dir, prepared, access, parent_run_id)
     try:
         versions = {0: register_base(cfg, ctx)}
         # References are loaded by version, not alias: another run may move the aliases meanwhile.
@@ -93,7 +101,12 @@ def run_pipeline(
             else:
                 ref_uri = version_uri(ctx.model_name, versions[chunk.step - 1])
                 ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
-                spec = TrainStepSpec(config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores)
+                # train.init=base (the paper's Fig. 3 control): the policy starts from M0, the
+                # reference is still M(t-1).
+                init_uri = m0 if cfg.train.init == "base" and chunk.step > 1 else ""
+                spec = TrainStepSpec(
+                    config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri
+                )
                 if cfg.train.deployment:
                     trained = run_train_deployment(ctx, spec)
                 else:
@@ -120,24 +133,32 @@ def run_pipeline(
         # Best effort and bounded: a tracking server that is down must not hide the error.
         end_run(ctx.tracking_uri, ctx.parent_run_id, "FAILED")
         raise
-    return PipelineResult(rows, table, str(run_dir), ctx.tracking_uri, ctx.parent_run_id, ctx.model_name)
+    return PipelineResult(rows, table, run_dir, ctx.tracking_uri, ctx.parent_run_id, ctx.model_name, versions[0])
 
 
 @flow(name="sdpo_pipeline", flow_run_name=_flow_run_name, validate_parameters=True)
-def sdpo_pipeline(config: RunConfig, prepared: PreparedData | None = None) -> PipelineResult:
+def sdpo_pipeline(
+    config: RunConfig,
+    prepared: PreparedData | None = None,
+    parent_run_id: str | None = None,
+    run_dir: str | None = None,
+) -> PipelineResult:
     """Stepwise DPO: split the data into steps; train step t from and against M(t-1).
 
     Args:
         config: the resolved run configuration (a recipe file is the CLI's convenience; a run
             started from the Prefect UI fills this form).
-        prepared: data the caller has already prepared under a run folder (the CLI does, in its
-            early check); None reads and prepares it here.
+        prepared: data the caller has already prepared (the CLI does, in its early check; an
+            experiment does once for its arms); None reads and prepares it here.
+        parent_run_id: an MLflow run to nest this run under (an experiment's parent run).
+        run_dir: this run's folder under the workspace; None: the one holding ``prepared``, or new.
     """
     # Log lines stored by Prefect or printed pass through the one redaction (sdpo_core.redact).
     loggers = ("", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")  # Prefect's handlers
     redact_log_handlers(*(logging.getLogger(name) for name in loggers))
     # The block's credentials are read once and handed to every S3 client of the run.
-    return run_pipeline(config, workspace_root(), prepared, read_access(config.storage.credentials_block))
+    access = read_access(config.storage.credentials_block)
+    return run_pipeline(config, workspace_root(), prepared, access, parent_run_id, run_dir)
 
 
 if __name__ == "__main__":

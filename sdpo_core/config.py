@@ -96,6 +96,11 @@ class TrainConfig(Section):
         weights updated in place, which rounds away most updates at DPO learning rates (it warns below
         1e-4). auto follows model.dtype (see there). The reference is scored in the same precision."""),
     )
+    init: Literal["previous", "base"] = Field(
+        "previous",
+        description=one_line("""Where step t's policy starts. previous: M(t-1), the reference too (sDPO);
+        base: M0, with M(t-1) still the reference (the paper's Fig. 3 control)."""),
+    )
     disable_dropout: StrictBool = Field(
         True,
         description=one_line("""Set every dropout layer of the policy to p = 0 while it trains (TRL's
@@ -187,6 +192,13 @@ class RunConfig(Section):
         """A short content hash of the resolved config."""
         return sha256_json(self.to_dict())[:16]
 
+    def data_hash(self) -> str:
+        """A short content hash of what the prepared data depends on: the model (its tokenizer)
+        and the data section. Runs that differ elsewhere (an experiment's arms) share one
+        preparation."""
+        data = self.to_dict()
+        return sha256_json({"model": data["model"], "data": data["data"]})[:16]
+
 
 def from_dict(data: Any, origin: str | None = None) -> RunConfig:
     """Build and validate a RunConfig from plain data; raise ConfigError listing every problem."""
@@ -209,21 +221,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     origin = None
     if path is not None:
         origin = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"recipe file not found: {p}"])
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"not valid YAML: {exc}"], origin) from None
-        except RecursionError:
-            raise ConfigError(["YAML nested too deeply"], origin) from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError([f"not UTF-8 text: {exc}"], origin) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError([f"the top level must be a mapping, got {type(loaded).__name__}"], origin)
-        data = loaded or {}
+        data = load_yaml_mapping(Path(path))
     for text in overrides:
         key_path, value = parse_override(text)
         apply_override(data, key_path, value)
     return from_dict(data, origin)
+
+
+def load_yaml_mapping(p: Path) -> dict[str, Any]:
+    """A recipe file's top-level mapping (safe YAML); ConfigError naming the file otherwise."""
+    origin = str(p)
+    if not p.is_file():
+        raise ConfigError([f"recipe file not found: {p}"])
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], origin) from None
+    except RecursionError:
+        raise ConfigError(["YAML nested too deeply"], origin) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text: {exc}"], origin) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError([f"the top level must be a mapping, got {type(loaded).__name__}"], origin)
+    return loaded or {}

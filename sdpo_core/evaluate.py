@@ -54,8 +54,8 @@ def step_metrics(mt: Scores, m0: Scores, prev: Scores, ref_chunk: Scores, beta: 
     """Per-step metrics, all from scores.
 
     On the held-out split (``mt``, ``m0``, ``prev``): reward accuracy and mean margin of Mt with M0
-    as the reference, the same with M(t-1) as the reference, and Mt's mean gamma. On the step's
-    chunk (``ref_chunk``): the mean gamma of its reference M(t-1).
+    as the reference, the same with M(t-1) as the reference, Mt's mean gamma and M(t-1)'s. On the
+    step's chunk (``ref_chunk``): the mean gamma of its reference M(t-1).
     """
     vs_m0 = preference_metrics(mt, m0, beta)
     vs_prev = preference_metrics(mt, prev, beta)
@@ -65,5 +65,9 @@ def step_metrics(mt: Scores, m0: Scores, prev: Scores, ref_chunk: Scores, beta: 
         "eval/reward_accuracy_vs_prev": vs_prev["reward_accuracy"],
         "eval/reward_margin_vs_prev": vs_prev["reward_margin"],
         "eval/gamma": vs_m0["gamma"],
+        # The reference's mean gamma on the eval split: the same pairs at every step, so the rows
+        # compare (the paper's Fig. 2 quantity on fixed data). On the step's own chunk (below) each
+        # step sees other pairs, so that one does not compare across steps.
+        "eval/ref_gamma": float(gamma(prev).mean()),
         "chunk/ref_gamma": float(gamma(ref_chunk).mean()),
     }

@@ -123,10 +123,11 @@ def cut(ordered: Sequence[PreferencePair], counts: Sequence[int], label: str) ->
     return Partition(chunks, list(ordered[start:]))
 
 
-def by_source(pairs: Sequence[PreferencePair], accuracy: dict[str, float]) -> list[Chunk]:
+def by_source(pairs: Sequence[PreferencePair], accuracy: dict[str, float], reverse: bool = False) -> list[Chunk]:
     """One chunk per source, easy to hard: M0's reward accuracy per source, highest first.
 
     This is sDPO's rule (arXiv 2403.19270, section 3.2). Ties keep the order of first appearance.
+    ``reverse``: hard to easy (the control arm of an experiment).
     """
     groups: dict[str, list[PreferencePair]] = {}
     for p in pairs:
@@ -135,6 +136,8 @@ def by_source(pairs: Sequence[PreferencePair], accuracy: dict[str, float]) -> li
     if missing:
         raise ValueError(f"no M0 accuracy for source(s) {missing}")
     order = sorted(groups, key=lambda s: -accuracy[s])  # stable: ties keep first appearance
+    if reverse:
+        order.reverse()
     return [Chunk(t, s, groups[s], accuracy[s]) for t, s in enumerate(order, start=1)]
 
 
@@ -173,7 +176,7 @@ def partition_pairs(
             raise ValueError("by_source needs M0's reward accuracy per source")
         if not pairs:
             raise DataError(f"0 training pairs are too few for {cfg.num_steps or 1} step(s): {_needs(min_pairs)}")
-        chunks = by_source(pairs, accuracy)
+        chunks = by_source(pairs, accuracy, reverse=cfg.order == "hard_to_easy")
         if cfg.num_steps is not None and cfg.num_steps != len(chunks):
             raise DataError(
                 f"by_source makes one step per source: the {len(pairs)} training pairs come from "
@@ -196,7 +199,9 @@ def partition_pairs(
         if gammas is None:
             raise ValueError("easy_to_hard needs M0's gamma per pair")
         order = easy_to_hard_order(pairs, gammas)
-        split = cut([pairs[i] for i in order], counts, "easy_to_hard")
+        if cfg.order == "hard_to_easy":
+            order.reverse()
+        split = cut([pairs[i] for i in order], counts, cfg.order)
         start, chunks = 0, []
         for chunk in split.chunks:
             g = [gammas[i] for i in order[start : start + len(chunk.pairs)]]
@@ -233,6 +238,7 @@ def partition_record(
     return {
         "strategy": p.strategy,
         "seed": p.seed,
+        "order": p.order,
         "num_steps": len(infos),
         # Whole numbers are pair counts: record them as integers.
         "sizes": [int(x) if float(x).is_integer() else x for x in p.sizes] if p.sizes is not None else None,

@@ -28,7 +28,9 @@ class PreparedData(Record):
         description="Per source: rows read, pairs kept, dropped by reason, train and eval pairs, lengths."
     )
     report_path: str = Field("", description="data_report.json: what `sdpo data inspect` prints.")
-    config_hash: str = Field("", description="The hash of the config the data was prepared for.")
+    config_hash: str = Field(
+        "", description="RunConfig.data_hash of the config the data was prepared for (its model and data settings)."
+    )
 
 
 class ChunkInfo(Record):
@@ -54,7 +56,11 @@ class TrainStepSpec(Record):
     chunk: ChunkInfo = Field(description="The step's chunk D_t.")
     ref_uri: str = Field(description="M(t-1) in the registry, models:/<name>/<version>: reference and start.")
     ref_scores: str = Field(description="Path of the reference log-probs of the chunk (safetensors).")
+    init_uri: str = Field(
+        "", description="The model the policy starts from when it is not the reference (train.init: base): M0."
+    )
     ref_dir: str = Field("", description="Local folder of M(t-1), filled where the step trains.")
+    init_dir: str = Field("", description="Local folder of init_uri's model, filled where the step trains.")
     out_dir: str = Field("", description="Where the step model is saved, filled where the step trains.")
     checkpoint_dir: str | None = Field(None, description="The step's checkpoints; None saves none.")
     meta: dict[str, Any] = Field(default_factory=dict, description="Written into the step model's meta.json.")

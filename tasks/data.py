@@ -49,7 +49,7 @@ def prepare(cfg: RunConfig, out_dir: str | Path) -> tuple[PreparedData, data_mod
         eval_hash=eval_hash,
         counts=counts,
         report_path=str(report_path),
-        config_hash=cfg.hash(),
+        config_hash=cfg.data_hash(),
     )
     return prepared, report
 

@@ -15,12 +15,18 @@ from tasks.retries import IO_TASK, attempt_key
 
 @task(name="open-tracking", task_run_name="open-tracking", **IO_TASK)
 def open_tracking(
-    cfg: RunConfig, root: str, run_dir: str, prepared: PreparedData, access: S3Access | None = None
+    cfg: RunConfig,
+    root: str,
+    run_dir: str,
+    prepared: PreparedData,
+    access: S3Access | None = None,
+    parent_id: str | None = None,
 ) -> RunContext:
     """Create the experiment if needed and the parent run; log the resolved config.
 
     ``access``: the S3 credentials read from the run's block, for its S3 clients (kept in the
-    returned RunContext).
+    returned RunContext). ``parent_id``: an MLflow run the parent run is nested under (an
+    experiment's parent run).
 
     A retry reuses the parent run its first try opened (found by the task run's id).
     """
@@ -35,7 +41,12 @@ def open_tracking(
 
     key = attempt_key()
     parent = tracking.find_run(c, experiment_id, key) or tracking.start_run(
-        c, experiment_id, cfg.run_name, tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir}, key=key
+        c,
+        experiment_id,
+        cfg.run_name,
+        parent_id=parent_id,
+        tags={"sdpo.config_hash": cfg.hash(), "sdpo.run_dir": run_dir},
+        key=key,
     )
     tracking.log_params(c, parent, tracking.flatten(cfg.to_dict()))
     tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir), access)

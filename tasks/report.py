@@ -16,7 +16,7 @@ COLUMNS = [
     ("chunk", "chunk", "{}"),
     ("pairs", "pairs", "{}"),
     ("M0 acc", "m0_accuracy", "{:.3f}"),
-    ("ref gamma (chunk)", "chunk/ref_gamma", "{:.2f}"),
+    ("ref gamma (eval)", "eval/ref_gamma", "{:.2f}"),
     ("eval acc vs M0", "eval/reward_accuracy_vs_m0", "{:.3f}"),
     ("eval margin vs M0", "eval/reward_margin_vs_m0", "{:.3f}"),
     ("eval gamma", "eval/gamma", "{:.2f}"),

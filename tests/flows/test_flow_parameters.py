@@ -66,7 +66,7 @@ def test_prepared_data_of_another_config_is_refused(tmp_path) -> None:
     from sdpo_core.records import PreparedData
 
     cfg = load_config(REPO / "recipes" / "default.yaml")
-    other = load_config(REPO / "recipes" / "default.yaml", ["loss.beta=0.2"])
+    other = load_config(REPO / "recipes" / "default.yaml", ["data.seed=1"])
     run_dir = tmp_path / "runs" / "x"
     prepared = PreparedData(
         train_path=str(run_dir / "data" / "train.jsonl"),
@@ -74,7 +74,7 @@ def test_prepared_data_of_another_config_is_refused(tmp_path) -> None:
         train_hash="t",
         eval_hash="e",
         counts={},
-        config_hash=other.hash(),
+        config_hash=other.data_hash(),
     )
     with pytest.raises(ConfigError, match="prepared for config"):
         run_pipeline(cfg, tmp_path, prepared)
