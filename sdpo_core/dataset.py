@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sdpo_core.config import DataConfig, SourceConfig
-from sdpo_core.formats import PARSERS, BadRow, DroppedRow, detect_format, map_columns
+from sdpo_core.formats import PARSERS, BadRow, DroppedRow, check_text, detect_format, map_columns, short_repr
 from sdpo_core.hashing import sha256_bytes
 from sdpo_core.logprobs import TokenizedPair
 from sdpo_core.pairs import (
@@ -33,7 +33,7 @@ from sdpo_core.pairs import (
     content_hash,
 )
 from sdpo_core.sources import RowError, SourceError, iter_rows
-from sdpo_core.tokenization import encode_pair, truncate_pair
+from sdpo_core.tokenization import TemplateFailed, encode_pair, truncate_pair
 
 # ---------------------------------------------------------------------------------------------
 # Reading one source
@@ -41,7 +41,10 @@ from sdpo_core.tokenization import encode_pair, truncate_pair
 MAX_PAIR_CHARS = 2_000_000
 """A pair whose prompt and completions hold more characters than this is dropped (and counted)
 before tokenization: no model here reads that much, and tokenizing a 20 MB line only to
-truncate it took a minute and 4 GB of memory."""
+truncate it took a minute and 4 GB of memory. A message counts its role and content and
+MESSAGE_CHARS more, what a template adds around it, so that a prompt of 300000 empty messages
+is not rendered and tokenized either."""
+MESSAGE_CHARS = 16
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:
@@ -82,21 +85,27 @@ class SourceReport:
         return asdict(self)
 
 
+def _keys(row: dict[str, Any]) -> str:
+    """A row's field names for a message (a row may have a million of them)."""
+    return short_repr(sorted(map(str, row)))
+
+
 def _chars(prompt: str | Sequence[Message]) -> int:
     if isinstance(prompt, str):
         return len(prompt)
-    return sum(len(m["content"]) for m in prompt)
+    return sum(len(m["role"]) + len(m["content"]) + MESSAGE_CHARS for m in prompt)
 
 
 def load_source(
-    source: SourceConfig, skip_bad_rows: bool = False, seed: int = 0
+    source: SourceConfig, skip_bad_rows: bool = False, seed: int = 0, places: dict[str, str] | None = None
 ) -> tuple[list[PreferencePair], SourceReport]:
     """Read, normalise and validate one source.
 
     A row that cannot be parsed or lacks a field raises a DataError naming the file and line,
     unless ``skip_bad_rows``, when it is counted by reason. Pairs that parse but cannot teach a
     preference are dropped and counted: an empty completion, chosen identical to rejected, an
-    exact duplicate of an earlier pair of the source, tied or reversed scores.
+    exact duplicate of an earlier pair of the source, tied, reversed or non-finite scores.
+    ``places``, when given, receives the place (file and line) of each kept pair by pair id.
     """
     report = SourceReport(source.name, source.path, source.format)
     pairs: list[PreferencePair] = []
@@ -116,13 +125,14 @@ def load_source(
                     fmt = detect_format(row)
                     if fmt == "unknown" and skip_bad_rows:
                         fmt = "auto"  # count this row, detect the format from the next one
-                        raise BadRow(MISSING_FIELD, f"cannot tell the data format from the fields {sorted(row)}")
+                        raise BadRow(MISSING_FIELD, f"cannot tell the data format from the fields {_keys(row)}")
                     if fmt == "unknown":
                         raise DataError(
-                            f"{place}: cannot tell the data format from the fields {sorted(row)}; "
+                            f"{place}: cannot tell the data format from the fields {_keys(row)}; "
                             "set the source's format, or map columns with columns: {prompt: ..., chosen: ..., rejected: ...}"
                         )
                 prompt, chosen, rejected = PARSERS[fmt](row)
+                check_text(prompt, chosen, rejected)
             except BadRow as exc:
                 if not skip_bad_rows:
                     raise DataError(f"{place}: {exc} (format {fmt})") from None
@@ -148,6 +158,8 @@ def load_source(
                 continue
             seen.add(pair.content_key)
             pairs.append(pair)
+            if places is not None:
+                places[pair.id] = place
             if source.max_pairs is not None and len(pairs) >= source.max_pairs:
                 break
     except SourceError as exc:
@@ -272,8 +284,9 @@ def build_dataset(
     """
     d = cfg.data
     loaded: list[tuple[SourceConfig, list[PreferencePair], SourceReport]] = []
+    places: dict[str, str] = {}
     for source in d.sources:
-        pairs, report = load_source(source, d.skip_bad_rows, d.seed)
+        pairs, report = load_source(source, d.skip_bad_rows, d.seed, places)
         loaded.append((source, pairs, report))
     to_split = [p for s, pairs, _ in loaded if s.use == "split" for p in pairs]
     split_train, split_eval_pairs = split_eval(to_split, d) if to_split else ([], [])
@@ -289,7 +302,10 @@ def build_dataset(
     eval_ids = {p.id for p in evals}
     kept_train, kept_eval = [], []
     for p in train + evals:
-        full = encode_pair(p, tokenizer)
+        try:
+            full = encode_pair(p, tokenizer)
+        except TemplateFailed as exc:
+            raise DataError(f"{places.get(p.id, f'source {p.source!r}, pair {p.id}')}: {exc}") from None
         report = reports[p.source]
         for key, ids in (("prompt", full.prompt_ids), ("chosen", full.chosen_ids), ("rejected", full.rejected_ids)):
             lengths[p.source][key].append(len(ids))

@@ -16,18 +16,22 @@ Formats (``format`` of a source):
 - ``sharegpt``: ``conversations`` [{from, value}], ``chosen`` and ``rejected`` {from, value}.
 - ``scored``: UltraFeedback style: ``chosen`` and ``rejected`` (strings or message lists, with or
   without a ``prompt``) and their ratings (``score_chosen``/``score_rejected``, or
-  ``chosen_rating``/``rejected_rating``, ...). Ties, and pairs whose rejected side scores higher,
-  are dropped and counted.
+  ``chosen_rating``/``rejected_rating``, ...). Ties, pairs whose rejected side scores higher, and
+  pairs with a score that is not a finite number (NaN, infinite, or beyond a float's range) are
+  dropped and counted.
 - any other schema through ``columns``, a mapping from the roles above to the source's columns.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import reprlib
 from typing import Any
 
 from sdpo_core.pairs import (
     MISSING_FIELD,
+    NON_FINITE_SCORE,
     NON_STRING_FIELD,
     REVERSED_SCORES,
     TIED_SCORES,
@@ -50,6 +54,18 @@ class DroppedRow(ValueError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = 20
+_SHORT.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to a few lines and levels: a row's value in a message (a row may hold a 60 MB
+    string or lists nested a thousand deep)."""
+    return _SHORT.repr(value)
 
 
 SCORE_KEYS = (
@@ -224,20 +240,36 @@ def _parse_scored(row: dict[str, Any]) -> tuple[str | tuple[Message, ...], str, 
     scores = []
     for key in keys:
         value = row[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise BadRow(NON_STRING_FIELD, f"field {key!r} must be a number, got {value!r}") from None
-        if math.isnan(value):
-            raise BadRow(MISSING_FIELD, f"field {key!r} is NaN, not a rating")
-        scores.append(float(value))
+        try:
+            scores.append(float(value))
+        except OverflowError:  # an integer beyond a float's range: not a finite score
+            scores.append(math.inf)
+        except (TypeError, ValueError):
+            raise BadRow(NON_STRING_FIELD, f"field {key!r} must be a number, got {short_repr(value)}") from None
     parsed = _parse_standard(row) if "prompt" in row else _parse_implicit(row)
+    # NaN and infinite scores (JSON's NaN and Infinity, 1e999, "nan") order nothing: such a pair is
+    # dropped and counted, never trained on.
+    if not all(math.isfinite(s) for s in scores):
+        raise DroppedRow(NON_FINITE_SCORE)
     if scores[0] == scores[1]:
         raise DroppedRow(TIED_SCORES)
     if scores[0] < scores[1]:
         raise DroppedRow(REVERSED_SCORES)
     return parsed
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(prompt: str | tuple[Message, ...], chosen: str, rejected: str) -> None:
+    """Refuse text that is not Unicode: JSON's ``\\ud800`` escapes give lone surrogates, which no
+    tokenizer or UTF-8 file takes."""
+    texts = [prompt] if isinstance(prompt, str) else [t for m in prompt for t in (m["role"], m["content"])]
+    for text in (*texts, chosen, rejected):
+        if (found := _SURROGATE.search(text)) is not None:
+            raise BadRow(
+                UNPARSEABLE, f"text holds a lone surrogate ({found.group()!a} at {found.start()}), not Unicode"
+            )
 
 
 PARSERS = {

@@ -3,6 +3,10 @@
 Conversational prompts are rendered with the tokenizer's chat template when it has one;
 otherwise with the plain template of :func:`render_plain`:
 ``"System: ...\n\nUser: ...\n\nAssistant: ...\n\nUser: ...\n\nAssistant:"``.
+
+A chat template is code that comes with the model: each rendering runs under a time limit
+(:data:`CHAT_TEMPLATE_TIME_LIMIT_S`), and a template that raises or runs past it is a
+:class:`TemplateFailed` naming the tokenizer (a DataError; the caller adds the row).
 """
 
 from __future__ import annotations
@@ -20,9 +24,35 @@ from sdpo_core.config import DataConfig
 from sdpo_core.files import atomic_path
 from sdpo_core.hashing import sha256_bytes, sha256_file, sha256_json
 from sdpo_core.logprobs import TokenizedPair
-from sdpo_core.pairs import Message, PreferencePair, read_pairs
+from sdpo_core.pairs import DataError, Message, PreferencePair, read_pairs
+from sdpo_core.time_limit import TimeLimitExceeded, call_with_time_limit
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+CHAT_TEMPLATE_TIME_LIMIT_S = 30.0
+"""The longest one rendering (and tokenization) of a prompt with a chat template may take. A real
+template renders in well under a millisecond and the longest prompt kept (dataset.MAX_PAIR_CHARS)
+tokenizes in seconds; a template that runs longer is looping (nested loops, jinja's sandbox caps
+only a single range), and would otherwise hang the run."""
+
+
+class TemplateFailed(DataError):
+    """A chat template that raised, or ran past its time limit, on a prompt."""
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[Any], **kwargs: Any) -> Any:
+    """``tokenizer.apply_chat_template`` under the time limit, its failures as TemplateFailed."""
+    name = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}"
+    try:
+        return call_with_time_limit(
+            lambda: tokenizer.apply_chat_template(messages, **kwargs), CHAT_TEMPLATE_TIME_LIMIT_S
+        )
+    except TimeLimitExceeded:
+        raise TemplateFailed(f"{name} did not finish within {CHAT_TEMPLATE_TIME_LIMIT_S:g} s (does it loop?)") from None
+    except Exception as exc:  # jinja's TemplateError, or anything the template's code raised
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise TemplateFailed(f"{name} failed: {type(exc).__name__}: {detail}") from None
 
 
 def render_plain(messages: Sequence[Message]) -> str:
@@ -41,7 +71,7 @@ def render_prompt(prompt: str | Sequence[Message], tokenizer: Any) -> tuple[str,
     if isinstance(prompt, str):
         return prompt, False
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        text = _apply_chat_template(tokenizer, list(prompt), tokenize=False, add_generation_prompt=True)
         return text, True
     return render_plain(prompt), False
 
@@ -73,8 +103,8 @@ def encode_pair(pair: PreferencePair, tokenizer: Any) -> TokenizedPair:
 
 
 def _chat_ids(tokenizer: Any, messages: list[Any], add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    out = _apply_chat_template(
+        tokenizer, messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
     )
     return list(out["input_ids"])
 
