@@ -68,10 +68,13 @@ def preflight(cfg: RunConfig, data_dir: Path) -> tuple[PreparedData, DataReport]
     before Prefect starts: bad input fails in seconds, with one message, before anything is
     tracked. The flow is handed the prepared data and does not read the sources again.
     """
+    from sdpo_core.harness import check_available
     from sdpo_core.model_io import check_model_source
     from tasks.data import prepare
 
     check_model_source(cfg.model)
+    if not cfg.train.deployment:  # a deployment's worker runs the harness, and checks for it there
+        check_available(cfg)  # evaluate.harness without lm_eval: exit 2 with the install hint
     check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     return prepare(cfg, data_dir)
 
