@@ -10,6 +10,10 @@ its own process (so peak memory is the process's own), alternating, after a warm
   done when the trainer is built, is timed.
 - ``sdpo_mask`` (only when asked for): sdpo with split attention turned off, so a shared-prompt
   layout attends through its 4-D mask; measures what split attention buys.
+- ``sdpo_lora`` (only when asked for): sdpo's step with a LoRA adapter (``train.lora``: rank
+  ``--lora-r``, alpha 2r, on the attention projections); only the adapter trains, so AdamW keeps
+  no moments for the base weights and no gradient of theirs is stored. Its losses differ from the
+  others' (another update), so no loss difference is reported against it.
 
 Both get the pairs as token ids (TRL's own text preprocessing is bypassed, so neither side
 tokenizes differently) and see the same batches in the same order (TRL reads the pairs in
@@ -56,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("sdpo", "trl", "trl_precompute", "sdpo_mask")
+VARIANTS = ("sdpo", "trl", "trl_precompute", "sdpo_mask", "sdpo_lora")
 DEFAULT_VARIANTS = ("sdpo", "trl", "trl_precompute")
 PAD_ID = 2  # EOS of the shipped tokenizer, as load_tokenizer sets it
 # Model sizes: the shipped model, a ~20M-parameter Llama built from its config (random weights),
@@ -323,8 +327,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         from sdpo_core.attention import refuse
 
         refuse(model.get_decoder(), "turned off by the benchmark (variant sdpo_mask)")
+    if args.variant == "sdpo_lora":
+        from sdpo_core.config import LoraConfig
+        from sdpo_core.lora import with_adapter
+
+        model = with_adapter(model, LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r))
     warm_up(model, pairs, PAD_ID, args.device)
-    if args.variant in ("sdpo", "sdpo_mask"):
+    if args.variant in ("sdpo", "sdpo_mask", "sdpo_lora"):
         step = lambda: run_sdpo(model, pairs, PAD_ID, args, train_cfg, loss_cfg)  # noqa: E731
     else:
         step = prepare_trl(model, pairs, args, train_cfg, precompute=args.variant == "trl_precompute")
@@ -349,6 +358,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "variant": args.variant,
         "size": args.size,
         "params": n_params,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "pairs": len(pairs),
         "tokens": tokens,
         "seconds": seconds,
@@ -435,6 +445,8 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
         str(args.pass_tokens or 0),
         "--layout",
         args.layout,
+        "--lora-r",
+        str(args.lora_r),
         *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
     ]
     env = {
@@ -465,6 +477,7 @@ def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, An
         med["losses"] = mine[0]["losses"]
         med["mfu"] = mine[0]["train_flops"] / med["seconds"] / rate
         med["params"] = mine[0]["params"]
+        med["trainable_params"] = mine[0]["trainable_params"]
         med["tokens"] = mine[0]["tokens"]
         if "peak_gpu_mib" in mine[0]:
             med["peak_gpu_mib"] = statistics.median(r["peak_gpu_mib"] for r in mine)
@@ -482,6 +495,24 @@ def round_ratios(runs: list[dict[str, Any]], other: str) -> list[float]:
     speed = {(r["variant"], r["round"]): r["pairs_per_s"] for r in runs}
     rounds = sorted({r["round"] for r in runs})
     return [speed["sdpo", i] / speed[other, i] for i in rounds if ("sdpo", i) in speed and (other, i) in speed]
+
+
+def lora_line(size: str, per: dict[str, Any]) -> str:
+    """LoRA's step against full training: trainable parameters, memory and speed ('' without both)."""
+    full, lora = per["variants"].get("sdpo"), per["variants"].get("sdpo_lora")
+    if full is None or lora is None:
+        return ""
+    mem = "peak_gpu_mib" if "peak_gpu_mib" in full else "peak_rss_mib"
+    step = (
+        f", step {lora['step_rss_mib']:.0f} MiB against {full['step_rss_mib']:.0f}"
+        if lora.get("step_rss_mib") is not None and full.get("step_rss_mib") is not None
+        else ""
+    )
+    return (
+        f"{size}: LoRA trains {lora['trainable_params']:,} of {lora['params']:,} parameters; peak "
+        f"{lora[mem]:.0f} MiB against {full[mem]:.0f} (full training){step}; "
+        f"{lora['pairs_per_s'] / full['pairs_per_s']:.2f}x its speed"
+    )
 
 
 def table(results: dict[str, Any]) -> str:
@@ -546,6 +577,7 @@ def add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layout", choices=["auto", "shared", "padded"], default="auto", help="sdpo's batch layout (auto: per device)"
     )
+    parser.add_argument("--lora-r", type=int, default=8, help="the sdpo_lora variant's adapter rank")
     parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -604,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats",
                 "threads",
                 "gradient_checkpointing",
+                "lora_r",
             )
         },
         "sizes": {},
@@ -642,9 +675,10 @@ def main(argv: list[str] | None = None) -> int:
                     r[f"gpu_memory_vs_{other}"] = ours["peak_gpu_mib"] / theirs["peak_gpu_mib"]
                 if ours["step_rss_mib"] is not None and theirs["step_rss_mib"] is not None:
                     r[f"step_memory_vs_{other}"] = ours["step_rss_mib"] / theirs["step_rss_mib"]
-                r[f"max_loss_diff_vs_{other}"] = max(
-                    abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)
-                )
+                if other != "sdpo_lora":  # LoRA trains another update: its losses are its own
+                    r[f"max_loss_diff_vs_{other}"] = max(
+                        abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)
+                    )
             if "trl" in per:
                 # About the most speed any implementation of sdpo's computation could show here.
                 r["speed_bound_vs_trl"] = per["trl"]["seconds"] / ours["flops_floor_seconds"]
@@ -655,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for size, per in results["sizes"].items():
+        print(lora_line(size, per))
         if "speed_vs_sdpo_mask" in per["ratios"].get("sdpo", {}):
             print(f"{size}: split attention {per['ratios']['sdpo']['speed_vs_sdpo_mask']:.2f}x the 4-D mask")
     samples = ", ".join(f"{r / 1e9:.1f}" for r in rates)

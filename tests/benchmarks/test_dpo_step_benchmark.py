@@ -91,3 +91,27 @@ def test_with_gradient_checkpointing_on_both_sides_the_losses_still_match(tmp_pa
     result = json.loads(out.read_text())
     assert result["settings"]["gradient_checkpointing"] is True
     assert result["sizes"]["tiny"]["ratios"]["sdpo"]["max_loss_diff_vs_trl"] < 1e-4
+
+
+@pytest.mark.slow
+def test_the_lora_variant_reports_its_memory_beside_full_training(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.dpo_step", "--sizes", "tiny", "--variants", "sdpo,sdpo_lora",
+            "--pairs", "8", "--batch-size", "4", "--max-length", "96", "--max-prompt-length", "48", "--lora-r", "4",
+            "--out", str(out), "--scratch", str(tmp_path / "scratch"),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["settings"]["lora_r"] == 4
+    tiny = result["sizes"]["tiny"]
+    full, lora = tiny["variants"]["sdpo"], tiny["variants"]["sdpo_lora"]
+    assert full["trainable_params"] == full["params"]
+    assert 0 < lora["trainable_params"] < full["params"] / 10, "only the adapter trains"
+    assert lora["pairs_per_s"] > 0 and lora["peak_rss_mib"] > 0 and len(lora["losses"]) == 2
+    assert "max_loss_diff_vs_sdpo_lora" not in tiny["ratios"]["sdpo"], "LoRA's losses are its own"
+    assert tiny["ratios"]["sdpo"]["memory_vs_sdpo_lora"] > 0
+    assert "tiny: LoRA trains" in proc.stdout and "against" in proc.stdout
