@@ -3,7 +3,10 @@ traceback, and nothing written to the workspace or registered."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,16 @@ BROKEN_DATA = {
     "invalid_utf8.jsonl": ": not UTF-8 text",
     "wrong_columns.csv": ", line 2: cannot tell the data format",
     "ragged.csv": ", line 3: expected 3 columns",
+    "deeply_nested.jsonl": ", line 3: JSON nested too deeply",
+    "deeply_nested.json": ": JSON nested too deeply",
+    "huge_integer.jsonl": ", line 3: a JSON integer too long to read (Exceeds the limit (4300 digits)",
+    "nonfinite_scores.jsonl": ": no usable pairs (6 rows read, dropped: {'score not a finite number': 6})",
+    "lone_surrogate.jsonl": ", line 4: text holds a lone surrogate ('\\udce9' at 3)",
+    "nul_byte.jsonl": ", line 3: not valid JSON: Invalid control character at column 14",
+    "prompt_dict.jsonl": ", line 1: field 'prompt' must be a non-empty list of messages",
+    "bom_only.jsonl": ": the file is empty",
+    "empty.csv": ": the file is empty",
+    "scalar.json": ", line 1: a row must be an object, got str",
 }
 
 
@@ -98,6 +111,137 @@ def test_huge_single_line_is_read_and_counted_not_tokenized(tmp_path: Path, work
     recipe = write_recipe(tmp_path, "huge")
     code, _, err = _run(["run", "-c", str(recipe), f"data.sources=[{{path: '{broken}'}}]"], capsys)
     assert code == 2 and err.startswith(f"sdpo: error: {broken}, line 1: not valid JSON"), err[:300]
+    _nothing_written(tmp_path, workspace)
+
+
+def _fails_cleanly(tmp_path: Path, workspace: Path, capsys, expected: str, *overrides: str) -> str:
+    """`sdpo run --dry-run` (then `sdpo run`) with the overrides: exit 2 and one line starting with
+    ``expected``, nothing written; returns the message."""
+    recipe = write_recipe(tmp_path, "hostile")
+    for dry in (["--dry-run"], []):
+        code, _, err = _run(["run", *dry, "-c", str(recipe), *overrides], capsys)
+        assert code == 2 and err.startswith(f"sdpo: error: {expected}"), err[:500]
+        assert err.count("\n") == 1 and "Traceback" not in err, err[:500]
+        _nothing_written(tmp_path, workspace)
+    return err
+
+
+def test_gzip_holding_a_huge_line_fails_fast(tmp_path: Path, workspace: Path, capsys) -> None:
+    """1.5 MB on disk, a 1.5 GB line inside: a MemoryError at 3.4 GB before; now one message naming
+    the line, in seconds."""
+    from tests.sdpo_core.test_bounded_input import write_gzip_with_huge_line
+
+    path = write_gzip_with_huge_line(tmp_path / "huge.jsonl.gz")
+    start = time.monotonic()
+    _fails_cleanly(
+        tmp_path, workspace, capsys, f"{path}, line 2: a line longer than", f"data.sources=[{{path: '{path}'}}]"
+    )
+    assert time.monotonic() - start < 60
+
+
+def test_gzip_bomb_of_short_rows(tmp_path: Path, workspace: Path, capsys, monkeypatch) -> None:
+    from sdpo_core import sources
+
+    monkeypatch.setattr(sources, "GZIP_MIN_BYTES", 1 << 20)  # (the limit: 1 MiB, this file's 20 MB hold 300000 rows)
+    monkeypatch.setattr(sources, "GZIP_MAX_RATIO", 10)
+    path = tmp_path / "bomb.jsonl.gz"
+    row = json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."}) + "\n"
+    path.write_bytes(gzip.compress(row.encode() * 300_000, mtime=0))
+    _fails_cleanly(
+        tmp_path, workspace, capsys, f"{path}, line ", f"data.sources=[{{path: '{path}'}}]", "data.skip_bad_rows=true"
+    )
+
+
+def test_csv_with_a_10_mb_field(tmp_path: Path, workspace: Path, capsys) -> None:
+    path = tmp_path / "wide.csv"
+    path.write_text('prompt,chosen,rejected\n"' + "x" * (10 << 20) + '",a,b\n')
+    expected = f"{path}, line 2: not valid CSV: field larger than field limit (131072)"
+    _fails_cleanly(tmp_path, workspace, capsys, expected, f"data.sources=[{{path: '{path}'}}]")
+
+
+def test_row_with_200000_fields_is_a_short_message(tmp_path: Path, workspace: Path, capsys) -> None:
+    path = tmp_path / "wide.jsonl"
+    path.write_text(json.dumps({f"field{i}": i for i in range(200_000)}) + "\n")
+    expected = f"{path}, line 1: cannot tell the data format from the fields ['field0', "
+    err = _fails_cleanly(tmp_path, workspace, capsys, expected, f"data.sources=[{{path: '{path}'}}]")
+    assert len(err) < 1000
+
+
+def _model_with_template(tmp_path: Path, template: str) -> Path:
+    model = tmp_path / "templated-model"
+    shutil.copytree(REPO / "models" / "stories260K", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return model
+
+
+def _conversational(tmp_path: Path) -> Path:
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": f"Answer {i}.", "rejected": "No."}
+            for i in range(30)]  # fmt: skip
+    rows.insert(3, {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+                    "chosen": "Hello.", "rejected": "Go."})  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        pytest.param(
+            "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+            "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "line 4: the chat template of {model} failed: TemplateError: System role not supported",
+            id="raises",
+        ),
+        pytest.param(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "line 1: the chat template of {model} did not finish within 1 s (does it loop?)",
+            id="loops",
+        ),
+    ],
+)
+def test_chat_template_that_raises_or_loops(
+    template: str, expected: str, tmp_path: Path, workspace: Path, capsys, monkeypatch
+) -> None:
+    """Caught at --dry-run (prepare tokenizes every pair), naming the row and the template."""
+    from sdpo_core import tokenization
+
+    monkeypatch.setattr(tokenization, "CHAT_TEMPLATE_TIME_LIMIT_S", 1.0)
+    model, data = _model_with_template(tmp_path, template), _conversational(tmp_path)
+    overrides = (f"model.name_or_path={model}", f"data.sources=[{{path: '{data}', name: chat}}]")
+    _fails_cleanly(tmp_path, workspace, capsys, f"{data}, " + expected.format(model=model), *overrides)
+
+
+def test_hostile_rows_are_counted_when_skipped(tmp_path: Path, workspace: Path, capsys) -> None:
+    """Deep nesting, a huge integer and a lone surrogate are bad rows that skip_bad_rows counts;
+    non-finite scores are always dropped and counted, and shown where drops are shown."""
+    names = ("deeply_nested.jsonl", "huge_integer.jsonl", "lone_surrogate.jsonl")
+    sources = ", ".join(f"{{path: '{HOSTILE / n}', name: {n.split('.')[0]}}}" for n in names)
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text(
+        (HOSTILE / "nonfinite_scores.jsonl").read_text()
+        + "".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"A{i}.", "rejected": "No.", "score_chosen": 5,
+                              "score_rejected": 1}) + "\n" for i in range(10))
+    )  # fmt: skip
+    sources += f", {{path: '{scored}', name: scored}}"
+    args = [
+        "data",
+        "inspect",
+        str(write_recipe(tmp_path, "skip")),
+        f"data.sources=[{sources}]",
+        "data.skip_bad_rows=true",
+    ]
+    code, out, err = _run([*args[:2], "--json", *args[2:]], capsys)
+    assert code == 0, err
+    by_name = {s["name"]: s for s in json.loads(out)["sources"]}
+    assert by_name["deeply_nested"]["dropped"]["unparseable row"] == 1
+    assert by_name["huge_integer"]["dropped"]["unparseable row"] == 1
+    assert by_name["lone_surrogate"]["dropped"]["unparseable row"] == 1
+    assert by_name["scored"]["dropped"] == {"score not a finite number": 6}
+    assert by_name["scored"]["rows"] == 16 and by_name["scored"]["train"] + by_name["scored"]["eval"] == 10
+    code, out, _ = _run(args, capsys)
+    assert code == 0 and "score not a finite number 6" in out
     _nothing_written(tmp_path, workspace)
 
 
