@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows import data_inspect
+from flows import continual_cli, data_inspect
 from sdpo_core.locks import file_lock
 from tasks.workspace import configure_environment
 
@@ -59,7 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dry-run", action="store_true", help="check the config and data, print the resolved config, stop"
     )
+    run.add_argument(
+        "--continue",
+        dest="continue_chain",
+        action="store_true",
+        help="continual sDPO: train the batches new in data.watch as the next steps after final (flows/continual.py)",
+    )
+    experiment = sub.add_parser(
+        "experiment",
+        help="compare sDPO with plain DPO and controls: arms x seeds, with intervals and plots",
+        description=(
+            "Run every arm of an experiment recipe with every seed on one shared data preparation "
+            "and one M0, then compare the final models on the shared eval split (comparison.md, "
+            "comparison.json and PNG plots, also in MLflow and as Prefect artifacts)."
+        ),
+    )
+    experiment.add_argument(
+        "--config", "-c", default="recipes/experiments/default.yaml", help="experiment recipe (default: %(default)s)"
+    )
+    experiment.add_argument("overrides", nargs="*", metavar="key.sub=value", help="settings on top of the recipe")
+    experiment.add_argument("--dry-run", action="store_true", help="check the recipe, every arm and the data, stop")
     data_inspect.add_parser(sub)
+    continual_cli.add_parsers(sub)
     return parser
 
 
@@ -141,6 +162,10 @@ def _run(args: argparse.Namespace) -> int:
     from tasks.workspace import run_folder, workspace_root
 
     cfg = load_config(args.config, args.overrides)
+    if args.continue_chain and not args.dry_run:  # the flow finds the chain and its new data itself
+        check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        create_prefect_database()
+        return continual_cli.run_continue(cfg)
     if args.dry_run:
         with tempfile.TemporaryDirectory() as scratch:
             _, report = preflight(cfg, Path(scratch) / "data")
@@ -178,12 +203,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from flows.experiment import base_config
+    from sdpo_core.experiment_config import load_experiment
+    from tasks.workspace import run_folder, workspace_root
+
+    exp = load_experiment(args.config, args.overrides)
+    cfg = base_config(exp)
+    if args.dry_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            _, report = preflight(cfg, Path(scratch) / "data")
+        for arm in exp.arms:
+            print(f"arm {arm.name}: seeds {list(exp.seeds)}, settings {dict(arm.set) or 'the pipeline recipe'}")
+        print(data_inspect.format_report(report, cfg))
+        return 0
+    run_dir = run_folder(workspace_root(), exp.name)
+    try:
+        prepared, _ = preflight(cfg, run_dir / "data")
+        create_prefect_database()
+        from flows.experiment import sdpo_experiment
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet
+        raise
+    result = sdpo_experiment(config=exp, prepared=prepared, run_dir=str(run_dir))
+    print()
+    print(result.markdown)
+    print("Files:", *result.files, sep="\n  ")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_environment()
     from sdpo_core.checkpoint import CheckpointBusy
     from sdpo_core.config import ConfigError
+    from sdpo_core.continual import ChainBusy, ChainError
     from sdpo_core.data import DataError
+    from sdpo_core.files import DiskFullError
     from sdpo_core.model_io import ModelError
     from sdpo_core.redact import redact
     from sdpo_core.train import TrainingError
@@ -193,15 +252,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command in continual_cli.COMMANDS:
+            return continual_cli.run_command(args)
+        if args.command == "experiment":
+            return _experiment(args)
         return data_inspect.run_inspect(args)
     except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable, CredentialsError) as exc:
         print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ChainError as exc:  # continual sDPO: a foreign or broken chain, another base model
+        print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ChainBusy as exc:
+        print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     except TrainingError as exc:
         print(f"sdpo: training failed: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except CheckpointBusy as exc:
         print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    except DiskFullError as exc:
+        print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
+        print(f"sdpo: {RESUME_HINT}", file=sys.stderr)
         return EXIT_FAILED
     except UploadError as exc:
         print(f"sdpo: storage failed: {redact(str(exc))}", file=sys.stderr)

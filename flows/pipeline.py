@@ -8,7 +8,6 @@ move together to this run's versions. Nothing happens at import time.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from flows.train_step import run_train_deployment
 from sdpo_core.config import ConfigError, RunConfig
 from sdpo_core.model_io import check_model_source
 from sdpo_core.records import PreparedData, TrainStepSpec
-from sdpo_core.redact import redact_log_handlers
+from sdpo_core.redact import redact_run_logs
 from tasks import tracking
 from tasks.blocks import S3Access, read_access
 from tasks.data import partition, prepare_data
@@ -153,9 +152,7 @@ def sdpo_pipeline(
         parent_run_id: an MLflow run to nest this run under (an experiment's parent run).
         run_dir: this run's folder under the workspace; None: the one holding ``prepared``, or new.
     """
-    # Log lines stored by Prefect or printed pass through the one redaction (sdpo_core.redact).
-    loggers = ("", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")  # Prefect's handlers
-    redact_log_handlers(*(logging.getLogger(name) for name in loggers))
+    redact_run_logs()  # log lines printed or stored by Prefect pass through the one redaction
     # The block's credentials are read once and handed to every S3 client of the run.
     access = read_access(config.storage.credentials_block)
     return run_pipeline(config, workspace_root(), prepared, access, parent_run_id, run_dir)

@@ -52,8 +52,10 @@ def sdpo_train_step(spec: TrainStepSpec, context: RunLocation) -> dict:
         OutsideWorkspace: a path of ``spec`` or ``context`` lies outside the worker's workspace;
             nothing has been read or written.
     """
+    from sdpo_core.redact import redact_run_logs
     from tasks.workspace import workspace_root
 
+    redact_run_logs()  # log lines printed or stored by Prefect pass through the one redaction
     # Whoever can call the Prefect API chooses these parameters: every path is moved into this
     # worker's own workspace (SDPO_HOME, else .sdpo in its working folder) and checked there
     # before anything else happens, so a run cannot write or delete outside it.

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sdpo_core.config import ModelConfig
+from sdpo_core.files import disk_full_error, is_disk_full
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -147,9 +148,14 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, Any]) 
     tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.partial")
     aside = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        except Exception as exc:
+            if is_disk_full(exc):  # a clear error, not retried (tasks.retries); the partial folder goes
+                raise disk_full_error(out_dir, exc) from exc
+            raise
         if out_dir.exists():
             out_dir.rename(aside)  # a folder cannot be renamed over a non-empty one
         try:

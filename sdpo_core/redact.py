@@ -102,3 +102,13 @@ def redact_log_handlers(*loggers: logging.Logger) -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(RedactingFilter())
+
+
+RUN_LOGGERS = ("", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")
+"""The loggers whose handlers print or store a flow run's log lines (the root's and Prefect's)."""
+
+
+def redact_run_logs() -> None:
+    """Pass every log line a flow run prints or Prefect stores through :func:`redact`; each flow
+    (pipeline, train step, experiment) calls this when it starts."""
+    redact_log_handlers(*(logging.getLogger(name) for name in RUN_LOGGERS))

@@ -76,3 +76,34 @@ def test_a_config_json_that_is_not_json_fails_the_folder_check(tmp_path: Path) -
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match=r"config\.json: not valid JSON"):
         check_model_folder(folder)
+
+
+def test_a_full_disk_while_saving_a_model_is_one_clear_error_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from sdpo_core.files import DiskFullError
+    from sdpo_core.model_io import load_tokenizer, save_model
+
+    cfg = ModelConfig(name_or_path=str(REPO / "models" / "stories260K"))
+    model, tokenizer = load_model(cfg), load_tokenizer(cfg)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", full)
+    with pytest.raises(DiskFullError, match="step-1"):
+        save_model(model, tokenizer, tmp_path / "step-1", {})
+    assert list(tmp_path.iterdir()) == []  # no partial folder, no target
+
+
+def test_the_cli_reports_a_full_disk_with_how_to_resume(monkeypatch, capsys) -> None:
+    import flows.cli
+    from sdpo_core.files import DiskFullError
+
+    def full(args):
+        raise DiskFullError(28, "the disk is full while writing /x/step-1")
+
+    monkeypatch.setattr(flows.cli, "_run", full)
+    assert flows.cli.main(["run", "--config", "recipes/default.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "run the same command again" in err
