@@ -77,6 +77,49 @@ def run_arms(
     return results
 
 
+def comparison_pairs(exp: ExperimentConfig, prepared: PreparedData) -> tuple[np.ndarray, list[int]]:
+    """Which eval pairs the arms are compared on (a bool mask) and the validation pairs' indices:
+    with an ExPO arm, a share of the eval prompts is set apart to choose its alpha."""
+    from sdpo_core.data import read_pairs
+    from sdpo_core.expo import validation_mask
+
+    keys = [p.prompt_key for p in read_pairs(Path(prepared.eval_path))]
+    if exp.expo is None:
+        return np.ones(len(keys), dtype=bool), []
+    validation = validation_mask(keys, exp.expo.validation_fraction)
+    if validation.all() or not validation.any():
+        from sdpo_core.config_rules import ConfigError
+
+        raise ConfigError([f"expo.validation_fraction: leaves no pairs on one side of the {len(keys)} eval pairs"])
+    return ~validation, [int(i) for i in np.flatnonzero(validation)]
+
+
+def run_expo(
+    exp: ExperimentConfig,
+    cfg: RunConfig,
+    ctx: RunContext,
+    prepared: PreparedData,
+    results: dict[str, dict[int, PipelineResult]],
+    validation: list[int],
+) -> dict[int, PipelineResult]:
+    """The ExPO arm: each seed's final model of ``expo.from_arm`` extrapolated from M0, alpha
+    chosen on the validation pairs, registered as its own version. Its budget is its source's."""
+    import dataclasses
+
+    from tasks.experiment import expo_model
+
+    assert exp.expo is not None
+    out = {}
+    for seed, res in results[exp.expo.from_arm].items():
+        chosen = expo_model(
+            cfg, ctx, f"{exp.name}-expo-s{seed}", res.rows[-1]["version"], res.m0_version,
+            list(exp.expo.alphas), validation, prepared.eval_path,
+        )  # fmt: skip
+        row = res.rows[-1] | {"version": chosen["version"], "chunk": f"expo alpha {chosen['alpha']:g}", "expo": chosen}
+        out[seed] = dataclasses.replace(res, rows=[*res.rows[:-1], row])
+    return out
+
+
 def budgets(exp: ExperimentConfig, results: dict[str, dict[int, PipelineResult]]) -> dict[str, dict[str, Any]]:
     """Pairs trained and optimizer steps per arm (the same for each of its seeds, or listed)."""
     out = {}
@@ -113,6 +156,7 @@ def compare(
     def scores(uri: str, path: str, what: str) -> dict:
         return load_scores(reference_logps(cfg, ctx, uri, path, what))
 
+    keep, _ = comparison_pairs(exp, prepared)
     m0_eval = scores(m0_uri, prepared.eval_path, "eval")
     outcomes: dict[str, dict[str, np.ndarray]] = {}
     for arm, by_seed in results.items():
@@ -121,7 +165,11 @@ def compare(
                           m0_eval, cfg.loss.beta)
             for res in by_seed.values()
         ]  # fmt: skip
-        outcomes[arm] = {m: np.stack([o[m] for o in per_seed]) for m in per_seed[0]}
+        outcomes[arm] = {m: np.stack([o[m][keep] for o in per_seed]) for m in per_seed[0]}
+
+    sampled = sampled_outcomes(exp, cfg, ctx, prepared, results, m0_uri, keep)
+    for arm, metrics in sampled.items():
+        outcomes[arm] |= metrics
 
     # Fig. 2 done so that rows compare: every model of each arm's first seed on the same columns,
     # the chunks of the compared-to arm (by source) and the eval split.
@@ -132,6 +180,7 @@ def compare(
         f"{arm} M{row['step']}": version_uri(ctx.model_name, row["version"])
         for arm, by_seed in results.items()
         for row in by_seed[first].rows
+        if arm != "expo" or row is by_seed[first].rows[-1]  # ExPO adds only its final model
     }
     matrix = gamma_matrix(
         {label: {col: scores(uri, path, col) for col, path in columns.items()} for label, uri in models.items()}
@@ -152,7 +201,9 @@ def compare(
     comparison = {
         "name": exp.name,
         "seeds": list(exp.seeds),
-        "eval_pairs": int(len(m0_eval["chosen"])),
+        "eval_pairs": int(keep.sum()),
+        "validation_pairs": int((~keep).sum()),
+        "expo": {str(seed): res.rows[-1]["expo"] for seed, res in results.get("expo", {}).items()},
         "budgets": budgets(exp, results),
         "comparison": compare_arms(outcomes, exp.compare_to, **stats),
         "gamma_matrix": matrix,
@@ -169,6 +220,43 @@ def compare(
         },
     }
     return comparison, curves
+
+
+def sampled_outcomes(
+    exp: ExperimentConfig,
+    cfg: RunConfig,
+    ctx: RunContext,
+    prepared: PreparedData,
+    results: dict[str, dict[int, PipelineResult]],
+    m0_uri: str,
+    keep: np.ndarray,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per arm, (seeds, prompts) each: the sampled KL(pi_t || pi_0) on held-out prompts, and the
+    gold-reward win rate against M0 when the recipe names gold prompts."""
+    from tasks.experiment import eval_prompts, gold_outcomes, read_prompts, sample_model, sampled_kl
+
+    e = exp.evaluation
+    out: dict[str, dict[str, list[np.ndarray]]] = {arm: {} for arm in results}
+    kl_prompts = eval_prompts(prepared.eval_path, e.kl_prompts, keep) if e.kl_prompts else []
+    if not all(isinstance(p, str) for p in kl_prompts):
+        kl_prompts = []  # conversational prompts: sampling takes plain text (no KL then)
+    gold_prompts = read_prompts(e.gold_prompts) if e.gold_prompts else []
+    m0_gold = (
+        sample_model(cfg, ctx, m0_uri, gold_prompts, e.gold_samples, e.max_new_tokens, e.seed, "gold")
+        if gold_prompts
+        else None
+    )
+    for arm, by_seed in results.items():
+        for res in by_seed.values():
+            uri = version_uri(ctx.model_name, res.rows[-1]["version"])
+            if kl_prompts:
+                own = sample_model(cfg, ctx, uri, kl_prompts, e.kl_samples, e.max_new_tokens, e.seed, "kl")
+                kl = sampled_kl(cfg, ctx, uri, m0_uri, own, e.kl_samples)
+                out[arm].setdefault("kl_vs_m0", []).append(kl)
+            if m0_gold is not None:
+                gold = sample_model(cfg, ctx, uri, gold_prompts, e.gold_samples, e.max_new_tokens, e.seed, "gold")
+                out[arm].setdefault("gold_win_rate", []).append(gold_outcomes(gold, m0_gold, e.gold_samples))
+    return {arm: {m: np.stack(v) for m, v in metrics.items()} for arm, metrics in out.items()}
 
 
 def run_experiment(
@@ -189,6 +277,8 @@ def run_experiment(
     tracking.log_yaml(c, ctx.parent_run_id, exp.model_dump(mode="json"), "experiment.yaml", Path(folder), access)
     try:
         results = run_arms(exp, root, prepared, ctx.parent_run_id)
+        if exp.expo is not None:
+            results["expo"] = run_expo(exp, cfg, ctx, prepared, results, comparison_pairs(exp, prepared)[1])
         comparison, curves = compare(exp, cfg, ctx, prepared, results)
         files = publish_comparison(ctx, comparison, curves, LOSS_STEP)
     except BaseException:
@@ -210,4 +300,7 @@ def sdpo_experiment(
             early check); None prepares it here.
         run_dir: the experiment's folder under the workspace; None makes a new one.
     """
+    from sdpo_core.redact import redact_run_logs
+
+    redact_run_logs()  # log lines printed or stored by Prefect pass through the one redaction
     return run_experiment(config, workspace_root(), prepared, run_dir)

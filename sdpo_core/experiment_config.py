@@ -59,6 +59,21 @@ class EvaluationConfig(Section):
     seed: StrictInt = Field(0, description="Seed of the sampling and of the bootstrap.")
 
 
+class ExpoConfig(Section):
+    """ExPO (sdpo_core.expo): an extra arm extrapolating another arm's final models from M0."""
+
+    from_arm: StrictStr = Field("sdpo", description="The arm whose final model of each seed is extrapolated.")
+    alphas: tuple[Number, ...] = Field(
+        (0.0, 0.25, 0.5, 1.0),
+        description="Candidate alphas; the best on the validation pairs is registered (0 is the arm's own model).",
+    )
+    validation_fraction: Number = Field(
+        0.5,
+        description=one_line("""Share of the eval split's prompts set apart to choose alpha; every arm is then
+        compared on the rest only, so alpha is never chosen on the pairs it is judged on."""),
+    )
+
+
 class ExperimentConfig(Section):
     """Arms of stepwise and plain DPO compared on one shared data preparation and one M0."""
 
@@ -70,6 +85,7 @@ class ExperimentConfig(Section):
     arms: tuple[ArmConfig, ...] = Field(description="The arms, run in this order.")
     compare_to: StrictStr = Field("sdpo", description="The arm every other arm is compared with.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="The comparison.")
+    expo: ExpoConfig | None = Field(None, description="An ExPO arm (extrapolated models); None: none.")
 
     def arm(self, name: str) -> ArmConfig:
         return next(a for a in self.arms if a.name == name)
@@ -118,6 +134,15 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
             problems.append(f"evaluation.{key}: must be positive, got {getattr(e, key)}")
     if e.gold_prompts is not None and not Path(e.gold_prompts).is_file():
         problems.append(f"evaluation.gold_prompts: file not found: {e.gold_prompts}")
+    if exp.expo is not None:
+        if exp.expo.from_arm not in names:
+            problems.append(f"expo.from_arm: {exp.expo.from_arm!r} is not an arm")
+        if "expo" in names:
+            problems.append("arms: 'expo' is the name of the ExPO arm (expo:); name the other arm differently")
+        if not exp.expo.alphas or any(not (0 <= a <= 10) for a in exp.expo.alphas):
+            problems.append(f"expo.alphas: one or more numbers in [0, 10], got {list(exp.expo.alphas)}")
+        if not 0 < exp.expo.validation_fraction < 1:
+            problems.append(f"expo.validation_fraction: in (0, 1), got {exp.expo.validation_fraction}")
     if problems:
         return problems
     data_hashes: dict[str, str] = {}

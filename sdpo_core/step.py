@@ -54,7 +54,9 @@ def training_hash(cfg: RunConfig) -> str:
     return sha256_json(data)
 
 
-def checkpoint_dir(cfg: RunConfig, chunk: ChunkInfo, ref_dir: str | Path, root: str | Path) -> Path:
+def checkpoint_dir(
+    cfg: RunConfig, chunk: ChunkInfo, ref_dir: str | Path, root: str | Path, init_dir: str | Path = ""
+) -> Path:
     """The checkpoint folder of a train step: one per run name, training settings, chunk
     content and reference weights.
 
@@ -62,6 +64,8 @@ def checkpoint_dir(cfg: RunConfig, chunk: ChunkInfo, ref_dir: str | Path, root: 
     change to what the step learns from (see :func:`training_hash`) gives a new one.
     """
     ids = f"{training_hash(cfg)}|{chunk.content_hash}|{model_fingerprint(ref_dir)}"
+    if init_dir:  # a policy that does not start from the reference (train.init: base)
+        ids += f"|init:{model_fingerprint(init_dir)}"
     return Path(root) / f"{cfg.run_name}-step-{chunk.step}-{sha256_bytes(ids)[:16]}"
 
 
@@ -125,7 +129,9 @@ def train_from(
         torch.set_num_threads(cfg.train.num_threads)
     precision = resolve_precision(cfg.train, cfg.model, device)
     tokenizer = load_tokenizer(cfg.model, spec.ref_dir)
-    policy = with_adapter(load_model(cfg.model, spec.ref_dir, device, precision.master), cfg.train.lora)
+    # sDPO starts the policy from the reference; train.init=base starts it from M0 (init_dir).
+    start = spec.init_dir or spec.ref_dir
+    policy = with_adapter(load_model(cfg.model, start, device, precision.master), cfg.train.lora)
     pairs = tokenized_file(spec.chunk.path, tokenizer, cfg.data)
     ref = load_scores(spec.ref_scores)
     result = train_dpo(
@@ -144,7 +150,7 @@ def save_step_model(policy: Any, tokenizer: Any, spec: TrainStepSpec, trained: T
     lora = spec.config.train.lora
     if lora.r > 0 and lora.registered_as == "adapter":
         # Only the adapter, over the model the policy started from; loading it merges it there.
-        base = base_record(spec.ref_uri, spec.ref_dir)
+        base = base_record(spec.init_uri or spec.ref_uri, spec.init_dir or spec.ref_dir)
         saved = save_adapter(policy.to(dtype), tokenizer, Path(spec.out_dir), meta, base)
     else:
         policy = merged(policy)  # a LoRA step registers full weights: the next step's reference

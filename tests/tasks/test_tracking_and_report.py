@@ -108,7 +108,7 @@ def test_report_table_formats_rows_and_missing_values():
             "chunk": "orca",
             "pairs": 10,
             "m0_accuracy": 0.5,
-            "chunk/ref_gamma": -3.14159,
+            "eval/ref_gamma": -3.14159,
             "eval/reward_accuracy_vs_m0": 0.75,
             "eval/reward_margin_vs_m0": 0.1234,
             "eval/gamma": 2.0,
