@@ -59,10 +59,14 @@ TIER_TABLE = {
     "docker/test_docker.py::test_compose_matches_the_compose_specification": "integration",  # subprocess
     "docker/test_docker.py::test_docker_compose_config": "e2e",  # runs the docker CLI
     "flows/test_deployments.py": "e2e",  # a Prefect server, work pools and workers
+    "flows/test_deployment_ui_run.py": "e2e",  # serve.sh and a pipeline run started through the API
+    "tasks/test_model_metrics.py": "integration",  # MLflow on SQLite
     "flows/test_faults.py": "e2e",
     "flows/test_lora_pipeline.py": "e2e",  # a whole two-step pipeline with LoRA  # the CLI's whole run in processes that are killed and rerun
     "flows/test_partition_flow.py": "integration",  # a Prefect task tracked in MLflow
     "flows/test_cli_preflight.py": "integration",  # the CLI up to its checks, MLflow's client
+    "flows/test_experiment.py": "e2e",  # the experiment flow: arms x seeds of whole pipelines
+    "flows/test_continual.py": "e2e",  # continual sDPO: several whole continue runs of one chain
     "flows/test_pipeline.py::test_two_step_pipeline_registers_lineage": "e2e",
     "flows/test_pipeline.py::test_cli_run_writes_only_to_workspace_and_no_secret": "e2e",
     "flows/test_pipeline.py::test_cli_unreachable_tracking_server": "integration",  # MLflow's client
