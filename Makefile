@@ -6,19 +6,34 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch is pinned in the same pip command as everything else, so pip keeps the CPU build.
 TORCH := torch==2.13.0
+# Every other package at the version the tests passed with (`make lock` regenerates it).
+LOCK := requirements/cpu.lock
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q -c $(LOCK) $(TORCH)
 
 .PHONY: run test lint format bench serve clean ui-mlflow ui-prefect
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q $(TORCH) -e .
+$(VENV)/.installed-run: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --disable-pip-version-check -q $(TORCH) -e ".[test]"
+$(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP_INSTALL) -e ".[test]"
 	touch $@ $(VENV)/.installed-run
+
+# Regenerate the lock from pyproject.toml (all extras, Python 3.11, Linux) with uv, then commit it.
+# torch is left to pyproject.toml's pin: its build (CPU, CUDA) depends on the index an install uses,
+# and the CPU wheel's find-links keep CUDA-only packages (nvidia-*, triton) out of the lock.
+UV_VERSION := 0.13.9
+TORCH_FIND_LINKS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
+.PHONY: lock
+lock: | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra convert --extra harness --python-version 3.11 \
+	  --find-links $(TORCH_FIND_LINKS) --no-emit-package torch --custom-compile-command "make lock" \
+	  $(UV_ARGS) -o $(LOCK)
 
 run: $(VENV)/.installed-run
 	HF_HUB_OFFLINE=1 $(BIN)/sdpo run --config recipes/default.yaml $(ARGS)
@@ -55,13 +70,22 @@ ui-mlflow: $(VENV)/.installed-run
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(SDPO_HOME),.sdpo)/mlflow.db
 
 ui-prefect: $(VENV)/.installed-run
+	mkdir -p $(abspath $(or $(SDPO_HOME),.sdpo))/prefect
 	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect $(BIN)/prefect server start
 
 # A local Prefect server, the two work pools, the S3 credentials block type, the deployments and a
 # process worker for each pool: start runs from the UI at http://127.0.0.1:4200. Stop with Ctrl-C.
 serve: $(VENV)/.installed-run
+	mkdir -p $(abspath $(or $(SDPO_HOME),.sdpo))/prefect
 	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
 	SDPO_PROJECT_DIR=$(CURDIR) PATH=$(abspath $(BIN)):$$PATH bash deployments/serve.sh
+
+# Turn on the deployments' schedules on the server that `make serve` started (the pipeline's
+# nightly run, off by default: deployments/prefect.yaml); `make schedule-off` pauses them again.
+.PHONY: schedule-on schedule-off
+schedule-on schedule-off: $(VENV)/.installed-run
+	PREFECT_API_URL=$(or $(PREFECT_API_URL),http://127.0.0.1:4200/api) $(BIN)/prefect --no-prompt \
+	  deployment schedule $(if $(filter schedule-on,$@),resume,pause) --all
 
 clean:
 	rm -rf .sdpo .pytest_cache .ruff_cache
