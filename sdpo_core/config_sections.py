@@ -134,6 +134,12 @@ class DataConfig(Section):
     min_pairs_per_step: StrictInt = Field(
         1, description="Fewest training pairs a step may have; a run whose data leaves fewer stops before training."
     )
+    watch: StrictStr | None = Field(
+        None,
+        description=one_line("""A folder or ``s3://bucket/prefix`` of preference batches for ``sdpo run --continue``
+        (flows/continual.py): every data file in it is one batch, and each file holding pairs the chain has
+        not trained on becomes the next step (one step per file, in name order). None: no continual runs."""),
+    )
 
 
 class PartitionConfig(Section):

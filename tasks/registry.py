@@ -52,6 +52,10 @@ def open_tracking(
     tracking.log_yaml(c, parent, cfg.to_dict(), "config.yaml", Path(run_dir), access)
     if prepared.report_path:
         artifacts.log_artifact(c, parent, prepared.report_path, access)
+    from tasks.continual import log_chain_file
+
+    # The held-out split, where a continue run of this chain finds it (tasks.continual).
+    log_chain_file(c, parent, prepared.eval_path, access, "eval.jsonl")
     tracking.log_data_sources(c, parent, prepared.counts, {s.name: source_type(s.path) for s in cfg.data.sources})
     ctx = RunContext(root, run_dir, uri, experiment_id, parent, cfg.tracking.registered_model, cfg.storage.uri, access)
     from sdpo_core.tokenization import tokens_path
@@ -80,27 +84,10 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     The model is loaded (safetensors only) and saved again, so the registry holds a clean
     safetensors folder whatever else the source folder contains. Returns the version.
     """
-    from sdpo_core.fingerprint import record_fingerprint
-    from sdpo_core.model_io import load_model, load_tokenizer, save_model
-    from sdpo_core.precision import save_dtype
-    from sdpo_core.tokenization import tokenizer_fingerprint
     from tasks import tracking
 
-    # Read in the master weights' dtype (fp32 unless bf16-pure), as every step model is saved:
-    # a bf16 M0 is widened exactly, never rounded.
-    master = save_dtype(cfg.model, cfg.train)
     out = Path(ctx.run_dir) / "models" / "step-0"
-    tokenizer = load_tokenizer(cfg.model)
-    save_model(
-        load_model(cfg.model, dtype=master),
-        tokenizer,
-        out,
-        {"step": 0, "source_model": cfg.model.name_or_path, "dtype": str(master)},
-    )
-    fingerprint = record_fingerprint(out)
-    # M0 is its weights and its tokenizer (vocabulary, chat template, special tokens): the same
-    # weights under a new chat template are another M0, and their steps train again.
-    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    fingerprint, tokenizer_id = save_base(cfg, out)
     c = tracking.client(ctx.tracking_uri)
     key = attempt_key()
     # A retry goes on with the run its first try opened (register reuses a version made there).
@@ -129,6 +116,30 @@ def register_base(cfg: RunConfig, ctx: RunContext) -> str:
     version = tracking.register(c, ctx.model_name, run_id, str(out), tags, access=ctx.s3)
     c.set_terminated(run_id)
     return version
+
+
+def save_base(cfg: RunConfig, out: Path) -> tuple[str, str]:
+    """Save M0 (the config's model) as a clean safetensors folder ``out``; returns (the weights'
+    sha256, the tokenizer's fingerprint): what M0's version is tagged with and the continual
+    base guard compares (tasks.continual)."""
+    from sdpo_core.fingerprint import record_fingerprint
+    from sdpo_core.model_io import load_model, load_tokenizer, save_model
+    from sdpo_core.precision import save_dtype
+    from sdpo_core.tokenization import tokenizer_fingerprint
+
+    # Read in the master weights' dtype (fp32 unless bf16-pure), as every step model is saved:
+    # a bf16 M0 is widened exactly, never rounded.
+    master = save_dtype(cfg.model, cfg.train)
+    tokenizer = load_tokenizer(cfg.model)
+    save_model(
+        load_model(cfg.model, dtype=master),
+        tokenizer,
+        out,
+        {"step": 0, "source_model": cfg.model.name_or_path, "dtype": str(master)},
+    )
+    # M0 is its weights and its tokenizer (vocabulary, chat template, special tokens): the same
+    # weights under a new chat template are another M0, and their steps train again.
+    return record_fingerprint(out), tokenizer_fingerprint(tokenizer)
 
 
 @task(
@@ -172,6 +183,10 @@ def register_step(
         **lineage_tags(model_dir),  # full weights, or an adapter and the base version it needs
         **{f"sdpo.{k}": repr(v) for k, v in metrics.items()},
     }
+    # The content keys of the chunk's pairs: what a continue run leaves out of new batches.
+    from tasks.continual import log_trained_pairs
+
+    log_trained_pairs(c, run_id, chunk.path, ctx.s3)
     version = tracking.register(c, ctx.model_name, run_id, model_dir, tags, access=ctx.s3)
     c.set_terminated(run_id)
     return version
