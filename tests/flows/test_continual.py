@@ -215,3 +215,15 @@ def test_foreign_final_is_refused(tmp_path, workspace, capsys):
     err = capsys.readouterr().err
     assert "its final version was not registered by the sDPO pipeline" in err
     assert versions(c, "model-foreign") == [1]
+
+
+def test_continue_deployment_is_the_continual_recipe_scheduled_off():
+    """deployments/prefect.yaml's sdpo-continue repeats recipes/continual.yaml, with a schedule
+    that is off until turned on."""
+    from sdpo_core.config import RunConfig, load_config
+
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    entry = next(d for d in spec["deployments"] if d["name"] == "sdpo-continue")
+    assert entry["entrypoint"] == "flows/continual.py:sdpo_continue"
+    assert RunConfig.model_validate(entry["parameters"]["config"]) == load_config(REPO / "recipes" / "continual.yaml")
+    assert [s.get("active") for s in entry["schedules"]] == [False]
