@@ -75,7 +75,7 @@ def arms_plot(comparison: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=9)
     level = round(100 * comparison["confidence"])
-    fig.suptitle(f"Final models on the eval split, {level}% paired bootstrap intervals", fontsize=10)
+    fig.suptitle(f"Final models on the eval split, {level}% paired bootstrap intervals", fontsize=10, y=1.04)
     return _save(fig, path)
 
 

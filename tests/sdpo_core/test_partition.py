@@ -318,6 +318,7 @@ def test_partition_record_lists_settings_chunks_and_unused_pairs() -> None:
     assert json.loads(json.dumps(record)) == record, "plain JSON"
     assert {k: v for k, v in record.items() if k != "chunks"} == {
         "strategy": "easy_to_hard",
+        "order": "easy_to_hard",
         "seed": 4,
         "num_steps": 2,
         "sizes": [3, 5],
@@ -360,3 +361,20 @@ def test_partition_record_keeps_fractions_and_no_accuracy() -> None:
     assert [c["m0_accuracy"] for c in record["chunks"]] == [None, None]
     with pytest.raises(ValueError):
         partition_record(cfg, _infos(split)[:1], split, None, len(MIXED))  # one info per chunk
+
+
+def test_hard_to_easy_reverses_by_source_and_easy_to_hard() -> None:
+    accuracy = {"hh": 0.8, "orca": 0.5, "mix": 0.25}
+    forward = partition_pairs(MIXED, _run_cfg(strategy="by_source").partition, accuracy)
+    backward = partition_pairs(MIXED, _run_cfg(strategy="by_source", order="hard_to_easy").partition, accuracy)
+    assert [c.label for c in forward.chunks] == ["hh", "orca", "mix"]
+    assert [c.label for c in backward.chunks] == ["mix", "orca", "hh"]
+    assert [len(c.pairs) for c in backward.chunks] == [len(c.pairs) for c in reversed(forward.chunks)]
+    easy = partition_pairs(MIXED, _run_cfg(strategy="easy_to_hard", num_steps=2).partition, gammas=GAMMAS)
+    hard = partition_pairs(
+        MIXED, _run_cfg(strategy="easy_to_hard", num_steps=2, order="hard_to_easy").partition, gammas=GAMMAS
+    )
+    easy_order = [p.id for c in easy.chunks for p in c.pairs]
+    hard_order = [p.id for c in hard.chunks for p in c.pairs]
+    assert hard_order == easy_order[::-1]
+    assert hard.chunks[0].m0_accuracy <= easy.chunks[0].m0_accuracy
