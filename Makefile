@@ -80,12 +80,18 @@ serve: $(VENV)/.installed-run
 	PREFECT_HOME=$(abspath $(or $(SDPO_HOME),.sdpo))/prefect PREFECT_API_URL=http://127.0.0.1:4200/api \
 	SDPO_PROJECT_DIR=$(CURDIR) PATH=$(abspath $(BIN)):$$PATH bash deployments/serve.sh
 
-# Turn on the deployments' schedules on the server that `make serve` started (the pipeline's
-# nightly run, off by default: deployments/prefect.yaml); `make schedule-off` pauses them again.
+# Turn on the deployments' schedules (all off by default: deployments/prefect.yaml) on the server
+# that `make serve` started; DEPLOYMENT=flow/deployment for one only, e.g.
+# `make schedule-on DEPLOYMENT=sdpo_pipeline/sdpo-pipeline`. `make schedule-off` pauses them again.
+# Order-only: the server's environment is there already; this never reinstalls it.
 .PHONY: schedule-on schedule-off
-schedule-on schedule-off: $(VENV)/.installed-run
-	PREFECT_API_URL=$(or $(PREFECT_API_URL),http://127.0.0.1:4200/api) $(BIN)/prefect --no-prompt \
-	  deployment schedule $(if $(filter schedule-on,$@),resume,pause) --all
+schedule-on schedule-off: | $(VENV)/.installed-run
+	@export PREFECT_API_URL=$(or $(PREFECT_API_URL),http://127.0.0.1:4200/api); \
+	action=$(if $(filter schedule-on,$@),resume,pause); \
+	if [ -z "$(DEPLOYMENT)" ]; then $(BIN)/prefect --no-prompt deployment schedule $$action --all; \
+	else for id in $$($(BIN)/prefect deployment schedule ls "$(DEPLOYMENT)" -o json \
+	    | $(BIN)/python -c 'import json, sys; print(*(s["id"] for s in json.load(sys.stdin)))'); do \
+	  $(BIN)/prefect --no-prompt deployment schedule $$action "$(DEPLOYMENT)" $$id || exit 1; done; fi
 
 clean:
 	rm -rf .sdpo .pytest_cache .ruff_cache

@@ -5,10 +5,16 @@
 set -euo pipefail
 cd "$SDPO_PROJECT_DIR"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# On a fresh clone the workspace does not exist yet, and the server cannot create its SQLite
+# database under a missing folder ("unable to open database file").
+mkdir -p "$PREFECT_HOME"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-prefect server start --host 127.0.0.1 --port 4200 & pids+=($!)
-for _ in $(seq 1 90); do
+# The server listens on PREFECT_API_URL's port (make serve: 4200).
+port="${PREFECT_API_URL##*:}"
+port="${port%%/*}"
+prefect server start --host 127.0.0.1 --port "$port" & pids+=($!)
+for _ in $(seq 1 180); do  # a cold start takes ~15 s, longer on a busy machine
   curl -fs "$PREFECT_API_URL/health" >/dev/null && break
   sleep 1
 done
@@ -20,5 +26,6 @@ prefect block register -m tasks.blocks
 prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
 prefect worker start --pool cpu-pool & pids+=($!)
 prefect worker start --pool gpu-pool & pids+=($!)
-echo "Prefect UI: http://127.0.0.1:4200 (deployments sdpo_pipeline/sdpo-pipeline, sdpo_train_step/sdpo-train-step)"
+echo "Prefect UI: http://127.0.0.1:$port (deployments sdpo_pipeline/sdpo-pipeline, sdpo_train_step/sdpo-train-step)"
+echo "Schedules are off; turn the nightly pipeline on with: make schedule-on DEPLOYMENT=sdpo_pipeline/sdpo-pipeline"
 wait

@@ -49,6 +49,27 @@ def _flow_run_name() -> str:
     return f"sdpo-{name}"
 
 
+def run_tags(cfg: RunConfig) -> list[str]:
+    """The tags of a pipeline flow run: its run name, its model and its partition strategy."""
+    model = Path(cfg.model.name_or_path).name or cfg.model.name_or_path
+    return ["sdpo", f"run:{cfg.run_name}", f"model:{model}", f"strategy:{cfg.partition.strategy}"]
+
+
+def tag_flow_run(cfg: RunConfig) -> None:
+    """Add :func:`run_tags` to the current flow run through the API: they depend on the config,
+    so a deployment's fixed tags cannot carry them, and this way a CLI run and a run started
+    from the UI or a schedule get the same tags."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(context.flow_run.id).tags
+        client.update_flow_run(context.flow_run.id, tags=sorted(set(current) | set(run_tags(cfg))))
+
+
 def run_pipeline(
     cfg: RunConfig,
     root: Path,
@@ -153,6 +174,7 @@ def sdpo_pipeline(
         run_dir: this run's folder under the workspace; None: the one holding ``prepared``, or new.
     """
     redact_run_logs()  # log lines printed or stored by Prefect pass through the one redaction
+    tag_flow_run(config)  # run name, model, strategy: the UI's filters
     # The block's credentials are read once and handed to every S3 client of the run.
     access = read_access(config.storage.credentials_block)
     return run_pipeline(config, workspace_root(), prepared, access, parent_run_id, run_dir)

@@ -10,7 +10,7 @@ chunks of rows, and each chunk's log-prob is ``gather(logits, label) - logsumexp
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,10 +351,12 @@ def score_pairs(
     chunk_rows: int = 2048,
     device: torch.device | str = "cpu",
     shared_prompt: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward-only log-probs of every pair, in batches (used for reference log-probs and eval).
 
     ``shared_prompt`` picks the batch layout (:class:`SharedPromptBatch` or :class:`PairBatch`).
+    ``progress(done, total)`` is called with the pairs scored so far after each batch.
 
     Returns:
         ``chosen`` and ``rejected`` (N,) summed log-probs; ``chosen_tokens`` and
@@ -377,6 +379,8 @@ def score_pairs(
         rejected.append(logps[b:].cpu())
         n_chosen.append(tokens[:b].cpu())
         n_rejected.append(tokens[b:].cpu())
+        if progress is not None:
+            progress(start + b, len(order))
     model.train(was_training)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))

@@ -7,6 +7,7 @@ depend on: the model's weights, the file's bytes, the tokenization limits and th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -46,8 +47,11 @@ def load_scores(path: str | Path) -> Scores:
     return load_file(str(path))
 
 
-def score_model(cfg: RunConfig, model_dir: str, pairs_path: str | Path) -> Scores:
-    """Every pair of a JSON-lines file scored by the model in ``model_dir`` (forward only)."""
+def score_model(
+    cfg: RunConfig, model_dir: str, pairs_path: str | Path, progress: Callable[[int, int], None] | None = None
+) -> Scores:
+    """Every pair of a JSON-lines file scored by the model in ``model_dir`` (forward only);
+    ``progress(done, total)`` hears of each batch scored."""
     device = resolve_device(cfg.train.device)
     # The precision the policy trains in: with the same weights, h = 0 at the start of a step.
     precision = resolve_precision(cfg.train, cfg.model, device)
@@ -63,4 +67,5 @@ def score_model(cfg: RunConfig, model_dir: str, pairs_path: str | Path) -> Score
             cfg.train.logprob_chunk_rows,
             device,
             for_device(cfg.train, device).shared_prompt,
+            progress,
         )

@@ -1,4 +1,5 @@
-"""The per-step report: a table on the terminal and as MLflow artifacts."""
+"""The per-step report: a table on the terminal, MLflow artifacts, metrics and plots on the
+parent run, metrics on each step's registered version, and Prefect artifacts on the flow run."""
 
 from __future__ import annotations
 
@@ -40,16 +41,58 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def table_records(rows: list[dict]) -> list[dict[str, str]]:
+    """The table's rows as {column title: formatted value}: a Prefect table artifact."""
+    return [
+        {title: "-" if row.get(key) is None else fmt.format(row[key]) for title, key, fmt in COLUMNS} for row in rows
+    ]
+
+
+def markdown_report(rows: list[dict], ctx: RunContext, plots: list[Path]) -> str:
+    """The report as Markdown: the per-step table and where the run's things are."""
+    records = table_records(rows)
+    titles = [title for title, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    lines += ["| " + " | ".join(r[t].replace("|", "\\|") for t in titles) + " |" for r in records]
+    return "\n".join(
+        [
+            f"# sDPO run: {len(rows)} steps",
+            "",
+            *lines,
+            "",
+            f"- MLflow parent run: `{ctx.parent_run_id}` (experiment `{ctx.experiment_id}`), with the plots "
+            + ", ".join(f"`plots/{p.name}`" for p in plots),
+            f"- registered model: `{ctx.model_name}`; step t's model is `models:/{ctx.model_name}@step-t`",
+            f"- run folder: `{ctx.run_dir}` (report.txt, report.json)",
+        ]
+    )
+
+
+HELDOUT_PREFIXES = ("eval/", "chunk/", "harness/")
+"""Row keys that are the held-out metrics of a step (logged on the parent run with step=t)."""
+
+
+def step_metrics_of(row: dict) -> dict[str, float]:
+    """A row's held-out metrics (numbers under :data:`HELDOUT_PREFIXES`)."""
+    return {k: float(v) for k, v in row.items() if k.startswith(HELDOUT_PREFIXES) and isinstance(v, int | float)}
+
+
 @task(
     name="report",
     task_run_name="report",
     **IO_TASK,
 )
 def report(ctx: RunContext, rows: list[dict]) -> str:
-    """Write the table and the rows (JSON) to the run folder and the MLflow parent run."""
+    """Write the table and the rows (JSON) to the run folder and the MLflow parent run; log the
+    held-out metrics of each step on the parent run (step=t) and on its registered version, the
+    plots (sdpo_core.run_plots) on the parent run, and the table and the report as artifacts of
+    the Prefect flow run. Safe to retry: every write replaces or repeats the same values."""
     from prefect import get_run_logger
 
+    from sdpo_core.run_plots import TRAIN_PANELS, run_plots
     from tasks import artifacts, tracking
+    from tasks.model_metrics import link_version_metrics, metric_curves
+    from tasks.storage import publish
 
     table = format_table(rows)
     run_dir = Path(ctx.run_dir)
@@ -58,8 +101,37 @@ def report(ctx: RunContext, rows: list[dict]) -> str:
     c = tracking.client(ctx.tracking_uri)
     artifacts.log_artifact(c, ctx.parent_run_id, run_dir / "report.txt", ctx.s3)
     artifacts.log_artifact(c, ctx.parent_run_id, run_dir / "report.json", ctx.s3)
-    from tasks.storage import publish
 
-    publish(ctx, run_dir / "report.txt", run_dir / "report.json")
+    curves = {}
+    train_keys = tuple(f"train/{key}" for key, _ in TRAIN_PANELS)
+    for row in rows:
+        metrics = step_metrics_of(row)
+        # The parent run's charts show the progression across steps (x axis: the sDPO step).
+        final_loss = {"train/final_loss": row["train_loss"]} if row.get("train_loss") is not None else {}
+        tracking.log_metrics(c, ctx.parent_run_id, metrics | final_loss, row["step"])
+        # The version's metrics, where MLflow's model views compare them (a reused version too).
+        link_version_metrics(c, ctx.model_name, row["version"], metrics, row["optimizer_steps"])
+        step_run = c.get_model_version(ctx.model_name, row["version"]).run_id
+        points = metric_curves(c, step_run, train_keys)
+        curves[f"step {row['step']}: {row['chunk']}"] = [
+            (step, {k.removeprefix("train/"): v for k, v in values.items()}) for step, values in points
+        ]
+    plots = run_plots(rows, curves, run_dir / "plots")
+    artifacts.log_artifacts(c, ctx.parent_run_id, run_dir / "plots", "plots", ctx.s3)
+
+    publish(ctx, run_dir / "report.txt", run_dir / "report.json", *plots)
+    flow_run_artifacts(rows, ctx, plots)
     get_run_logger().info("report written to %s and logged to MLflow run %s", run_dir / "report.txt", ctx.parent_run_id)
     return table
+
+
+def flow_run_artifacts(rows: list[dict], ctx: RunContext, plots: list[Path]) -> None:
+    """The per-step table as a table artifact and the report as a Markdown artifact of the flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.progress import in_flow_run
+
+    if not in_flow_run():
+        return
+    create_table_artifact(table_records(rows), key="sdpo-steps", description="sDPO: one row per step")
+    create_markdown_artifact(markdown_report(rows, ctx, plots), key="sdpo-report", description="sDPO run report")

@@ -9,6 +9,7 @@ from sdpo_core.config import RunConfig
 from sdpo_core.fingerprint import model_fingerprint
 from sdpo_core.scores import save_scores, score_model, scores_key
 from tasks.context import RunContext
+from tasks.progress import Progress
 from tasks.storage import fetch
 
 
@@ -25,5 +26,7 @@ def cached_scores(cfg: RunConfig, ctx: RunContext, model_dir: str, pairs_path: s
     path = scores_path(cfg, ctx, model_dir, pairs_path)
     if fetch(ctx, path):
         return path, False
-    save_scores(score_model(cfg, model_dir, pairs_path), path)
+    # A progress artifact on the flow run moves as batches are scored (tasks.progress).
+    progress = Progress(f"scoring {Path(pairs_path).name} under {Path(model_dir).name}")
+    save_scores(score_model(cfg, model_dir, pairs_path, progress), path)
     return path, True

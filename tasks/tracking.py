@@ -50,19 +50,25 @@ def client(uri: str) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""MLflow's experiment-kind tag: the UI opens a model-development experiment on its training
+views (runs, metrics, models) instead of the GenAI overview (traces, token usage)."""
+
+
 def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
     """The experiment's id, creating it with the given artifact location when it is new.
 
     An existing experiment keeps its location; asking for another one is an error, not a silent
     change of where models go. Another run creating it between the lookup and the creation is
-    fine: the lookup is made again.
+    fine: the lookup is made again. The experiment carries :data:`EXPERIMENT_KIND`, set on an
+    existing one that has no kind yet (one a user gave another kind keeps it).
     """
     from mlflow.exceptions import MlflowException
 
     exp = c.get_experiment_by_name(name)
     if exp is None:
         try:
-            return c.create_experiment(name, artifact_location=artifact_location)
+            return c.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -74,6 +80,8 @@ def ensure_experiment(c: Any, name: str, artifact_location: str | None) -> str:
             f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, not at "
             f"{artifact_location}; choose another tracking.experiment for the new location"
         )
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
 
 

@@ -103,9 +103,11 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     """
     from sdpo_core.harness import check_available as check_harness
     from sdpo_core.step import run_step
+    from sdpo_core.train import batch_plan
     from tasks import tracking
-    from tasks.outage import MetricBuffer
     from tasks.harness import log_harness
+    from tasks.outage import MetricBuffer
+    from tasks.progress import Progress
     from tasks.storage import fetch, require
 
     cfg, chunk = spec.config, spec.chunk
@@ -146,9 +148,13 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
 
     # Buffered: a tracking server down for a while costs metrics a delay, not the train step.
     buffer = MetricBuffer(c, run_id, warn=logger.warning)
+    # A progress artifact on the flow run, moved by every optimizer step (tasks.progress).
+    progress = Progress(f"training step {chunk.step} ({chunk.label}), optimizer steps")
+    total_steps = len(batch_plan(chunk.size, cfg.train))
 
     def log(step: int, metrics: dict[str, float]) -> None:
         buffer.add({f"train/{k}": v for k, v in metrics.items()}, step)
+        progress(step, total_steps)
         if step == 1 or step % 10 == 0:
             logger.info(
                 "optimizer step %d: loss %.4f, reward accuracy %.3f, margin %.3f",
