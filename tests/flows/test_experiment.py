@@ -16,7 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def write_experiment(tmp_path: Path) -> Path:
     pipeline = tmp_path / "pipeline.yaml"
-    write_recipe(tmp_path, "pipe").rename(pipeline)
+    recipe = yaml.safe_load(write_recipe(tmp_path, "pipe").read_text())
+    # The gold task's plain-text prompts, so the KL and gold-reward samples are drawn too.
+    recipe["data"]["sources"] = [
+        {"name": name, "path": str(REPO / "data" / "gold" / f"{name}.jsonl"), "format": "scored", "max_pairs": 20}
+        for name in ("gold-easy", "gold-hard")
+    ]
+    pipeline.write_text(yaml.safe_dump(recipe))
     exp = {
         "name": "tiny",
         "pipeline_recipe": str(pipeline),
