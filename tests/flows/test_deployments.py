@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.moto_s3 import moto_s3
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -53,26 +55,9 @@ def api(url: str, path: str, body: dict) -> list[dict]:
 
 @pytest.fixture
 def s3_store(monkeypatch):
-    """moto's S3 server on 127.0.0.1 with a bucket; its endpoint and credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    from tasks.s3 import client
-
-    s3 = client()
-    s3.create_bucket(Bucket="sdpo-deploy")
-    yield s3
-    server.stop()
+    """moto's S3 server on 127.0.0.1 with a bucket; its endpoint and dummy credentials in the environment."""
+    with moto_s3(monkeypatch, "sdpo-deploy") as s3:
+        yield s3
 
 
 @pytest.mark.slow

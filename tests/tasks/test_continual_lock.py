@@ -11,6 +11,7 @@ import pytest
 
 from sdpo_core.continual import ChainBusy
 from tasks.continual import chain_id, chain_lock
+from tests.moto_s3 import moto_s3
 
 BUCKET = "sdpo-chain"
 URI = "sqlite:////tmp/registry.db"
@@ -33,25 +34,8 @@ def test_second_run_on_the_same_chain_is_refused_then_admitted(tmp_path):
 @pytest.fixture
 def s3_store(monkeypatch):
     """moto's S3 server on 127.0.0.1 with a bucket; its endpoint and dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    from tasks.s3 import client
-
-    s3 = client()
-    s3.create_bucket(Bucket=BUCKET)
-    yield s3
-    server.stop()
+    with moto_s3(monkeypatch, BUCKET) as s3:
+        yield s3
 
 
 def test_lease_holds_the_chain_across_machines(tmp_path, s3_store):

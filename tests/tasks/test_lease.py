@@ -15,6 +15,7 @@ import pytest
 from sdpo_core.checkpoint import CheckpointBusy
 from tasks.context import RunContext
 from tasks.lease import LeaseHeld, LeaseLost, LeaseUnsupported, StepLease, lease_key, step_lease
+from tests.moto_s3 import moto_s3
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "sdpo-lease"
@@ -23,28 +24,11 @@ BUCKET = "sdpo-lease"
 @pytest.fixture
 def s3_store(monkeypatch):
     """moto's S3 server on 127.0.0.1 with a bucket; its endpoint and dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    from tasks.s3 import client
-
-    s3 = client()
-    s3.create_bucket(Bucket=BUCKET)
-    yield s3
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for o in page.get("Contents", []):
-            s3.delete_object(Bucket=BUCKET, Key=o["Key"])
-    server.stop()
+    with moto_s3(monkeypatch, BUCKET) as s3:
+        yield s3
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for o in page.get("Contents", []):
+                s3.delete_object(Bucket=BUCKET, Key=o["Key"])
 
 
 def machine(tmp_path: Path, name: str) -> RunContext:
