@@ -124,9 +124,7 @@ def run_pipeline(
                 # train.init=base (the paper's Fig. 3 control): the policy starts from M0, the
                 # reference is still M(t-1).
                 init_uri = m0 if cfg.train.init == "base" and chunk.step > 1 else ""
-                spec = TrainStepSpec(
-                    config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri
-                )
+                spec = TrainStepSpec(config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri)
                 if cfg.train.deployment:
                     trained = run_train_deployment(ctx, spec)
                 else:
