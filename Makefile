@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 LOCK := requirements/cpu.lock
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q -c $(LOCK) $(TORCH)
 
-.PHONY: run test lint format bench serve clean ui-mlflow ui-prefect
+.PHONY: run test lint format bench serve clean ui-mlflow ui-prefect experiment
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lock: | $(BIN)/python
 
 run: $(VENV)/.installed-run
 	HF_HUB_OFFLINE=1 $(BIN)/sdpo run --config recipes/default.yaml $(ARGS)
+
+# Does stepwise help? sDPO against plain DPO and controls, 3 seeds each (recipes/experiments/default.yaml).
+experiment: $(VENV)/.installed-run
+	HF_HUB_OFFLINE=1 $(BIN)/sdpo experiment --config recipes/experiments/default.yaml $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -26,7 +26,9 @@ def clear_checkpoints(ctx: RunContext, checkpoint_dir: str) -> None:
     remove(ctx, checkpoint_dir)
 
 
-def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str) -> Checkpoints:
+def step_checkpoints(
+    cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir: str, init_dir: str = ""
+) -> Checkpoints:
     """The train step's checkpoints in the workspace; with storage.uri each one is also uploaded
     (its files, then the ``latest`` pointer) and a missing local copy is fetched from there."""
     from sdpo_core.checkpoint import LATEST, STATE, Checkpoints
@@ -34,7 +36,7 @@ def step_checkpoints(cfg: RunConfig, ctx: RunContext, chunk: ChunkInfo, ref_dir:
     from tasks.storage import fetch, publish, remove
     from tasks.workspace import within
 
-    root = within(Path(ctx.root), checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints"))
+    root = within(Path(ctx.root), checkpoint_dir(cfg, chunk, ref_dir, Path(ctx.root) / "checkpoints", init_dir))
 
     uploaded: list[Path] = []
 
@@ -101,6 +103,7 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     Fetches the reference named by ``spec.ref_uri`` and fills the spec's local paths (the
     step model under this run's folder, the checkpoints under the workspace) before training.
     """
+    from sdpo_core.fingerprint import model_fingerprint
     from sdpo_core.harness import check_available as check_harness
     from sdpo_core.step import run_step
     from sdpo_core.train import batch_plan
@@ -116,6 +119,7 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     require(ctx, chunk.path, spec.ref_scores)
     fetch(ctx, tokens_path(chunk.path), optional=True)
     ref_dir, ref_version = tracking.fetch_for(ctx, spec.ref_uri)
+    init_dir = tracking.fetch_for(ctx, spec.init_uri)[0] if spec.init_uri else ""
     # A retry of this task run continues the step run its first try opened (and its checkpoints).
     key = attempt_key()
     run_id = tracking.find_run(c, ctx.experiment_id, key) or tracking.start_run(
@@ -136,11 +140,12 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
             "chunk.content_hash": chunk.content_hash,
             "reference.uri": spec.ref_uri,
             "reference.version": ref_version,
+            "init.uri": spec.init_uri or spec.ref_uri,
         },
     )
 
     logger = get_run_logger()
-    checkpoints = step_checkpoints(cfg, ctx, chunk, ref_dir)
+    checkpoints = step_checkpoints(cfg, ctx, chunk, ref_dir, init_dir)
     resume = checkpoints.latest()
     if resume is not None:
         logger.info("resuming train step %d from checkpoint %s", chunk.step, resume)
@@ -167,9 +172,17 @@ def train_step(ctx: RunContext, spec: TrainStepSpec) -> TrainStepResult:
     local = spec.model_copy(
         update={
             "ref_dir": ref_dir,
+            "init_dir": init_dir,
             "out_dir": str(Path(ctx.run_dir) / "models" / f"step-{chunk.step}"),
             "checkpoint_dir": str(checkpoints.root),
-            "meta": {**spec.meta, "reference_uri": spec.ref_uri, "reference_version": ref_version},
+            "meta": {
+                **spec.meta,
+                "reference_uri": spec.ref_uri,
+                "reference_version": ref_version,
+                # What the policy started from: the reference, or M0 under train.init=base.
+                "init_uri": spec.init_uri or spec.ref_uri,
+                "init_sha256": model_fingerprint(init_dir or ref_dir),
+            },
         }
     )
     try:

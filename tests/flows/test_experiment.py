@@ -81,7 +81,9 @@ def test_experiment_runs_compares_and_reuses(tmp_path, prefect_harness, monkeypa
     by_id = {r.info.run_id: r for r in runs}
     top = [r for r in runs if r.data.tags.get("sdpo.experiment") == "tiny"]
     assert len(top) == 1 and "mlflow.parentRunId" not in top[0].data.tags
-    arms = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id}
+    arms = {
+        r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id
+    }
     assert set(arms) == {"tiny-sdpo-s0", "tiny-dpo-s0", "tiny-init_base-s0"}
     for v in versions:
         if v.tags["sdpo.step"] != "0":
@@ -95,7 +97,13 @@ def test_experiment_runs_compares_and_reuses(tmp_path, prefect_harness, monkeypa
     assert b["sdpo"]["pairs"] == b["dpo"]["pairs"] and b["sdpo"]["steps"] == 2 and b["dpo"]["steps"] == 1
     assert 0 <= b["sdpo"]["optimizer_steps"] - b["dpo"]["optimizer_steps"] <= 1
     arms_metrics = record["comparison"]["arms"]
-    for metric in ("reward_accuracy_vs_m0", "reference_free_accuracy", "chosen_logp_drift", "kl_vs_m0", "gold_win_rate"):
+    for metric in (
+        "reward_accuracy_vs_m0",
+        "reference_free_accuracy",
+        "chosen_logp_drift",
+        "kl_vs_m0",
+        "gold_win_rate",
+    ):
         assert all(metric in arms_metrics[a] for a in ("sdpo", "dpo", "init_base")), metric
     assert set(record["comparison"]["differences"]) == {"dpo", "init_base"}
     assert set(record["gamma_matrix"]) == {"M0", "sdpo M1", "sdpo M2", "dpo M1", "init_base M1", "init_base M2"}

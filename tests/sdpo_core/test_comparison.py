@@ -77,7 +77,9 @@ def test_compare_arms_and_its_report(tmp_path) -> None:
     files = [
         plots.arms_plot(c, tmp_path / "arms.png"),
         plots.gamma_matrix_plot({"M0": {"a": 1.0, "eval": -2.0}, "M1": {"a": 3.0, "eval": 0.5}}, tmp_path / "g.png"),
-        plots.loss_overlay_plot({"sdpo": [(1, 0.69), (2, 0.5)], "init_base": [(1, 0.8), (2, 0.6)]}, tmp_path / "l.png", 2),
+        plots.loss_overlay_plot(
+            {"sdpo": [(1, 0.69), (2, 0.5)], "init_base": [(1, 0.8), (2, 0.6)]}, tmp_path / "l.png", 2
+        ),
     ]
     for f in files:
         data = f.read_bytes()
