@@ -1,15 +1,30 @@
-"""Progress of long work (scoring, training) as a Prefect progress artifact on the flow run.
+"""Progress of long work (scoring, training): a Prefect progress artifact on the flow run, and a
+tqdm bar on a terminal.
 
 The artifact is made on the first update and moved as the work advances, at most every few
 seconds (each move is an API call). Outside a flow run, or with the Prefect API unreachable,
-nothing happens: progress is for watching, never a reason for the work to fail.
+nothing happens: progress is for watching, never a reason for the work to fail. The terminal bar
+is drawn on stderr only when stderr is a TTY and ``CI`` is unset, so logs, pipes and CI output
+stay as they are.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from typing import Any
+
+
+def on_terminal() -> bool:
+    """True when a person watches stderr: a TTY, and not a CI job (``CI`` set to anything)."""
+    if os.environ.get("CI"):
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream: no terminal to draw on
+        return False
 
 
 def in_flow_run() -> bool:
@@ -20,7 +35,8 @@ def in_flow_run() -> bool:
 
 
 class Progress:
-    """A callback ``progress(done, total)`` that moves one progress artifact (0-100 %).
+    """A callback ``progress(done, total)`` that moves one progress artifact (0-100 %) and, on a
+    terminal, one tqdm bar (closed when ``done`` reaches ``total``).
 
     Args:
         description: what the artifact is about, shown with it in the UI ("scoring eval.jsonl
@@ -35,9 +51,15 @@ class Progress:
         self.enabled = in_flow_run()
         self._last = float("-inf")
         self.percent = 0.0
+        self.terminal = on_terminal()
+        self.bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
+        if total <= 0:
+            return
+        if self.terminal:
+            self._draw(done, total)
+        if not self.enabled:
             return
         now = time.monotonic()
         if done < total and now - self._last < self.min_interval:
@@ -55,3 +77,17 @@ class Progress:
         except Exception as exc:  # an API blip must not stop training or scoring
             self.enabled = False
             warnings.warn(f"progress artifact not updated ({type(exc).__name__}: {exc}); going on", stacklevel=2)
+
+    def _draw(self, done: int, total: int) -> None:
+        """Moves the terminal bar to ``done`` of ``total``; tqdm limits the redraw rate itself."""
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.description, file=sys.stderr, leave=True, dynamic_ncols=True)
+        self.bar.total = total
+        step = min(done, total) - self.bar.n
+        if step > 0:
+            self.bar.update(step)
+        if done >= total:
+            self.bar.close()
+            self.terminal = False  # finished: a replay past the end draws nothing more

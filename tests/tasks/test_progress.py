@@ -72,3 +72,56 @@ def test_an_api_error_stops_the_bar_not_the_work(monkeypatch, calls):
         bar(1, 4)
     bar(4, 4)  # no second warning, no call
     assert not bar.enabled and calls == []
+
+
+class FakeTerminal:
+    """A stderr stand-in that says it is a TTY and keeps what is written to it."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty, ci, drawn", [(True, None, True), (False, None, False), (True, "true", False)])
+def test_terminal_bar_only_on_a_tty_outside_ci(monkeypatch, tty, ci, drawn):
+    import sys
+
+    fake = FakeTerminal(tty)
+    monkeypatch.setattr(sys, "stderr", fake)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    bar = Progress("training step 1 (orca), optimizer steps", min_interval=0.0)
+    for done in range(1, 5):
+        bar(done, 4)
+    if drawn:
+        # The description and the final count are on the terminal, and the bar is closed.
+        assert "training step 1 (orca), optimizer steps" in fake.text and "4/4" in fake.text
+        assert bar.bar is not None and bar.bar.n == 4
+    else:
+        assert fake.text == "" and bar.bar is None
+    bar(5, 4)  # a replay past the end draws nothing more
+    assert ("5/4" in fake.text) is False
+
+
+def test_terminal_bar_and_artifact_move_together(monkeypatch, calls):
+    import sys
+
+    fake = FakeTerminal(True)
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.delenv("CI", raising=False)
+    bar = Progress("scoring eval.jsonl", min_interval=3600.0)
+    bar(1, 2)
+    bar(2, 2)
+    assert [c[0] for c in calls] == ["create", "update"] and "2/2" in fake.text
