@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,3 +32,23 @@ def record_fingerprint(model_dir: str | Path) -> str:
     meta["weights_sha256"] = weights_sha256(model_dir)
     atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta["weights_sha256"]
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+"""The files a Hugging Face tokenizer is read from (vocabulary, settings, chat template)."""
+
+
+def tokenizer_sha256(model_dir: str | Path) -> str:
+    """sha256 of the folder's tokenizer files that exist, each named in the hash: the same
+    weights under another tokenizer or chat template tokenize, and so score, pairs differently."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            data = path.read_bytes()
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(data)
+    return digest.hexdigest()

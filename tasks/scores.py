@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdpo_core.config import RunConfig
-from sdpo_core.fingerprint import model_fingerprint
+from sdpo_core.fingerprint import model_fingerprint, tokenizer_sha256
 from sdpo_core.scores import save_scores, score_model, scores_key
 from tasks.context import RunContext
 from tasks.progress import Progress
@@ -15,7 +15,9 @@ from tasks.storage import fetch
 
 def scores_path(cfg: RunConfig, ctx: RunContext, model_dir: str, pairs_path: str | Path) -> Path:
     """Where the cache keeps ``model_dir``'s scores of ``pairs_path``."""
-    return ctx.cache_dir / f"{scores_key(cfg, model_fingerprint(model_dir), pairs_path)}.safetensors"
+    # The weights and the tokenizer: a new chat template over the same weights scores differently.
+    model_id = f"{model_fingerprint(model_dir)}|{tokenizer_sha256(model_dir)}"
+    return ctx.cache_dir / f"{scores_key(cfg, model_id, pairs_path)}.safetensors"
 
 
 def cached_scores(cfg: RunConfig, ctx: RunContext, model_dir: str, pairs_path: str | Path) -> tuple[Path, bool]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tasks import tracking
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def _register(uri: str, tmp_path: Path, marker: str, experiment: str = "cache-test") -> str:
     c = tracking.client(uri)
@@ -48,3 +50,25 @@ def test_a_recreated_registered_model_is_not_served_from_the_cache(tmp_path: Pat
     new_dir, version = tracking.fetch_model(uri, "models:/shared-name/1", cache)
     assert version == "1" and new_dir != old_dir
     assert json.loads((Path(new_dir) / "config.json").read_text()) == {"marker": "new"}
+
+
+def test_scores_are_cached_per_tokenizer_too(tmp_path) -> None:
+    """The same weights under another chat template tokenize, and so score, a file differently:
+    the scores cache must not hand back the other tokenizer's numbers."""
+    import shutil
+
+    from sdpo_core.config import load_config
+    from tasks.context import RunContext
+    from tasks.scores import scores_path
+
+    cfg = load_config(REPO / "recipes" / "default.yaml")
+    ctx = RunContext(str(tmp_path), str(tmp_path / "runs" / "r"), "sqlite:///x.db", "0", "p", "m")
+    plain = tmp_path / "plain"
+    shutil.copytree(REPO / "models" / "stories260K", plain)
+    templated = tmp_path / "templated"
+    shutil.copytree(plain, templated)
+    (templated / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "source": "s"}\n')
+    assert scores_path(cfg, ctx, str(plain), pairs) != scores_path(cfg, ctx, str(templated), pairs)
+    assert scores_path(cfg, ctx, str(plain), pairs) == scores_path(cfg, ctx, str(tmp_path / "plain"), pairs)

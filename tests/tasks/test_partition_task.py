@@ -20,14 +20,14 @@ import tasks.tracking
 from sdpo_core.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, SourceConfig, TrainConfig
 from sdpo_core.data import PreferencePair, load_source, read_pairs, tokenize_pairs, write_pairs
 from sdpo_core.evaluate import gamma
-from sdpo_core.fingerprint import model_fingerprint
 from sdpo_core.logprobs import score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
 from sdpo_core.partition import PARTITION_FILE
 from sdpo_core.records import ChunkInfo, PreparedData
-from sdpo_core.scores import load_scores, scores_key
+from sdpo_core.scores import load_scores
 from tasks.context import RunContext
 from tasks.data import partition
+from tasks.scores import scores_path
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = str(REPO / "models" / "stories260K")
@@ -212,8 +212,7 @@ def test_partition_task_end_to_end(real_pairs, tmp_path: Path, registry, monkeyp
 
     # Step 1's reference log-probs: the scores cache finds them and scores nothing.
     step1 = infos[0]
-    key = scores_key(cfg, model_fingerprint(MODEL), step1.path)
-    cached = ctx.cache_dir / f"{key}.safetensors"
+    cached = scores_path(cfg, ctx, str(MODEL), step1.path)
     assert ctx.cache_dir == tmp_path / "cache" / "logps"
     assert cached.is_file()
 
