@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from sdpo_core.redact import redact
 
-COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "response_a", "response_b", "winner")
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """Names that become parts of file paths (run_name, tracking.registered_model): letters, digits,

@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from sdpo_core.config_rules import default_source_name, number
 
-DataFormat = Literal["auto", "standard", "conversational", "implicit", "hh", "openai", "sharegpt", "scored"]
+DataFormat = Literal["auto", "standard", "conversational", "implicit", "hh", "openai", "sharegpt", "scored", "pairwise"]
 SourceUse = Literal["split", "train", "eval"]
 PartitionStrategy = Literal["by_source", "random", "easy_to_hard", "sequential"]
 AccuracyForm = Literal["sum", "mean"]
@@ -46,15 +46,15 @@ class SourceConfig(Section):
         description=one_line("""Row format: standard (prompt/chosen/rejected strings), conversational (TRL's
         message lists), implicit (only chosen/rejected; the prompt is their shared start; hh is an alias),
         openai (input.messages, preferred_output, non_preferred_output), sharegpt (conversations, chosen,
-        rejected), scored (chosen/rejected with ratings; ties dropped), or auto (detected from the first
-        row)."""),
+        rejected), scored (chosen/rejected with ratings; ties dropped), pairwise (prompt, response_a,
+        response_b, winner a/b/tie; ties dropped), or auto (detected from the first row)."""),
     )
     split: StrictStr = Field("train", description="Split to read from a hub dataset or a save_to_disk DatasetDict.")
     config_name: StrictStr | None = Field(None, description="Configuration (subset) name of a hub dataset.")
     columns: dict[StrictStr, StrictStr] | None = Field(
         None,
         description=one_line("""Column mapping for any other schema: {prompt, chosen, rejected, score_chosen,
-        score_rejected} -> the source's column names."""),
+        score_rejected, response_a, response_b, winner} -> the source's column names."""),
     )
     max_pairs: StrictInt | None = Field(
         None, description="Read at most this many usable pairs (the first ones in file order); None for all."

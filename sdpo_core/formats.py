@@ -19,6 +19,9 @@ Formats (``format`` of a source):
   ``chosen_rating``/``rejected_rating``, ...). Ties, pairs whose rejected side scores higher, and
   pairs with a score that is not a finite number (NaN, infinite, or beyond a float's range) are
   dropped and counted.
+- ``pairwise``: arena style: ``prompt``, ``response_a``, ``response_b`` (strings or message lists)
+  and ``winner``: ``a`` (or ``model_a``) makes response_a the chosen answer, ``b`` (``model_b``)
+  response_b; ties (``tie``, ``tie (bothbad)``) are dropped and counted.
 - any other schema through ``columns``, a mapping from the roles above to the source's columns.
 """
 
@@ -30,11 +33,13 @@ import reprlib
 from typing import Any
 
 from sdpo_core.pairs import (
+    DIVERGED,
     MISSING_FIELD,
     NON_FINITE_SCORE,
     NON_STRING_FIELD,
     REVERSED_SCORES,
     TIED_SCORES,
+    TIED_WINNER,
     UNPARSEABLE,
     Message,
 )
@@ -89,6 +94,8 @@ def detect_format(row: Any) -> str:
         return "openai"
     if {"conversations", "chosen", "rejected"} <= keys:
         return "sharegpt"
+    if {"response_a", "response_b", "winner"} <= keys:
+        return "pairwise"
     if {"chosen", "rejected"} <= keys and _score_keys(row):
         return "scored"
     if {"prompt", "chosen", "rejected"} <= keys:
@@ -153,12 +160,23 @@ def _split_hh(text: str) -> list[Message]:
     return msgs
 
 
+# Dialogues that part before the last answer are two conversations, not one preference: no single
+# prompt fits both. HH-RLHF holds a few hundred such rows; they stay an error by default (as every
+# other row that does not parse) and the message says how to skip them, counted by reason.
+_SKIP_HINT = (
+    "; the dialogues diverge before the last assistant turn, so the row is not one preference:"
+    " set data.skip_bad_rows=true to skip such rows (counted as 'dialogues diverge before the last turn')"
+)
+
+
 def _parse_implicit(row: dict[str, Any]) -> tuple[tuple[Message, ...], str, str]:
     chosen_raw, rejected_raw = _field(row, "chosen"), _field(row, "rejected")
     if isinstance(chosen_raw, list) and isinstance(rejected_raw, list):
         chosen_msgs, rejected_msgs = _messages(chosen_raw, "chosen"), _messages(rejected_raw, "rejected")
         if chosen_msgs[:-1] != rejected_msgs[:-1]:
-            raise BadRow(UNPARSEABLE, "'chosen' and 'rejected' do not share the messages before the last answer")
+            raise BadRow(
+                DIVERGED, "'chosen' and 'rejected' do not share the messages before the last answer" + _SKIP_HINT
+            )
         prompt, chosen = _completion(list(chosen_msgs), "chosen")
         _, rejected = _completion(list(rejected_msgs), "rejected")
         if not prompt:
@@ -171,7 +189,9 @@ def _parse_implicit(row: dict[str, Any]) -> tuple[tuple[Message, ...], str, str]
         raise BadRow(UNPARSEABLE, "'chosen' has no 'Assistant:' turn")
     prefix = chosen[: cut + len(marker)]
     if not rejected.startswith(prefix):
-        raise BadRow(UNPARSEABLE, "'chosen' and 'rejected' do not share the dialogue up to the last 'Assistant:' turn")
+        raise BadRow(
+            DIVERGED, "'chosen' and 'rejected' do not share the dialogue up to the last 'Assistant:' turn" + _SKIP_HINT
+        )
     prompt = tuple(_split_hh(chosen[:cut]))
     if not prompt or prompt[-1]["role"] != "user":
         raise BadRow(UNPARSEABLE, "the prompt must end with a 'Human:' turn")
@@ -258,6 +278,28 @@ def _parse_scored(row: dict[str, Any]) -> tuple[str | tuple[Message, ...], str, 
     return parsed
 
 
+# Winner labels of arena-style data (LMSYS Chatbot Arena writes model_a, model_b, tie, tie (bothbad)).
+_WINNER = {"a": "a", "model_a": "a", "b": "b", "model_b": "b", "tie": "tie", "tie (bothbad)": "tie"}
+
+
+def _parse_pairwise(row: dict[str, Any]) -> tuple[str | tuple[Message, ...], str, str]:
+    """A labelled pair: the winner's response is chosen, the other rejected; a tie teaches nothing."""
+    label = _field(row, "winner")
+    winner = _WINNER.get(label.strip().lower()) if isinstance(label, str) else None
+    if winner is None:
+        raise BadRow(
+            NON_STRING_FIELD, f"field 'winner' must be one of a, b, tie (or model_a, model_b), got {short_repr(label)}"
+        )
+    raw = _field(row, "prompt")
+    prompt: str | tuple[Message, ...] = raw if isinstance(raw, str) else _messages(raw, "prompt")
+    # Parsed before the tie check, so a malformed tie is reported as malformed, not as a tie.
+    _, a = _completion(_field(row, "response_a"), "response_a")
+    _, b = _completion(_field(row, "response_b"), "response_b")
+    if winner == "tie":
+        raise DroppedRow(TIED_WINNER)
+    return (prompt, a, b) if winner == "a" else (prompt, b, a)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -280,6 +322,7 @@ PARSERS = {
     "openai": _parse_openai,
     "sharegpt": _parse_sharegpt,
     "scored": _parse_scored,
+    "pairwise": _parse_pairwise,
 }
 
 

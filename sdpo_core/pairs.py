@@ -38,6 +38,8 @@ PROMPT_TOO_LONG = "prompt too long"
 IN_EVAL = "also in eval split"
 PROMPT_IN_EVAL = "prompt also in eval split"
 OVERSIZED = "pair over the size limit"
+DIVERGED = "dialogues diverge before the last turn"
+TIED_WINNER = "tie (no winner)"
 
 
 @dataclass(frozen=True)
