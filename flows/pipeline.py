@@ -26,7 +26,7 @@ from tasks.outage import end_run
 from tasks.registry import find_finished_step, open_tracking, point_aliases, register_base, register_step
 from tasks.report import report
 from tasks.tracking import model_uri, version_uri
-from tasks.training import clear_checkpoints, evaluate_step, reference_logps, train_step
+from tasks.training import clear_checkpoints, evaluate_step, mean_reference, reference_logps, train_step
 from tasks.workspace import run_folder, within, workspace_root
 
 
@@ -121,6 +121,12 @@ def run_pipeline(
             else:
                 ref_uri = version_uri(ctx.model_name, versions[chunk.step - 1])
                 ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
+                if cfg.loss.reference == "mean" and chunk.step > 1:  # a multi-reference loss
+                    earlier = [
+                        reference_logps(cfg, ctx, version_uri(ctx.model_name, versions[s]), chunk.path, f"chunk-{chunk.step}")
+                        for s in range(chunk.step - 1)
+                    ]  # fmt: skip
+                    ref_scores = mean_reference(ctx, [*earlier, ref_scores], chunk.step)
                 # train.init=base (the paper's Fig. 3 control): the policy starts from M0, the
                 # reference is still M(t-1).
                 init_uri = m0 if cfg.train.init == "base" and chunk.step > 1 else ""

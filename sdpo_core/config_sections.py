@@ -197,6 +197,12 @@ class LossConfig(Section):
         0.0,
         description="Weight of an extra NLL term on the chosen completion (mean per token), as in RPO; 0 disables.",
     )
+    reference: Literal["previous", "mean"] = Field(
+        "previous",
+        description=one_line("""The reference log-probs of step t. previous: M(t-1)'s (sDPO). mean: the mean of
+        M0 .. M(t-1)'s log-probs, a multi-reference loss (the geometric mean of the reference models, in the
+        spirit of MRPO); the policy still starts from M(t-1)."""),
+    )
 
 
 class LoraConfig(Section):

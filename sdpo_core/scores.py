@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from sdpo_core.config import RunConfig
@@ -69,3 +70,23 @@ def score_model(
             for_device(cfg.train, device).shared_prompt,
             progress,
         )
+
+
+def mean_scores(all_scores: list[Scores]) -> Scores:
+    """The mean log-probs of several models on the same pairs (a multi-reference loss's
+    reference, ``loss.reference: mean``); token counts are the pairs', the same under each model.
+
+    Raises:
+        ValueError: no scores, or scores of different pairs (other lengths or token counts).
+    """
+    if not all_scores:
+        raise ValueError("mean_scores needs at least one model's scores")
+    first = all_scores[0]
+    for other in all_scores[1:]:
+        for key in ("chosen_tokens", "rejected_tokens"):
+            if other[key].shape != first[key].shape or not torch.equal(other[key], first[key]):
+                raise ValueError(f"mean_scores: the models' scores are of different pairs ({key} differ)")
+    out = {k: v.clone() for k, v in first.items()}
+    for key in ("chosen", "rejected"):
+        out[key] = torch.stack([s[key].double() for s in all_scores]).mean(0).to(first[key].dtype)
+    return out

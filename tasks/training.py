@@ -92,6 +92,22 @@ def reference_logps(cfg: RunConfig, ctx: RunContext, model_uri: str, pairs_path:
     return str(path)
 
 
+@task(name="mean-reference", task_run_name="mean-reference-step-{step}", **IO_TASK)
+def mean_reference(ctx: RunContext, score_paths: list[str], step: int) -> str:
+    """The multi-reference log-probs of step ``step``'s chunk (``loss.reference: mean``): the mean
+    of M0 .. M(t-1)'s scores, written under the run folder (and to storage for a remote step)."""
+    from sdpo_core.scores import load_scores, mean_scores, save_scores
+    from tasks.storage import publish, require
+
+    require(ctx, *score_paths)
+    path = save_scores(
+        mean_scores([load_scores(p) for p in score_paths]),
+        Path(ctx.run_dir) / "references" / f"step-{step}-mean.safetensors",
+    )
+    publish(ctx, path)
+    return str(path)
+
+
 @task(
     name="train-step",
     task_run_name="train-step-{spec.chunk.step}-{spec.chunk.label}",

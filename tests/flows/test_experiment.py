@@ -31,6 +31,7 @@ def write_experiment(tmp_path: Path) -> Path:
             {"name": "sdpo"},
             {"name": "dpo", "set": {"partition.strategy": "sequential", "partition.num_steps": 1}},
             {"name": "init_base", "set": {"train.init": "base"}},
+            {"name": "multi_ref", "set": {"loss.reference": "mean"}},
         ],
         "evaluation": {
             "replicates": 200,
@@ -66,8 +67,9 @@ def test_experiment_runs_compares_and_reuses(tmp_path, prefect_harness, monkeypa
     assert "# Experiment 'tiny'" in out and "| init_base |" in out
     # One data preparation (the CLI's early check) for every arm.
     assert len(counter.calls["prepare"]) == 1
-    assert sorted(counter.calls["run_step"]) == ["tiny-dpo-s0", "tiny-init_base-s0", "tiny-init_base-s0",
-                                                 "tiny-sdpo-s0", "tiny-sdpo-s0"]  # fmt: skip
+    assert sorted(counter.calls["run_step"]) == sorted(
+        ["tiny-dpo-s0"] + [f"tiny-{arm}-s0" for arm in ("sdpo", "init_base", "multi_ref") for _ in range(2)]
+    )
 
     c = registry(tmp_path)
     name = "model-pipe"
@@ -84,7 +86,7 @@ def test_experiment_runs_compares_and_reuses(tmp_path, prefect_harness, monkeypa
     arms = {
         r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == top[0].info.run_id
     }
-    assert set(arms) == {"tiny-sdpo-s0", "tiny-dpo-s0", "tiny-init_base-s0"}
+    assert set(arms) == {"tiny-sdpo-s0", "tiny-dpo-s0", "tiny-init_base-s0", "tiny-multi_ref-s0"}
     for v in versions:
         if v.tags["sdpo.step"] != "0":
             step_run = by_id[v.run_id]
@@ -105,8 +107,12 @@ def test_experiment_runs_compares_and_reuses(tmp_path, prefect_harness, monkeypa
         "gold_win_rate",
     ):
         assert all(metric in arms_metrics[a] for a in ("sdpo", "dpo", "init_base")), metric
-    assert set(record["comparison"]["differences"]) == {"dpo", "init_base"}
-    assert set(record["gamma_matrix"]) == {"M0", "sdpo M1", "sdpo M2", "dpo M1", "init_base M1", "init_base M2"}
+    assert set(record["comparison"]["differences"]) == {"dpo", "init_base", "multi_ref"}
+    assert set(record["gamma_matrix"]) == {
+        "M0", "sdpo M1", "sdpo M2", "dpo M1", "init_base M1", "init_base M2", "multi_ref M1", "multi_ref M2"
+    }  # fmt: skip
+    # The multi-reference arm's step 2 trained against the mean of M0's and M1's log-probs.
+    assert list((workspace / "runs").glob("tiny-multi_ref-s0-*/references/step-2-mean.safetensors"))
     for png in ("arms.png", "gamma_matrix.png", "step2_loss.png", "gold_win_rate.png"):
         assert (comparison_dir / png).read_bytes()[:4] == b"\x89PNG", png
     logged = {a.path for a in c.list_artifacts(top[0].info.run_id)}

@@ -84,3 +84,17 @@ def test_compare_arms_and_its_report(tmp_path) -> None:
     for f in files:
         data = f.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_mean_scores_is_the_multi_reference() -> None:
+    from sdpo_core.scores import mean_scores
+
+    a, b = _scores([-10.0, -4.0], [-12.0, -6.0]), _scores([-8.0, -2.0], [-9.0, -9.0])
+    m = mean_scores([a, b])
+    assert m["chosen"].tolist() == [-9.0, -3.0] and m["rejected"].tolist() == [-10.5, -7.5]
+    assert torch.equal(m["chosen_tokens"], a["chosen_tokens"])
+    other = _scores([-1.0, -1.0], [-1.0, -1.0]) | {"chosen_tokens": torch.tensor([4, 5])}
+    with pytest.raises(ValueError, match="different pairs"):
+        mean_scores([a, other])
+    with pytest.raises(ValueError, match="at least one"):
+        mean_scores([])
