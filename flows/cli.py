@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows import continual_cli, data_inspect
+from flows import compare_cli, continual_cli, data_inspect
 from sdpo_core.locks import file_lock
 from tasks.workspace import configure_environment
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--dry-run", action="store_true", help="check the recipe, every arm and the data, stop")
     data_inspect.add_parser(sub)
     continual_cli.add_parsers(sub)
+    compare_cli.add_parser(sub)
     return parser
 
 
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return continual_cli.run_command(args)
         if args.command == "experiment":
             return _experiment(args)
+        if args.command == "compare":
+            return compare_cli.run_compare(args)  # an unknown run: UnknownRun, a FileNotFoundError (exit 2)
         return data_inspect.run_inspect(args)
     except (ConfigError, DataError, ModelError, FileNotFoundError, TrackingUnreachable, CredentialsError) as exc:
         print(f"sdpo: error: {redact(str(exc))}", file=sys.stderr)
