@@ -91,7 +91,7 @@ def test_sources_split_by_margin() -> None:
 @pytest.mark.integration  # samples from the model twice: seconds
 def test_tiny_build_is_deterministic_and_readable_by_the_pipeline(tmp_path: Path) -> None:
     argv = ["--train-prompts", "12", "--eval-prompts", "3", "--samples", "4", "--max-new-tokens", "24"]
-    argv += ["--pairs-per-source", "8", "--seed", "3"]
+    argv += ["--pairs-per-source", "8", "--seed", "3", "--model", str(REPO / "models" / "stories260K")]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     assert main([*argv, "--out", str(tmp_path / "b"), "--batch-size", "5"]) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
