@@ -135,7 +135,7 @@ def load_source(
                 check_text(prompt, chosen, rejected)
             except BadRow as exc:
                 if not skip_bad_rows:
-                    raise DataError(f"{place}: {exc} (format {fmt})") from None
+                    raise DataError(f"{place}: {exc} (format {fmt}){exc.hint}") from None
                 report.drop(exc.reason)
                 if len(report.bad_rows) < 5:
                     report.bad_rows.append(f"{place}: {exc}")

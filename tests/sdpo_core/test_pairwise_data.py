@@ -88,6 +88,9 @@ def test_diverging_hh_dialogues_skipped_and_counted_with_skip_bad_rows() -> None
     pairs, report = load_source(_src(DATA / "hh_diverged.jsonl"), skip_bad_rows=True)
     assert [p.chosen for p in pairs] == ["Hello! How can I help?", "The Nile."]
     assert report.dropped == {DIVERGED: 1}
+    # The skipped row's note names the row, not the setting that is already on.
+    (note,) = report.bad_rows
+    assert note.startswith(f"{DATA / 'hh_diverged.jsonl'}, line 2: ") and "skip_bad_rows" not in note
 
 
 def test_diverging_message_lists_name_skip_bad_rows_too(tmp_path: Path) -> None:
