@@ -33,9 +33,12 @@ MERGED_KEY = "merged_from"
 """meta.json's record, in a merged folder, of the adapter it was made from."""
 
 
-def with_adapter(model: Any, cfg: LoraConfig) -> Any:
+def with_adapter(model: Any, cfg: LoraConfig, seed: int = 0) -> Any:
     """``model`` with a fresh LoRA adapter (B = 0, so it computes what ``model`` did); only the
-    adapter's parameters require gradients. ``cfg.r == 0`` returns ``model`` as it is."""
+    adapter's parameters require gradients. ``cfg.r == 0`` returns ``model`` as it is.
+
+    A is drawn from its own seeded generator state (``seed``), whatever the process's random
+    state: every torchrun process, and a rerun, starts from the same adapter."""
     if cfg.r == 0:
         return model
     from peft import LoraConfig as PeftLoraConfig
@@ -50,7 +53,9 @@ def with_adapter(model: Any, cfg: LoraConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, peft_cfg)
     except ValueError as exc:  # no module of the model matches target_modules
         from sdpo_core.train import TrainingError
 

@@ -131,7 +131,7 @@ def train_from(
     tokenizer = load_tokenizer(cfg.model, spec.ref_dir)
     # sDPO starts the policy from the reference; train.init=base starts it from M0 (init_dir).
     start = spec.init_dir or spec.ref_dir
-    policy = with_adapter(load_model(cfg.model, start, device, precision.master), cfg.train.lora)
+    policy = with_adapter(load_model(cfg.model, start, device, precision.master), cfg.train.lora, cfg.train.seed)
     pairs = tokenized_file(spec.chunk.path, tokenizer, cfg.data)
     ref = load_scores(spec.ref_scores)
     result = train_dpo(

@@ -30,7 +30,7 @@ from sdpo_core.train import train_dpo
 REPO = Path(__file__).resolve().parents[2]
 
 
-def config(processes: int, parallelism: str = "ddp"):
+def config(processes: int, parallelism: str = "ddp", lora_r: int = 0):
     return from_dict(
         {
             "model": {"name_or_path": str(REPO / "models" / "stories260K")},
@@ -47,6 +47,7 @@ def config(processes: int, parallelism: str = "ddp"):
                 "warmup_ratio": 0.0,
                 "num_processes": processes,
                 "parallelism": parallelism,
+                "lora": {"r": lora_r},
                 "num_threads": 1,
                 "device": "cpu",
             },
@@ -59,8 +60,10 @@ class Crash(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp", "ddp-lora"])
 def test_two_gloo_processes_match_one(tmp_path, parallelism):
+    # ddp-lora: LoRA per step under torchrun data parallelism (a fresh adapter on each process).
+    parallelism, lora_r = ("ddp", 4) if parallelism == "ddp-lora" else (parallelism, 0)
     cfg = config(1)
     pairs, _ = load_source(cfg.data.sources[0].__class__(path=cfg.data.sources[0].path, name="orca", max_pairs=7))
     chunk_path = tmp_path / "chunk.jsonl"
@@ -76,7 +79,7 @@ def test_two_gloo_processes_match_one(tmp_path, parallelism):
     def train(processes: int, name: str, checkpoints: Checkpoints, resumed_from: int = 0) -> tuple[list[dict], dict]:
         seen: list[tuple[int, dict]] = []
         spec = TrainStepSpec(
-            config=config(processes, parallelism),
+            config=config(processes, parallelism, lora_r),
             chunk=chunk,
             ref_uri="models:/m/1",
             ref_scores=str(ref_path),
@@ -113,6 +116,8 @@ def test_two_gloo_processes_match_one(tmp_path, parallelism):
     assert_same(one, two)
     assert not (tmp_path / "model-2" / "rank1").exists()
     assert Checkpoints(tmp_path / "ckpt-2", 1).latest_name() == "step-00000003"
+    if lora_r:
+        return  # the resumes below build the plain model in this process; LoRA's is the step's own
 
     # The 2-process checkpoint (written whole by rank 0) resumes in one process: restored after
     # its last step, nothing is left to train and the weights are those the step saved.
