@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from sdpo_core.config_limits import reprlib_repr, shown, train_problems
 from sdpo_core.redact import redact
 
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "response_a", "response_b", "winner")
@@ -22,10 +23,6 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 """Names that become parts of file paths (run_name, tracking.registered_model): letters, digits,
 '.', '_' and '-', starting with a letter or digit, so that no name can point outside the
 workspace (no '/', no '..')."""
-
-MAX_SHOWN = 60
-"""Characters of an offending value shown in a message: a hostile recipe (a YAML alias bomb) must
-not make the message itself huge."""
 
 
 class ConfigError(ValueError):
@@ -36,23 +33,6 @@ class ConfigError(ValueError):
         where = f" in {origin}" if origin else ""
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
-
-
-def shown(value: Any) -> str:
-    """``value``'s type and repr, cut to MAX_SHOWN characters."""
-    text = reprlib_repr(value)
-    return f"{type(value).__name__} {text}"
-
-
-def reprlib_repr(value: Any) -> str:
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring = r.maxother = MAX_SHOWN
-    r.maxlist = r.maxdict = r.maxtuple = 6
-    r.maxlevel = 2
-    text = r.repr(value)
-    return text if len(text) <= 2 * MAX_SHOWN else text[: 2 * MAX_SHOWN] + "..."
 
 
 # pydantic error types -> how a config value of that kind is written.
@@ -281,6 +261,10 @@ def value_problems(cfg: Any) -> list[str]:
         problems.append("train.lora: LoRA under FSDP is not supported; use train.parallelism=ddp")
     if t.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every: must be 0 or more, got {t.checkpoint_every}")
+    if cfg.evaluate.samples < 0:
+        problems.append(f"evaluate.samples: must be 0 (off) or more, got {cfg.evaluate.samples}")
+    if cfg.evaluate.sample_tokens < 1:
+        problems.append(f"evaluate.sample_tokens: must be at least 1, got {cfg.evaluate.sample_tokens}")
     if not t.learning_rate > 0 or t.learning_rate == float("inf"):
         problems.append(f"train.learning_rate: must be positive, got {t.learning_rate}")
     if not 0.0 <= t.warmup_ratio < 1.0:
@@ -292,6 +276,7 @@ def value_problems(cfg: Any) -> list[str]:
     if loss.label_smoothing and loss.name != "sigmoid":
         problems.append(f"loss.label_smoothing: only applies to loss.name=sigmoid, not {loss.name}")
     _partition_problems(p, len(train_sources), problems)
+    problems += train_problems(cfg)
     for key, text in _strings(cfg.to_dict()):
         if redact(text) != text:
             # The config is a Prefect flow run parameter, shown in the UI and stored as is: no

@@ -314,3 +314,34 @@ def test_deeply_nested_yaml_is_one_error(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "run_name: " + "[" * 100_000 + "]" * 100_000 + "\n"))
     with pytest.raises(ConfigError, match="run_name: the value is nested too deeply"):
         load_config(None, ["run_name=" + "[" * 100_000 + "]" * 100_000])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.device=quantum", "train.device: must be auto, cpu, mps, cuda or cuda:N"),
+        ("train.device=cuda:x", "train.device"),
+        ("train.adam_betas=[2, -1]", "train.adam_betas.0: must be in [0, 1), got 2.0"),
+        ("train.adam_betas=[0.9, .nan]", "train.adam_betas.1"),
+        ("train.weight_decay=.inf", "train.weight_decay: must be a finite number"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+        ("train.lora.alpha=0", "train.lora.alpha"),
+        ("train.lora.dropout=1", "train.lora.dropout"),
+        ("loss.nll_weight=.nan", "loss.nll_weight"),
+        ("data.sources.0.name=" + "n" * 101, "data.sources.0.name: 1-100 printable characters"),
+        ("tracking.experiment=" + "e" * 201, "tracking.experiment: 1-200 printable characters"),
+    ],
+)
+def test_settings_types_accept_but_values_do_not(override: str, message: str) -> None:
+    """Values that pass the types but would fail later (after M0 is registered, or in MLflow's
+    limits) are refused at load, each naming its key; the message stays short."""
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "recipes" / "default.yaml", [override])
+    assert message in str(info.value)
+    assert len(str(info.value)) < 400
+
+
+def test_devices_torch_knows_are_accepted() -> None:
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        assert load_config(REPO / "recipes" / "default.yaml", [f"train.device={device}"]).train.device == device
