@@ -25,6 +25,7 @@ from tasks.data import partition, prepare_data
 from tasks.outage import end_run
 from tasks.registry import find_finished_step, open_tracking, point_aliases, register_base, register_step
 from tasks.report import report
+from tasks.samples import sample_generations
 from tasks.tracking import model_uri, version_uri
 from tasks.training import clear_checkpoints, evaluate_step, mean_reference, reference_logps, train_step
 from tasks.workspace import run_folder, within, workspace_root
@@ -149,6 +150,8 @@ def run_pipeline(
             rows.append(
                 row | {"version": versions[chunk.step], "model_uri": model_uri(ctx.model_name, chunk.step), **metrics}
             )
+        # Every step's model continues the same eval prompts: one MLflow table, a column per model.
+        sample_generations(cfg, ctx, prepared.eval_path, versions)
         table = report(ctx, rows)
         # Only a run that finished moves the aliases, all together (step-0 .. step-T, final).
         point_aliases(ctx, versions)

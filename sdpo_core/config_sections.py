@@ -251,6 +251,13 @@ class EvaluateConfig(Section):
     harness: HarnessConfig = Field(
         default_factory=HarnessConfig, description="lm-evaluation-harness on each step's model (off by default)."
     )
+    samples: StrictInt = Field(
+        8,
+        description=one_line("""Eval prompts that M0 and every step's model continue (seeded, the same random
+        numbers for each model), logged as one MLflow table on the parent run (samples/generations.json, a
+        column per model) and as generations.json in the run folder. 0: off."""),
+    )
+    sample_tokens: StrictInt = Field(32, description="Most new tokens of each sample generation.")
 
 
 class TrackingConfig(Section):

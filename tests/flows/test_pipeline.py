@@ -182,6 +182,11 @@ def test_two_step_pipeline_registers_lineage(tmp_path, prefect_harness, monkeypa
     assert parent.data.params["loss.name"] == "sigmoid"
     assert parent.data.params["data.max_length"] == "96"
     assert {a.path for a in c.list_artifacts(result.parent_run_id)} >= {"config.yaml", "report.txt", "data_report.json"}
+    # Sample generations (tasks/samples.py): one table on the parent run, a column per step model.
+    generations = json.loads(
+        Path(c.download_artifacts(result.parent_run_id, "samples/generations.json", str(tmp_path))).read_text()
+    )
+    assert generations["columns"] == ["prompt", "M0", "step-1", "step-2"] and len(generations["data"]) >= 1
     assert sorted(d.dataset.name for d in parent.inputs.dataset_inputs) == ["mix", "orca"]
     step_run = c.get_run(by_alias["step-1"].run_id)
     assert step_run.data.tags["mlflow.parentRunId"] == result.parent_run_id
