@@ -60,6 +60,7 @@ TIER_TABLE = {
     "docker/test_docker.py::test_docker_compose_config": "e2e",  # runs the docker CLI
     "flows/test_deployments.py": "e2e",  # a Prefect server, work pools and workers
     "flows/test_deployment_ui_run.py": "e2e",  # serve.sh and a pipeline run started through the API
+    "flows/test_browser.py": "e2e",  # a pipeline run, both servers and headless Chromium
     "tasks/test_model_metrics.py": "integration",  # MLflow on SQLite
     "flows/test_faults.py": "e2e",
     "flows/test_lora_pipeline.py": "e2e",  # a whole two-step pipeline with LoRA  # the CLI's whole run in processes that are killed and rerun
