@@ -56,6 +56,7 @@ from sdpo_core.hashing import sha256_file
 from sdpo_core.model_io import check_model_source
 from sdpo_core.records import PreparedData, TrainStepSpec
 from sdpo_core.redact import redact, redact_log_handlers
+from sdpo_core.tokenization import tokens_path
 from tasks import tracking
 from tasks.batches import BatchStep, list_batches, read_batches
 from tasks.blocks import S3Access, read_access
@@ -64,6 +65,7 @@ from tasks.continual import chain_lock, chain_records, find_chain, log_lineage, 
 from tasks.outage import end_run
 from tasks.registry import find_finished_step, open_tracking, point_aliases, register_step, save_base
 from tasks.report import report
+from tasks.storage import publish
 from tasks.tracking import model_uri, version_uri
 from tasks.training import clear_checkpoints, evaluate_step, reference_logps, train_step
 from tasks.workspace import run_folder, workspace_root
@@ -118,13 +120,24 @@ def continue_chain(cfg: RunConfig, root: Path, access: S3Access | None = None) -
             return ContinueResult(model_name=name, final_version=final if chain else "", message=message)
         if chain is None:
             logger.info("registered model %r has no chain yet: this run starts it from the recipe's data", name)
-            result = run_pipeline(cfg, root, access=access, run_dir=str(run_dir))
+            result = run_pipeline(_local_watch(cfg, run_dir), root, access=access, run_dir=str(run_dir))
             lineage = log_lineage(tracking_context(cfg, root, result.run_dir, result.parent_run_id, access))
             final = str(c.get_model_version_by_alias(name, "final").version)
             message = f"started the chain of {name!r}: steps 1..{len(result.rows)} from the recipe's data"
             logger.info(message)
             return ContinueResult(result.rows, result.table, lineage, result.run_dir, name, final, message)
         return _extend(cfg, root, run_dir, chain, fresh, access)
+
+
+def _local_watch(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """The config with each source that names the watched S3 prefix reading the copy that
+    list_batches downloaded into the run folder (sources read local files only)."""
+    watch = (cfg.data.watch or "").rstrip("/")
+    if not watch.startswith("s3://"):
+        return cfg
+    local = str(run_dir / "batches")
+    sources = [s.model_copy(update={"path": local}) if s.path.rstrip("/") == watch else s for s in cfg.data.sources]
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
 
 
 def tracking_context(
@@ -188,6 +201,9 @@ def _extend(
     )  # fmt: skip
     ctx = open_tracking(cfg, str(root), str(run_dir), prepared, access)
     try:
+        # The chunks go to storage as the pipeline's partition sends them: a train step that runs
+        # on another machine (train.deployment) fetches its chunk and token ids from there.
+        publish(ctx, *[p for s in steps for p in (Path(s.chunk.path), tokens_path(s.chunk.path)) if p.is_file()])
         versions = {link.step: link.version for link in chain}
         m0_eval = reference_logps(cfg, ctx, version_uri(name, versions[0]), eval_path, "eval")
         prev_eval = reference_logps(cfg, ctx, version_uri(name, chain[-1].version), eval_path, "eval")

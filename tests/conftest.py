@@ -68,6 +68,7 @@ TIER_TABLE = {
     "flows/test_cli_preflight.py": "integration",  # the CLI up to its checks, MLflow's client
     "flows/test_experiment.py": "e2e",  # the experiment flow: arms x seeds of whole pipelines
     "flows/test_continual.py": "e2e",  # continual sDPO: several whole continue runs of one chain
+    "flows/test_continual_s3.py": "e2e",  # continual sDPO with the batches, storage and lease on moto's S3
     "flows/test_pipeline.py::test_two_step_pipeline_registers_lineage": "e2e",
     "flows/test_pipeline.py::test_cli_run_writes_only_to_workspace_and_no_secret": "e2e",
     "flows/test_pipeline.py::test_cli_unreachable_tracking_server": "integration",  # MLflow's client
