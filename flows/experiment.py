@@ -264,7 +264,7 @@ def run_experiment(
 ) -> ExperimentResult:
     """Prepare once, run the arms, compare, publish (called inside the flow)."""
     from sdpo_core.comparison import comparison_markdown
-    from tasks.experiment import publish_comparison
+    from tasks.experiment import comparison_artifacts, publish_comparison
 
     cfg = base_config(exp)
     folder = str(within(root / "runs", Path(run_dir) if run_dir else run_folder(root, exp.name)))
@@ -281,6 +281,7 @@ def run_experiment(
             results["expo"] = run_expo(exp, cfg, ctx, prepared, results, comparison_pairs(exp, prepared)[1])
         comparison, curves = compare(exp, cfg, ctx, prepared, results)
         files = publish_comparison(ctx, comparison, curves, LOSS_STEP)
+        comparison_artifacts(comparison)
     except BaseException:
         c.set_terminated(ctx.parent_run_id, "FAILED")
         raise

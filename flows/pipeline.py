@@ -24,7 +24,7 @@ from tasks.blocks import S3Access, read_access
 from tasks.data import partition, prepare_data
 from tasks.outage import end_run
 from tasks.registry import find_finished_step, open_tracking, point_aliases, register_base, register_step
-from tasks.report import report
+from tasks.report import flow_run_artifacts, report
 from tasks.samples import sample_generations
 from tasks.tracking import model_uri, version_uri
 from tasks.training import clear_checkpoints, evaluate_step, mean_reference, reference_logps, train_step
@@ -153,6 +153,7 @@ def run_pipeline(
         # Every step's model continues the same eval prompts: one MLflow table, a column per model.
         sample_generations(cfg, ctx, prepared.eval_path, versions)
         table = report(ctx, rows)
+        flow_run_artifacts(rows, ctx)
         # Only a run that finished moves the aliases, all together (step-0 .. step-T, final).
         point_aliases(ctx, versions)
         tracking.client(ctx.tracking_uri).set_terminated(ctx.parent_run_id)

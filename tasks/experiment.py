@@ -63,9 +63,8 @@ def source_outcomes(cfg: RunConfig, ctx: RunContext, m0_uri: str, train_path: st
 @task(name="publish-comparison", task_run_name="publish-comparison", **IO_TASK)
 def publish_comparison(ctx: RunContext, comparison: dict[str, Any], curves: dict[str, list], step: int) -> list[str]:
     """Write comparison.json, comparison.md and the plots under the experiment's folder; log them
-    to the experiment's parent run and as Prefect artifacts on the flow run. Returns the paths."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
+    to the experiment's parent run (the flow adds the Prefect artifacts,
+    :func:`comparison_artifacts`). Returns the paths."""
     from sdpo_core import plots
     from sdpo_core.comparison import comparison_markdown
     from tasks import artifacts, tracking
@@ -89,13 +88,6 @@ def publish_comparison(ctx: RunContext, comparison: dict[str, Any], curves: dict
     # The headline numbers as metrics of the parent run, so MLflow can chart and compare them.
     metrics = {f"{arm}/{m}": v["mean"] for arm, values in c["arms"].items() for m, v in values.items()}
     tracking.log_metrics(client, ctx.parent_run_id, metrics, 0)
-    create_markdown_artifact(comparison_markdown(comparison), key="experiment-comparison")
-    rows = [
-        {"arm": arm, "metric": m, "mean": v["mean"], "low": v["low"], "high": v["high"]}
-        for arm, values in c["arms"].items()
-        for m, v in values.items()
-    ]
-    create_table_artifact(rows, key="experiment-arms")
     get_run_logger().info("comparison written to %s and logged to MLflow run %s", out, ctx.parent_run_id)
     return [str(p) for p in files]
 
@@ -241,3 +233,19 @@ def expo_model(
     version = tracking.register(c, ctx.model_name, run_id, str(folders[alpha]), tags, access=ctx.s3)
     c.set_terminated(run_id)
     return {"version": version, "alpha": alpha, "validation": accuracy}
+
+
+def comparison_artifacts(comparison: dict[str, Any]) -> None:
+    """The comparison as a Markdown and a table artifact of the experiment's flow run (called in
+    the flow's body, so that they belong to the flow run, not to a task run)."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from sdpo_core.comparison import comparison_markdown
+
+    create_markdown_artifact(comparison_markdown(comparison), key="experiment-comparison")
+    rows = [
+        {"arm": arm, "metric": m, "mean": v["mean"], "low": v["low"], "high": v["high"]}
+        for arm, values in comparison["comparison"]["arms"].items()
+        for m, v in values.items()
+    ]
+    create_table_artifact(rows, key="experiment-arms")

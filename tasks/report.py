@@ -85,8 +85,8 @@ def step_metrics_of(row: dict) -> dict[str, float]:
 def report(ctx: RunContext, rows: list[dict]) -> str:
     """Write the table and the rows (JSON) to the run folder and the MLflow parent run; log the
     held-out metrics of each step on the parent run (step=t) and on its registered version, the
-    plots (sdpo_core.run_plots) on the parent run, and the table and the report as artifacts of
-    the Prefect flow run. Safe to retry: every write replaces or repeats the same values."""
+    plots (sdpo_core.run_plots) on the parent run (the flow then adds the Prefect artifacts,
+    :func:`flow_run_artifacts`). Safe to retry: every write replaces or repeats the same values."""
     from prefect import get_run_logger
 
     from sdpo_core.run_plots import TRAIN_PANELS, run_plots
@@ -120,13 +120,15 @@ def report(ctx: RunContext, rows: list[dict]) -> str:
     artifacts.log_artifacts(c, ctx.parent_run_id, run_dir / "plots", "plots", ctx.s3)
 
     publish(ctx, run_dir / "report.txt", run_dir / "report.json", *plots)
-    flow_run_artifacts(rows, ctx, plots)
     get_run_logger().info("report written to %s and logged to MLflow run %s", run_dir / "report.txt", ctx.parent_run_id)
     return table
 
 
-def flow_run_artifacts(rows: list[dict], ctx: RunContext, plots: list[Path]) -> None:
-    """The per-step table as a table artifact and the report as a Markdown artifact of the flow run."""
+def flow_run_artifacts(rows: list[dict], ctx: RunContext) -> None:
+    """The per-step table as a table artifact and the report as a Markdown artifact of the flow run.
+
+    Called in the flow's own body: an artifact made inside a task belongs to the task run only,
+    and the flow run's Artifacts tab would list it under the task."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from tasks.progress import in_flow_run
@@ -134,4 +136,5 @@ def flow_run_artifacts(rows: list[dict], ctx: RunContext, plots: list[Path]) -> 
     if not in_flow_run():
         return
     create_table_artifact(table_records(rows), key="sdpo-steps", description="sDPO: one row per step")
+    plots = sorted((Path(ctx.run_dir) / "plots").glob("*.png"))
     create_markdown_artifact(markdown_report(rows, ctx, plots), key="sdpo-report", description="sDPO run report")

@@ -155,6 +155,9 @@ def check_artifacts(url: str, flow_run_id: str) -> None:
     [table] = by_type["table"]
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert table["key"] == "sdpo-steps" and [r["step"] for r in rows] == ["1", "2"]
+    # Made in the flow's own body: the flow run's artifact, not a task run's (the UI lists those
+    # under the task).
+    assert table.get("task_run_id") is None, table.get("task_run_id")
     assert {r["chunk"] for r in rows} == {"orca", "mix"}
     [markdown] = by_type["markdown"]
     assert (
