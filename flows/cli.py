@@ -200,7 +200,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}")
     else:
         print(f"MLflow:     {redact(result.tracking_uri)} (parent run {result.parent_run_id})")
-    print(f"Prefect UI: PREFECT_HOME={root / 'prefect'} .venv/bin/prefect server start")
+    api = os.environ.get("PREFECT_API_URL")
+    if api:  # the run reported to a Prefect server: its UI is where the API is
+        print(f"Prefect UI: {redact(api.rstrip('/').removesuffix('/api'))}")
+    else:
+        print(f"Prefect UI: PREFECT_HOME={root / 'prefect'} .venv/bin/prefect server start")
     return 0
 
 
