@@ -87,6 +87,7 @@ serve: $(VENV)/.installed-run
 # Turn on the deployments' schedules (all off by default: deployments/prefect.yaml) on the server
 # that `make serve` started; DEPLOYMENT=flow/deployment for one only, e.g.
 # `make schedule-on DEPLOYMENT=sdpo_pipeline/sdpo-pipeline`. `make schedule-off` pauses them again.
+# Schedules already in the wanted state are left alone (Prefect refuses to pause a paused one).
 # Order-only: the server's environment is there already; this never reinstalls it.
 .PHONY: schedule-on schedule-off
 schedule-on schedule-off: | $(VENV)/.installed-run
@@ -94,7 +95,7 @@ schedule-on schedule-off: | $(VENV)/.installed-run
 	action=$(if $(filter schedule-on,$@),resume,pause); \
 	if [ -z "$(DEPLOYMENT)" ]; then $(BIN)/prefect --no-prompt deployment schedule $$action --all; \
 	else for id in $$($(BIN)/prefect deployment schedule ls "$(DEPLOYMENT)" -o json \
-	    | $(BIN)/python -c 'import json, sys; print(*(s["id"] for s in json.load(sys.stdin)))'); do \
+	    | $(BIN)/python -c 'import json, sys; on = sys.argv[1] == "resume"; print(*(s["id"] for s in json.load(sys.stdin) if s.get("active") != on))' $$action); do \
 	  $(BIN)/prefect --no-prompt deployment schedule $$action "$(DEPLOYMENT)" $$id || exit 1; done; fi
 
 clean:
