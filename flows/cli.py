@@ -153,27 +153,22 @@ def create_prefect_database() -> None:
             )  # fmt: skip
 
 
-def _run(args: argparse.Namespace) -> int:
-    import shutil
+def dry_preflight(cfg: RunConfig) -> DataReport:
+    """:func:`preflight` into a scratch folder that is removed after: ``--dry-run`` writes nothing."""
     import tempfile
 
-    import yaml
+    with tempfile.TemporaryDirectory() as scratch:
+        return preflight(cfg, Path(scratch) / "data")[1]
 
-    from sdpo_core.config import load_config
+
+def start(cfg: RunConfig, name: str) -> tuple[Path, PreparedData]:
+    """A new run folder ``runs/<name>-<time>`` with the data prepared in it, the Prefect database
+    created and the credentials block read; a failure on the way leaves no folder behind."""
+    import shutil
+
     from tasks.workspace import run_folder, workspace_root
 
-    cfg = load_config(args.config, args.overrides)
-    if args.continue_chain and not args.dry_run:  # the flow finds the chain and its new data itself
-        check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-        create_prefect_database()
-        return continual_cli.run_continue(cfg)
-    if args.dry_run:
-        with tempfile.TemporaryDirectory() as scratch:
-            _, report = preflight(cfg, Path(scratch) / "data")
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        print(data_inspect.format_report(report, cfg))
-        return 0
-    run_dir = run_folder(workspace_root(), cfg.run_name)
+    run_dir = run_folder(workspace_root(), name)
     try:
         prepared, _ = preflight(cfg, run_dir / "data")
         create_prefect_database()
@@ -182,10 +177,29 @@ def _run(args: argparse.Namespace) -> int:
 
             # A missing block or an unreachable Prefect API stops the run before its flow run starts.
             read_credentials(cfg.storage.credentials_block)
-        from flows.pipeline import sdpo_pipeline
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet: a failed start leaves no run folder
         raise
+    return run_dir, prepared
+
+
+def _run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sdpo_core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.continue_chain and not args.dry_run:  # the flow finds the chain and its new data itself
+        check_tracking_server(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        create_prefect_database()
+        return continual_cli.run_continue(cfg)
+    if args.dry_run:
+        report = dry_preflight(cfg)  # bad input stops here, before anything is printed
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(data_inspect.format_report(report, cfg))
+        return 0
+    _, prepared = start(cfg, cfg.run_name)
+    from flows.pipeline import sdpo_pipeline
     from sdpo_core.redact import redact
 
     result = sdpo_pipeline(config=cfg, prepared=prepared)
@@ -209,30 +223,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
-
     from flows.experiment import base_config
     from sdpo_core.experiment_config import load_experiment
-    from tasks.workspace import run_folder, workspace_root
 
     exp = load_experiment(args.config, args.overrides)
     cfg = base_config(exp)
     if args.dry_run:
-        with tempfile.TemporaryDirectory() as scratch:
-            _, report = preflight(cfg, Path(scratch) / "data")
+        report = dry_preflight(cfg)
         for arm in exp.arms:
             print(f"arm {arm.name}: seeds {list(exp.seeds)}, settings {dict(arm.set) or 'the pipeline recipe'}")
         print(data_inspect.format_report(report, cfg))
         return 0
-    run_dir = run_folder(workspace_root(), exp.name)
-    try:
-        prepared, _ = preflight(cfg, run_dir / "data")
-        create_prefect_database()
-        from flows.experiment import sdpo_experiment
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing tracked yet
-        raise
+    run_dir, prepared = start(cfg, exp.name)
+    from flows.experiment import sdpo_experiment
+
     result = sdpo_experiment(config=exp, prepared=prepared, run_dir=str(run_dir))
     print()
     print(result.markdown)
