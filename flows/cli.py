@@ -232,6 +232,8 @@ def _experiment(args: argparse.Namespace) -> int:
         report = dry_preflight(cfg)
         for arm in exp.arms:
             print(f"arm {arm.name}: seeds {list(exp.seeds)}, settings {dict(arm.set) or 'the pipeline recipe'}")
+        if exp.expo is not None:
+            print(f"arm expo: {exp.expo.from_arm}'s final models extrapolated, alpha in {list(exp.expo.alphas)}")
         print(data_inspect.format_report(report, cfg))
         return 0
     run_dir, prepared = start(cfg, exp.name)
