@@ -233,14 +233,15 @@ def sampled_outcomes(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per arm, (seeds, prompts) each: the sampled KL(pi_t || pi_0) on held-out prompts, and the
     gold-reward win rate against M0 when the recipe names gold prompts."""
-    from tasks.experiment import eval_prompts, gold_outcomes, read_prompts, sample_model, sampled_kl
+    from sdpo_core.experiment_config import read_gold_prompts
+    from tasks.experiment import eval_prompts, gold_outcomes, sample_model, sampled_kl
 
     e = exp.evaluation
     out: dict[str, dict[str, list[np.ndarray]]] = {arm: {} for arm in results}
     kl_prompts = eval_prompts(prepared.eval_path, e.kl_prompts, keep) if e.kl_prompts else []
     if not all(isinstance(p, str) for p in kl_prompts):
         kl_prompts = []  # conversational prompts: sampling takes plain text (no KL then)
-    gold_prompts = read_prompts(e.gold_prompts) if e.gold_prompts else []
+    gold_prompts = read_gold_prompts(e.gold_prompts) if e.gold_prompts else []
     m0_gold = (
         sample_model(cfg, ctx, m0_uri, gold_prompts, e.gold_samples, e.max_new_tokens, e.seed, "gold")
         if gold_prompts

@@ -132,8 +132,11 @@ def experiment_problems(exp: ExperimentConfig) -> list[str]:
     for key in ("kl_prompts", "kl_samples", "max_new_tokens", "gold_samples"):
         if getattr(e, key) < 0 or (key != "kl_prompts" and getattr(e, key) < 1):
             problems.append(f"evaluation.{key}: must be positive, got {getattr(e, key)}")
-    if e.gold_prompts is not None and not Path(e.gold_prompts).is_file():
-        problems.append(f"evaluation.gold_prompts: file not found: {e.gold_prompts}")
+    if e.gold_prompts is not None:
+        try:
+            read_gold_prompts(e.gold_prompts)
+        except ValueError as exc:
+            problems.append(f"evaluation.gold_prompts: {exc}")
     if exp.expo is not None:
         if exp.expo.from_arm not in names:
             problems.append(f"expo.from_arm: {exp.expo.from_arm!r} is not an arm")
@@ -202,3 +205,32 @@ def _dotted(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[li
         else:
             out.append(([*prefix, str(key)], value))
     return out
+
+
+def read_gold_prompts(path: str, limit: int = 100_000) -> list[str]:
+    """The held-out prompts of a gold task: JSON lines, each ``{"prompt": "<text>"}``.
+
+    Raises:
+        ValueError: a missing file, or a line that is not such an object (naming the line).
+    """
+    import json
+
+    if not Path(path).is_file():
+        raise ValueError(f"file not found: {path}")
+    prompts: list[str] = []
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise ValueError(f'{path}, line {i}: expected {{"prompt": "<text>"}}')
+            prompts.append(row["prompt"])
+            if len(prompts) > limit:
+                raise ValueError(f"{path}: more than {limit} prompts")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts

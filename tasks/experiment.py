@@ -159,17 +159,6 @@ def gold_outcomes(policy_path: str, base_path: str, n: int) -> np.ndarray:
     return np.asarray([np.mean(gold_win_rate(p, b)) for p, b in zip(policy, base, strict=True)])
 
 
-def read_prompts(path: str) -> list[str]:
-    """The gold task's held-out prompts (JSON lines with a string ``prompt``)."""
-    prompts = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise ValueError(f'{path}, line {i}: expected {{"prompt": "..."}}')
-                prompts.append(row["prompt"])
-    return prompts
 
 
 @task(name="expo", task_run_name="expo-{name}", **IO_TASK)

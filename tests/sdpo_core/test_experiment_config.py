@@ -82,3 +82,17 @@ def test_shipped_experiment_recipes_load() -> None:
         exp = load_experiment(path)
         assert len(exp.seeds) >= 3, path
         assert {"sdpo", "dpo", "random", "hard_to_easy", "init_base"} <= {a.name for a in exp.arms}, path
+
+
+def test_gold_prompts_are_checked_at_load(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Once upon a time"}\n{"text": "no prompt key"}\n')
+    data = dict(BASE) | {"evaluation": {"gold_prompts": str(prompts)}}
+    with pytest.raises(ConfigError, match=r"evaluation.gold_prompts: .*prompts.jsonl, line 2"):
+        load_experiment(_write(tmp_path, data))
+    prompts.write_bytes(b'{"prompt": "\\xff"}\n\xff\xfe\n')
+    with pytest.raises(ConfigError, match="evaluation.gold_prompts"):
+        load_experiment(_write(tmp_path, data))
+    data["evaluation"] = {"gold_prompts": str(tmp_path / "missing.jsonl")}
+    with pytest.raises(ConfigError, match="file not found"):
+        load_experiment(_write(tmp_path, data))
