@@ -159,8 +159,6 @@ def gold_outcomes(policy_path: str, base_path: str, n: int) -> np.ndarray:
     return np.asarray([np.mean(gold_win_rate(p, b)) for p, b in zip(policy, base, strict=True)])
 
 
-
-
 @task(name="expo", task_run_name="expo-{name}", **IO_TASK)
 def expo_model(
     cfg: RunConfig,
