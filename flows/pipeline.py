@@ -15,10 +15,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train_step import run_train_deployment
+from sdpo_core.carry import chain_schedule
 from sdpo_core.config import ConfigError, RunConfig
 from sdpo_core.model_io import check_model_source
 from sdpo_core.records import PreparedData, TrainStepSpec
 from sdpo_core.redact import redact_run_logs
+from sdpo_core.train import batch_plan
 from tasks import tracking
 from tasks.blocks import S3Access, read_access
 from tasks.data import partition, prepare_data
@@ -104,10 +106,16 @@ def run_pipeline(
         # References are loaded by version, not alias: another run may move the aliases meanwhile.
         m0 = version_uri(ctx.model_name, versions[0])
         chunks = partition(cfg, ctx, prepared, m0)
+        # train.carry_optimizer: one warmup + cosine over every step's optimizer steps, in order.
+        schedules = (
+            chain_schedule([len(batch_plan(c.size, cfg.train)) for c in chunks])
+            if cfg.train.carry_optimizer
+            else [(0, 0)] * len(chunks)
+        )
         m0_eval = reference_logps(cfg, ctx, m0, prepared.eval_path, "eval")
         prev_eval = m0_eval
         rows = []
-        for chunk in chunks:
+        for chunk, (offset, total) in zip(chunks, schedules, strict=True):
             row = {"step": chunk.step, "chunk": chunk.label, "pairs": chunk.size, "m0_accuracy": chunk.m0_accuracy}
             # A rerun of the same pipeline (same name, config, chunk and reference) reuses the
             # step's registered version instead of training it again.
@@ -131,7 +139,10 @@ def run_pipeline(
                 # train.init=base (the paper's Fig. 3 control): the policy starts from M0, the
                 # reference is still M(t-1).
                 init_uri = m0 if cfg.train.init == "base" and chunk.step > 1 else ""
-                spec = TrainStepSpec(config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri)
+                spec = TrainStepSpec(
+                    config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri,
+                    schedule_offset=offset, schedule_total=total,
+                )  # fmt: skip
                 if cfg.train.deployment:
                     trained = run_train_deployment(ctx, spec)
                 else:

@@ -148,6 +148,12 @@ class TrainConfig(Section):
         training state does not fit one GPU. The update is the same."""),
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA for each train step (off: r = 0).")
+    carry_optimizer: StrictBool = Field(
+        False,
+        description=one_line("""Carry AdamW's moments and the learning-rate schedule across sDPO steps: step t starts
+        from the optimizer state M(t-1) was saved with, and one warmup + cosine runs over the whole chain. Off:
+        each step restarts both (the paper). Tells the reference's effect apart from optimizer restarts."""),
+    )
     num_threads: StrictInt | None = Field(None, description="torch CPU threads; None keeps torch's default.")
 
 

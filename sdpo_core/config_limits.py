@@ -68,6 +68,8 @@ def train_problems(cfg: Any) -> list[str]:
         problems.append(f"train.lora.alpha: must be a positive finite number, got {t.lora.alpha}")
     if not (_finite(t.lora.dropout) and 0.0 <= t.lora.dropout < 1.0):
         problems.append(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
+    if t.carry_optimizer and t.lora.r > 0:  # a fresh adapter each step: no moments to carry
+        problems.append(f"train.carry_optimizer: needs full fine-tuning (train.lora.r = 0), got r = {t.lora.r}")
     for i, source in enumerate(cfg.data.sources):
         if len(source.name) > MAX_SOURCE_NAME or not source.name.isprintable() or not source.name.strip():
             problems.append(

@@ -64,6 +64,12 @@ class TrainStepSpec(Record):
     out_dir: str = Field("", description="Where the step model is saved, filled where the step trains.")
     checkpoint_dir: str | None = Field(None, description="The step's checkpoints; None saves none.")
     meta: dict[str, Any] = Field(default_factory=dict, description="Written into the step model's meta.json.")
+    schedule_offset: int = Field(
+        0, description="train.carry_optimizer: optimizer steps of the chain before this step (its schedule's start)."
+    )
+    schedule_total: int = Field(
+        0, description="train.carry_optimizer: optimizer steps of the whole chain; 0: this step's own schedule."
+    )
 
     @property
     def step(self) -> int:

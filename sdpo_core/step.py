@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sdpo_core.carry import Carry, read_moments, save_moments
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.config import RunConfig
 from sdpo_core.files import atomic_write_text
@@ -134,8 +135,14 @@ def train_from(
     policy = with_adapter(load_model(cfg.model, start, device, precision.master), cfg.train.lora, cfg.train.seed)
     pairs = tokenized_file(spec.chunk.path, tokenizer, cfg.data)
     ref = load_scores(spec.ref_scores)
+    # train.carry_optimizer: M(t-1)'s moments (none for M0) and this step's slice of the chain's schedule.
+    carry = (
+        Carry(spec.schedule_offset, spec.schedule_total, read_moments(spec.ref_dir))
+        if cfg.train.carry_optimizer
+        else None
+    )
     result = train_dpo(
-        policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback, checkpoints, precision
+        policy, pairs, ref, pad_id(tokenizer), cfg.train, cfg.loss, device, callback, checkpoints, precision, carry
     )
     return policy, tokenizer, result
 
@@ -155,6 +162,8 @@ def save_step_model(policy: Any, tokenizer: Any, spec: TrainStepSpec, trained: T
     else:
         policy = merged(policy)  # a LoRA step registers full weights: the next step's reference
         saved = save_model(policy.to(dtype), tokenizer, Path(spec.out_dir), meta)
+    if trained.optimizer_state is not None:  # train.carry_optimizer: the next step starts from it
+        save_moments(saved, trained.optimizer_state)
     record_fingerprint(saved)
     return TrainStepResult(
         step=spec.step,

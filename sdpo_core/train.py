@@ -12,11 +12,13 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from sdpo_core import attention
+from sdpo_core.carry import Carry, load_moments, shifted
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.collectives import max_over_processes
 from sdpo_core.config import LossConfig, TrainConfig
@@ -24,7 +26,7 @@ from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
 from sdpo_core.precision import PRECISIONS, Precision
-from sdpo_core.state import is_sharded
+from sdpo_core.state import full_state, is_sharded
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 # Per-pair quantities summed over an optimizer step, for its metrics.
@@ -42,6 +44,8 @@ class TrainResult:
     history: list[dict[str, float]]
     resumed_from: int = 0
     """Optimizer steps restored from a checkpoint (0: trained from the start)."""
+    optimizer_state: dict[str, Any] | None = None
+    """The optimizer's full state at the end, when it is carried to the next step (else None)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -140,6 +144,7 @@ def train_dpo(
     callback: MetricsCallback | None = None,
     checkpoints: Checkpoints | None = None,
     precision: Precision | None = None,
+    carry: Carry | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with DPO on ``pairs``.
 
@@ -157,6 +162,8 @@ def train_dpo(
             0 saves; every process resumes from the same checkpoint.
         precision: the forward and backward's autocast, and loss scaling for fp16; the model's
             parameters are the master weights (sdpo_core.precision). None: fp32.
+        carry: train.carry_optimizer: the chain's schedule and M(t-1)'s moments (loaded unless a
+            checkpoint is restored, which holds its own); the result then holds the final state.
 
     Returns:
         The number of optimizer steps, the last step's loss and every step's metrics.
@@ -192,9 +199,11 @@ def train_dpo(
             weight_decay=train_cfg.weight_decay,
             fused=fused or None,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
-        )
+        chain = carry or Carry()
+        # With a carried schedule, this step is the slice [offset, offset + len(plan)) of one warmup
+        # + cosine over the whole chain; otherwise its own plan is the whole schedule.
+        factor = lr_lambda(chain.total or len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shifted(factor, chain.offset))
         ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
         history: list[dict[str, float]] = []
         done = 0
@@ -204,6 +213,8 @@ def train_dpo(
             for step, metrics in enumerate(history, start=1):
                 if callback is not None:
                     callback(step, metrics)
+        elif chain.moments is not None:
+            load_moments(model, optimizer, chain.moments)
         model.train()
         for step, micro_batches in enumerate(plan, start=1):
             if step <= done:  # trained before the checkpoint; the plan is the same, so skip its pairs
@@ -305,7 +316,8 @@ def train_dpo(
             if checkpoints is not None and (rank == 0 or sharded) and checkpoints.due(step, len(plan)):
                 checkpoints.save(step, model, optimizer, scheduler, history, write=rank == 0, scaler=scaler)
         model.eval()
-        return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done)
+        final_state = full_state(model, optimizer)[1] if carry is not None else None
+        return TrainResult(len(plan), history[-1]["loss"] if history else float("nan"), history, done, final_state)
 
 
 @contextlib.contextmanager
