@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sdpo_core.checkpoint import _optimizer_state, _optimizer_tensors
-from sdpo_core.state import full_state, load_full_state
+from sdpo_core.state import load_full_state
 
 MOMENTS_DIR = "optimizer"
 """The step model's sub-folder holding the optimizer state it ended with."""
@@ -108,7 +109,9 @@ def load_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer, momen
         {k: v for k, v in group.items() if k != "params"} | {"params": saved["params"]}
         for group, saved in zip(optimizer.param_groups, moments["param_groups"], strict=True)
     ]
-    weights, _ = full_state(model, optimizer)  # the policy's own weights: loading them changes nothing
+    # The policy's own weights, whole in every process (full_state's CPU offload leaves them on
+    # process 0 only under FSDP): loading them back changes nothing.
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     try:
         load_full_state(model, optimizer, weights, {"state": moments["state"], "param_groups": groups})
     except (KeyError, RuntimeError, ValueError) as exc:

@@ -34,8 +34,8 @@ CHAIN = chain_schedule([2, 2])  # [(0, 4), (2, 4)]
 TRAINS = pytest.mark.integration
 
 
-def _cfg(carry: bool) -> RunConfig:
-    return RunConfig(model=MODEL, data=DATA, train=TRAIN.model_copy(update={"carry_optimizer": carry}))
+def _cfg(carry: bool, **train: Any) -> RunConfig:
+    return RunConfig(model=MODEL, data=DATA, train=TRAIN.model_copy(update={"carry_optimizer": carry, **train}))
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,10 @@ def _step(
     carry: bool,
     schedule: tuple[int, int],
     name: str,
+    train: dict[str, Any] | None = None,
     **run: Any,
 ) -> TrainStepResult:
-    cfg = _cfg(carry)
+    cfg = _cfg(carry, **(train or {}))
     path, digest = chunk
     ref = save_scores(score_model(cfg, str(ref_dir), path), tmp / f"{name}.ref.safetensors")
     spec = TrainStepSpec(
@@ -164,6 +165,25 @@ def test_a_resumed_step_restores_its_checkpoint_not_the_carried_moments(
     b = load_file(str(Path(whole.model_dir) / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@TRAINS
+def test_carry_under_fsdp_matches_one_process(tmp_path: Path, chunk, step1: TrainStepResult) -> None:
+    """Under torchrun with FSDP every process loads the same whole moments and keeps its shard
+    (each needs the whole weights to load them, not only process 0)."""
+    fsdp = {"num_processes": 2, "parallelism": "fsdp"}
+    m1 = _step(tmp_path, chunk, 1, MODEL_DIR, True, CHAIN[0], "fsdp-1", fsdp)
+    m2 = _step(tmp_path, chunk, 2, Path(m1.model_dir), True, CHAIN[1], "fsdp-2", fsdp)
+    one = _step(tmp_path, chunk, 2, Path(step1.model_dir), True, CHAIN[1], "one-2")
+    moments = read_moments(m2.model_dir)
+    assert moments is not None and {float(s["step"]) for s in moments["state"].values()} == {4.0}
+    assert [h["learning_rate"] for h in m1.history + m2.history] == pytest.approx(
+        [h["learning_rate"] for h in step1.history + one.history], rel=1e-9
+    )
+    a = load_file(str(Path(m2.model_dir) / "model.safetensors"))
+    b = load_file(str(Path(one.model_dir) / "model.safetensors"))
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diffs > 1e-5).float().mean() < 1e-2  # float tolerance, as tests/sdpo_core/test_distributed.py
 
 
 def test_carry_with_lora_is_refused() -> None:
