@@ -27,7 +27,6 @@ reference and config), except versions a rollback abandoned, which train again.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.pipeline import run_pipeline
-from flows.train_step import run_train_deployment
+from flows.steps import run_one_step
 from sdpo_core.config import ConfigError, RunConfig
 from sdpo_core.continual import (
     ABANDONED,
@@ -54,8 +53,8 @@ from sdpo_core.continual import (
 )
 from sdpo_core.hashing import sha256_file
 from sdpo_core.model_io import check_model_source
-from sdpo_core.records import PreparedData, TrainStepSpec
-from sdpo_core.redact import redact, redact_log_handlers
+from sdpo_core.records import PreparedData
+from sdpo_core.redact import redact, redact_run_logs
 from sdpo_core.tokenization import tokens_path
 from tasks import tracking
 from tasks.batches import BatchStep, list_batches, read_batches
@@ -63,11 +62,11 @@ from tasks.blocks import S3Access, read_access
 from tasks.context import RunContext
 from tasks.continual import chain_lock, chain_records, find_chain, log_lineage, tag_version
 from tasks.outage import end_run
-from tasks.registry import find_finished_step, open_tracking, point_aliases, register_step, save_base
+from tasks.registry import open_tracking, point_aliases, save_base
 from tasks.report import report
 from tasks.storage import publish
-from tasks.tracking import model_uri, version_uri
-from tasks.training import clear_checkpoints, evaluate_step, reference_logps, train_step
+from tasks.tracking import version_uri
+from tasks.training import reference_logps
 from tasks.workspace import run_folder, workspace_root
 
 
@@ -238,36 +237,16 @@ def _train_batch(
     prev_eval: str,
     eval_hash: str,
 ) -> tuple[dict, str]:
-    """One batch's step: reuse a version an earlier try of this run registered, else score,
-    train, evaluate and register it as the pipeline does; add the batch tags. Fills
-    ``versions``; returns the report row and the step model's eval scores."""
-    chunk, name = s.chunk, ctx.model_name
-    ref_version = versions[chunk.step - 1]
-    row = {"step": chunk.step, "chunk": chunk.label, "pairs": chunk.size, "m0_accuracy": None}
-    done = find_finished_step(cfg, ctx, chunk, ref_version)
-    if done is not None:
-        found = tracking.client(ctx.tracking_uri).get_model_version(name, done["version"])
-        if found.tags.get(ABANDONED) == "true":
-            done = None  # a rollback took it out of the chain: train the batch again
-    if done is not None:
-        version, metrics = done["version"], done["metrics"]
-        prev_eval = reference_logps(cfg, ctx, version_uri(name, version), eval_path, "eval")
-        row |= {"train_loss": done["train_loss"], "optimizer_steps": done["optimizer_steps"], "reused": True}
-    else:
-        ref_uri = version_uri(name, ref_version)
-        ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
-        # train.init=base (the paper's Fig. 3 control): the policy starts from M0.
-        init_uri = version_uri(name, versions[0]) if cfg.train.init == "base" and chunk.step > 1 else ""
-        spec = TrainStepSpec(config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri)
-        trained = run_train_deployment(ctx, spec) if cfg.train.deployment else train_step(ctx, spec)
-        metrics, prev_eval = evaluate_step(cfg, ctx, chunk, trained, eval_path, m0_eval, prev_eval, ref_scores)
-        version = register_step(
-            cfg, ctx, chunk, trained.model_dir, trained.run_id, ref_version, metrics,
-            trained.final_loss, trained.optimizer_steps,
-        )  # fmt: skip
-        if trained.checkpoint_dir:
-            clear_checkpoints(ctx, trained.checkpoint_dir)
-        row |= {"train_loss": trained.final_loss, "optimizer_steps": trained.optimizer_steps, "reused": False}
+    """One batch's step, as the pipeline runs a step (flows.steps.run_one_step), except that a
+    version a rollback abandoned is trained again; then the batch's tags. Fills ``versions``;
+    returns the report row and the step model's eval scores."""
+    client = tracking.client(ctx.tracking_uri)
+
+    def reusable(version: str) -> bool:  # a rollback took abandoned versions out of the chain
+        return client.get_model_version(ctx.model_name, version).tags.get(ABANDONED) != "true"
+
+    row, prev_eval = run_one_step(cfg, ctx, s.chunk, versions, eval_path, m0_eval, prev_eval, reusable=reusable)
+    chunk, version = s.chunk, row["version"]
     tag_version(
         ctx,
         version,
@@ -280,8 +259,7 @@ def _train_batch(
             EVAL_HASH: eval_hash,
         },
     )
-    versions[chunk.step] = version
-    return row | {"version": version, "model_uri": model_uri(name, chunk.step), **metrics}, prev_eval
+    return row, prev_eval
 
 
 @flow(name="sdpo_continue", flow_run_name=_flow_run_name, validate_parameters=True)
@@ -293,8 +271,7 @@ def sdpo_continue(config: RunConfig) -> ContinueResult:
         config: the chain's recipe (its model must be the chain's M0; data.watch names the folder
             or S3 prefix of batches; a run started from the Prefect UI fills this form).
     """
-    loggers = ("", "prefect.flow_runs", "prefect.task_runs", "prefect.extra")  # Prefect's handlers
-    redact_log_handlers(*(logging.getLogger(n) for n in loggers))
+    redact_run_logs()  # log lines printed or stored by Prefect pass through the one redaction
     access = read_access(config.storage.credentials_block)
     return continue_chain(config, workspace_root(), access)
 

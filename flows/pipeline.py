@@ -14,22 +14,22 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.train_step import run_train_deployment
+from flows.steps import run_one_step
 from sdpo_core.carry import chain_schedule
 from sdpo_core.config import ConfigError, RunConfig
 from sdpo_core.model_io import check_model_source
-from sdpo_core.records import PreparedData, TrainStepSpec
+from sdpo_core.records import PreparedData
 from sdpo_core.redact import redact_run_logs
 from sdpo_core.train import batch_plan
 from tasks import tracking
 from tasks.blocks import S3Access, read_access
 from tasks.data import partition, prepare_data
 from tasks.outage import end_run
-from tasks.registry import find_finished_step, open_tracking, point_aliases, register_base, register_step
+from tasks.registry import open_tracking, point_aliases, register_base
 from tasks.report import flow_run_artifacts, report
 from tasks.samples import sample_generations
-from tasks.tracking import model_uri, version_uri
-from tasks.training import clear_checkpoints, evaluate_step, mean_reference, reference_logps, train_step
+from tasks.tracking import version_uri
+from tasks.training import reference_logps
 from tasks.workspace import run_folder, within, workspace_root
 
 
@@ -115,52 +115,9 @@ def run_pipeline(
         m0_eval = reference_logps(cfg, ctx, m0, prepared.eval_path, "eval")
         prev_eval = m0_eval
         rows = []
-        for chunk, (offset, total) in zip(chunks, schedules, strict=True):
-            row = {"step": chunk.step, "chunk": chunk.label, "pairs": chunk.size, "m0_accuracy": chunk.m0_accuracy}
-            # A rerun of the same pipeline (same name, config, chunk and reference) reuses the
-            # step's registered version instead of training it again.
-            done = find_finished_step(cfg, ctx, chunk, versions[chunk.step - 1])
-            if done is not None:
-                versions[chunk.step] = done["version"]
-                prev_eval = reference_logps(
-                    cfg, ctx, version_uri(ctx.model_name, done["version"]), prepared.eval_path, "eval"
-                )
-                row |= {"train_loss": done["train_loss"], "optimizer_steps": done["optimizer_steps"], "reused": True}
-                metrics = done["metrics"]
-            else:
-                ref_uri = version_uri(ctx.model_name, versions[chunk.step - 1])
-                ref_scores = reference_logps(cfg, ctx, ref_uri, chunk.path, f"chunk-{chunk.step}")
-                if cfg.loss.reference == "mean" and chunk.step > 1:  # a multi-reference loss
-                    earlier = [
-                        reference_logps(cfg, ctx, version_uri(ctx.model_name, versions[s]), chunk.path, f"chunk-{chunk.step}")
-                        for s in range(chunk.step - 1)
-                    ]  # fmt: skip
-                    ref_scores = mean_reference(ctx, [*earlier, ref_scores], chunk.step)
-                # train.init=base (the paper's Fig. 3 control): the policy starts from M0, the
-                # reference is still M(t-1).
-                init_uri = m0 if cfg.train.init == "base" and chunk.step > 1 else ""
-                spec = TrainStepSpec(
-                    config=cfg, chunk=chunk, ref_uri=ref_uri, ref_scores=ref_scores, init_uri=init_uri,
-                    schedule_offset=offset, schedule_total=total,
-                )  # fmt: skip
-                if cfg.train.deployment:
-                    trained = run_train_deployment(ctx, spec)
-                else:
-                    trained = train_step(ctx, spec)
-                metrics, prev_eval = evaluate_step(
-                    cfg, ctx, chunk, trained, prepared.eval_path, m0_eval, prev_eval, ref_scores
-                )
-                versions[chunk.step] = register_step(
-                    cfg, ctx, chunk, trained.model_dir, trained.run_id, versions[chunk.step - 1], metrics,
-                    trained.final_loss, trained.optimizer_steps,
-                )  # fmt: skip
-                # Registered: the step's checkpoints are no longer needed.
-                if trained.checkpoint_dir:
-                    clear_checkpoints(ctx, trained.checkpoint_dir)
-                row |= {"train_loss": trained.final_loss, "optimizer_steps": trained.optimizer_steps, "reused": False}
-            rows.append(
-                row | {"version": versions[chunk.step], "model_uri": model_uri(ctx.model_name, chunk.step), **metrics}
-            )
+        for chunk, schedule in zip(chunks, schedules, strict=True):
+            row, prev_eval = run_one_step(cfg, ctx, chunk, versions, prepared.eval_path, m0_eval, prev_eval, schedule)
+            rows.append(row)
         # Every step's model continues the same eval prompts: one MLflow table, a column per model.
         sample_generations(cfg, ctx, prepared.eval_path, versions)
         table = report(ctx, rows)

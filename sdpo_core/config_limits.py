@@ -70,6 +70,10 @@ def train_problems(cfg: Any) -> list[str]:
         problems.append(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
     if t.carry_optimizer and t.lora.r > 0:  # a fresh adapter each step: no moments to carry
         problems.append(f"train.carry_optimizer: needs full fine-tuning (train.lora.r = 0), got r = {t.lora.r}")
+    if t.carry_optimizer and t.init == "base":  # M(t-1)'s moments do not belong to a policy started from M0
+        problems.append(
+            "train.carry_optimizer: carries M(t-1)'s moments, so the policy must start there (train.init=previous)"
+        )
     for i, source in enumerate(cfg.data.sources):
         if len(source.name) > MAX_SOURCE_NAME or not source.name.isprintable() or not source.name.strip():
             problems.append(

@@ -329,6 +329,7 @@ def test_deeply_nested_yaml_is_one_error(tmp_path: Path) -> None:
         ("train.lora.alpha=0", "train.lora.alpha"),
         ("train.lora.dropout=1", "train.lora.dropout"),
         ("train={carry_optimizer: true, lora: {r: 8}}", "train.carry_optimizer: needs full fine-tuning"),
+        ("train={carry_optimizer: true, init: base}", "train.carry_optimizer: carries M(t-1)'s moments"),
         ("loss.nll_weight=.nan", "loss.nll_weight"),
         ("data.sources.0.name=" + "n" * 101, "data.sources.0.name: 1-100 printable characters"),
         ("tracking.experiment=" + "e" * 201, "tracking.experiment: 1-200 printable characters"),
