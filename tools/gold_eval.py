@@ -16,45 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-from pathlib import Path
 from typing import Any
 
+from sdpo_core.experiment_config import read_gold_prompts
 from sdpo_core.gold import gold_reward, gold_win_rate
 
 
-def read_prompts(path: Path) -> list[str]:
-    """The ``prompt`` strings of a JSON-lines file, naming the line of a bad row."""
-    prompts = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the prompts ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}:{number}: expected an object with a string 'prompt'")
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
+def bootstrap_interval(groups: list[list[float]], seed: int) -> tuple[float, float]:
+    """95% interval of the mean outcome over prompts (each prompt's samples stay together), by
+    the project's bootstrap (sdpo_core.bootstrap), as the experiment reports its win rates."""
+    import numpy as np
 
+    from sdpo_core.bootstrap import interval
 
-def bootstrap_interval(groups: list[list[float]], seed: int, draws: int = 2000) -> tuple[float, float]:
-    """95% percentile interval of the mean outcome, resampling whole groups (one per prompt)."""
-    rng = random.Random(seed)
-    means = []
-    for _ in range(draws):
-        picked = [x for _ in groups for x in groups[rng.randrange(len(groups))]]
-        means.append(sum(picked) / len(picked))
-    means.sort()
-    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+    found = interval(np.asarray([sum(g) / len(g) for g in groups]), seed=seed)
+    return found.low, found.high
 
 
 def gold_eval(model_dir: str, base_dir: str, prompts: list[str], samples: int, seed: int, **kw: Any) -> dict[str, Any]:
@@ -107,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--samples, --max-new-tokens and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     try:
-        prompts = read_prompts(Path(args.prompts))
+        prompts = read_gold_prompts(args.prompts)
         result = gold_eval(
             args.model, args.base, prompts, args.samples, args.seed, max_new_tokens=args.max_new_tokens, batch_size=256
         )

@@ -6,23 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from tools.gold_eval import bootstrap_interval, main, read_prompts
+from sdpo_core.experiment_config import read_gold_prompts as read_prompts
+from tools.gold_eval import bootstrap_interval, main
 
 
 def test_read_prompts_names_a_bad_line(tmp_path: Path) -> None:
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
-    assert read_prompts(good) == ["a", "b"]
+    assert read_prompts(str(good)) == ["a", "b"]
     for text, message in (
-        ('{"prompt": "a"}\nnot json\n', r"p\.jsonl:2: not JSON"),
-        ('{"prompt": 3}\n', ":1: expected"),
+        ('{"prompt": "a"}\nnot json\n', r"p\.jsonl, line 2: expected"),
+        ('{"prompt": 3}\n', "line 1: expected"),
     ):
         good.write_text(text)
         with pytest.raises(ValueError, match=message):
-            read_prompts(good)
+            read_prompts(str(good))
     good.write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
-        read_prompts(good)
+        read_prompts(str(good))
 
 
 def test_bootstrap_interval_on_known_cases() -> None:
@@ -34,4 +35,4 @@ def test_bootstrap_interval_on_known_cases() -> None:
 
 def test_missing_prompts_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models/stories260K", "--prompts", str(tmp_path / "none.jsonl")]) == 2
-    assert "cannot read the prompts" in capsys.readouterr().err
+    assert "file not found" in capsys.readouterr().err
