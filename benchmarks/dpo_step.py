@@ -39,7 +39,23 @@ completion tokens, and the rate is that of one 1024^3 product). Writes JSON (``-
 
 ``--gradient-checkpointing`` turns on activation checkpointing on both sides (TRL's
 ``gradient_checkpointing``, sdpo's ``train.gradient_checkpointing``, both non-reentrant); the
-MFU and the ceiling still count 6 N per policy token, not the recomputation.
+MFU and the ceiling still count 6 N per policy token, not the recomputation. TRL's own
+``DPOConfig`` turns checkpointing on by default (TRL 1.16), so without the flag the TRL variants
+are TRL with checkpointing off; each variant's ``label`` in the JSON and the table says which.
+
+Fairness (issue 19): TRL's trainer construction (its lazy imports, the reference model's copy)
+runs before TRL's clock and is reported beside it as ``trl_setup_s``; only ``trl_precompute``
+still builds a trainer inside its clock, because TRL precomputes the reference log-probs there,
+and a throwaway trainer built before the clock has paid the imports (its time is its
+``trl_setup_s``). The warm-up runs one whole micro-batch group in each layout on both sides.
+Steady-state pairs/s leaves out the first optimizer step (allocator growth, first kernels): the
+pairs after it over the time after it, plus their share of the work done before the training
+loop (sdpo's reference pass, TRL's precompute). ``--repeats`` rounds (3 by default); per variant
+the round of median time gives speed, steady speed and MFU alike. MFU is given against the
+measured matmul rate and, for a GPU whose datasheet bf16/fp16 dense peak is known, that peak.
+Useful FLOPs count each pair's distinct tokens; executed FLOPs count the tokens the layout
+computes, padding and a repeated prompt included (per micro-batch, as collated; sdpo's
+splitting into passes may pad a little less), plus the recomputed forward under checkpointing.
 """
 
 from __future__ import annotations
@@ -85,6 +101,14 @@ SIZES: dict[str, dict[str, int] | None] = {
         "vocab_size": 32000,
     },
 }
+# Dense bf16/fp16 tensor-core peak (no sparsity), FLOP/s, from the vendor's datasheets; first
+# match of the device name wins. None for a CPU or an unlisted card.
+DATASHEET_PEAK = (
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100 NVL", 835.0e12),
+    ("H100", 989.4e12),
+)
 DATA = [
     ("data/orca_dpo_pairs_validation_msfoundry.jsonl", "openai"),
     ("data/llamafactory_dpo_en_demo.json", "sharegpt"),
@@ -135,44 +159,75 @@ def real_pairs(n: int, max_length: int, max_prompt_length: int, vocab_size: int)
     return pairs
 
 
-def warm_up(model: Any, pairs: list[Any], pad_id: int, device: str) -> None:
-    """Forward and backward passes on two pairs, gradients dropped: once as TRL calls the model
-    (padded rows with their padding mask), and once through sdpo's log-probs in each layout, so
-    neither side's timed step is the first to run its attention kernels."""
+def datasheet_peak(device_name: str, dtype: str) -> float | None:
+    """The card's datasheet dense peak in bf16/fp16, FLOP/s; None on a CPU, in fp32 or if unlisted."""
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    return next((peak for name, peak in DATASHEET_PEAK if name in device_name), None)
+
+
+def warm_up(model: Any, pairs: list[Any], pad_id: int, device: str, group: int = 2) -> None:
+    """Forward and backward passes on one micro-batch group (``group`` pairs), gradients dropped:
+    once as TRL calls the model (padded rows with their padding mask), and once through sdpo's
+    log-probs in each layout, so neither side's clock holds its first kernels or the allocator's
+    growth to a full micro-batch."""
     from sdpo_core.logprobs import collate, collate_pairs, completion_logps
 
-    batch = collate_pairs(pairs[:2], pad_id).to(device)
+    batch = collate_pairs(pairs[:group], pad_id).to(device)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     out.logits.float().mean().backward()
+    del out
     for shared_prompt in (False, True):
-        logps, _ = completion_logps(model, collate(pairs[:2], pad_id, shared_prompt).to(device))
+        logps, _ = completion_logps(model, collate(pairs[:group], pad_id, shared_prompt).to(device))
         logps.sum().backward()
     model.zero_grad(set_to_none=True)
 
 
 def run_sdpo(
-    model: Any, pairs: list[Any], pad_id: int, args: argparse.Namespace, train_cfg: Any, loss_cfg: Any
+    model: Any,
+    pairs: list[Any],
+    pad_id: int,
+    args: argparse.Namespace,
+    train_cfg: Any,
+    loss_cfg: Any,
+    marks: dict[str, Any] | None = None,
 ) -> list[float]:
+    """sdpo's step; ``marks`` (if given) gets when the training loop began and when each optimizer
+    step ended."""
     from sdpo_core.logprobs import score_pairs
     from sdpo_core.train import train_dpo
 
     ref = score_pairs(
         model, pairs, pad_id, args.batch_size, train_cfg.logprob_chunk_rows, args.device, train_cfg.shared_prompt
     )
-    result = train_dpo(model, pairs, ref, pad_id, train_cfg, loss_cfg, args.device)
+    marks = marks if marks is not None else {"steps": []}
+    marks["loop_start"] = now(args.device)
+    callback = lambda _step, _metrics: marks["steps"].append(now(args.device))  # noqa: E731
+    result = train_dpo(model, pairs, ref, pad_id, train_cfg, loss_cfg, args.device, callback=callback)
     return [h["loss"] for h in result.history]
 
 
-def prepare_trl(
-    model: Any, pairs: list[Any], args: argparse.Namespace, train_cfg: Any, precompute: bool
-) -> Callable[[], list[float]]:
-    """Everything TRL needs before it trains, done before the clock starts; returns the timed part.
+def now(device: str) -> float:
+    """perf_counter once the device's queued work is done (the step times mean finished work)."""
+    if device.startswith("cuda"):
+        import torch
 
-    Outside the timed part: importing ``trl`` and ``datasets`` (about a second here, which sdpo's
-    side does not pay either: its libraries are imported before the clock too), loading the
-    tokenizer, building the dataset and the ``DPOConfig`` (as sdpo's config is built before the
-    clock). Inside: copying the reference model (its default holds one), building the
-    ``DPOTrainer`` (where ``precompute_ref_log_probs`` runs) and training.
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def prepare_trl(
+    model: Any, pairs: list[Any], args: argparse.Namespace, train_cfg: Any, precompute: bool, marks: dict[str, Any]
+) -> tuple[Callable[[], list[float]], float]:
+    """Everything TRL needs before it trains, done before the clock starts; returns the timed part
+    and the seconds its trainer construction took (``trl_setup_s``, outside the clock).
+
+    Outside the timed part: importing ``trl`` and ``datasets``, loading the tokenizer, building
+    the dataset and the ``DPOConfig`` (as sdpo's config is built before the clock), copying the
+    reference model and building the ``DPOTrainer`` with its lazy imports. For
+    ``trl_precompute`` the real trainer is built inside the timed part, because its constructor
+    is where TRL precomputes the reference log-probs; a throwaway trainer without the precompute
+    is built before it (its time is ``trl_setup_s``), so the lazy imports stay outside.
     """
     import datasets
     import torch
@@ -199,6 +254,12 @@ def prepare_trl(
         def on_log(self, _args, _state, _control, logs=None, **_):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
+
+        def on_train_begin(self, *_, **__):
+            marks["loop_start"] = now(args.device)
+
+        def on_step_end(self, *_, **__):
+            marks["steps"].append(now(args.device))
 
     # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*: the names this
     # version has.
@@ -231,20 +292,40 @@ def prepare_trl(
         dataloader_num_workers=0,
     )
 
-    def run() -> list[float]:
+    def build(cfg: Any, ref_model: Any) -> Any:
         trainer = DPOTrainer(
             model=model,
-            ref_model=None if precompute else copy.deepcopy(model).eval(),
-            args=config,
+            ref_model=ref_model,
+            args=cfg,
             train_dataset=dataset,
             processing_class=tok,
             callbacks=[Record()],
         )
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+        return trainer
+
+    start = time.perf_counter()
+    if precompute:
+        build(dataclasses.replace(config, precompute_ref_log_probs=False), copy.deepcopy(model).eval())
+        setup = time.perf_counter() - start
+        # The throwaway trainer and its reference copy go before the clock starts.
+        import gc
+
+        gc.collect()
+
+        def run() -> list[float]:
+            build(config, None).train()
+            return losses
+
+        return run, setup
+    trainer = build(config, copy.deepcopy(model).eval())
+    setup = time.perf_counter() - start
+
+    def run_default() -> list[float]:
         trainer.train()
         return losses
 
-    return run
+    return run_default, setup
 
 
 def proc_status_mib(field: str) -> float | None:
@@ -332,23 +413,32 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         from sdpo_core.lora import with_adapter
 
         model = with_adapter(model, LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r))
-    warm_up(model, pairs, PAD_ID, args.device)
+    warm_up(model, pairs, PAD_ID, args.device, min(args.batch_size, len(pairs)))
+    marks: dict[str, Any] = {"loop_start": None, "steps": []}
+    trl_setup_s = None
+
+    def begin_memory_window() -> tuple[float | None, bool]:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        release_free_memory()
+        return proc_status_mib("VmRSS"), reset_peak_rss()
+
     if args.variant in ("sdpo", "sdpo_mask", "sdpo_lora"):
-        step = lambda: run_sdpo(model, pairs, PAD_ID, args, train_cfg, loss_cfg)  # noqa: E731
+        step = lambda: run_sdpo(model, pairs, PAD_ID, args, train_cfg, loss_cfg, marks)  # noqa: E731
+        rss_before, step_peak_known = begin_memory_window()
+    elif args.variant == "trl":
+        # The memory window opens before the trainer is built: its reference copy is the step's memory.
+        rss_before, step_peak_known = begin_memory_window()
+        step, trl_setup_s = prepare_trl(model, pairs, args, train_cfg, False, marks)
     else:
-        step = prepare_trl(model, pairs, args, train_cfg, precompute=args.variant == "trl_precompute")
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    release_free_memory()
-    rss_before = proc_status_mib("VmRSS")
-    step_peak_known = reset_peak_rss()
+        # The throwaway trainer built here is garbage before the window opens.
+        step, trl_setup_s = prepare_trl(model, pairs, args, train_cfg, True, marks)
+        rss_before, step_peak_known = begin_memory_window()
     modules_before = len(sys.modules)
-    start = time.perf_counter()
+    start = now(args.device)
     losses = step()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = now(args.device) - start
     step_peak = proc_status_mib("VmHWM") if step_peak_known else None
     # Tokens as DPO lays them out (the prompt once per completion): what tokens/s counts.
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
@@ -363,7 +453,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": tokens,
         "seconds": seconds,
         "pairs_per_s": len(pairs) / seconds,
+        "steady_pairs_per_s": steady_rate(len(pairs), min(args.batch_size, len(pairs)), start, marks),
         "tokens_per_s": tokens / seconds,
+        "trl_setup_s": trl_setup_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # What the timed step added on top of the process as it stood (libraries, model, data).
         "step_rss_mib": step_peak - rss_before if step_peak is not None and rss_before is not None else None,
@@ -376,10 +468,46 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         # Policy: forward and backward (6 N per token); reference: one forward (2 N per token).
         # Counted on distinct tokens, so computing the prompt once earns no extra MFU.
         "train_flops": (6 + 2) * n_params * unique_tokens,
+        "useful_flops": (6 + 2) * n_params * unique_tokens,
+        # What the layout computes, padding included; checkpointing adds one policy forward.
+        "executed_flops": (6 + 2 + 2 * args.gradient_checkpointing)
+        * n_params
+        * executed_tokens(pairs, args.variant, train_cfg),
     }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def steady_rate(n_pairs: int, first_step_pairs: int, start: float, marks: dict[str, Any]) -> float | None:
+    """Pairs/s after the first optimizer step: the pairs after it over the time after it plus
+    their share of what ran before the training loop (reference pass, precompute); None with
+    fewer than two optimizer steps."""
+    steps = marks["steps"]
+    if len(steps) < 2 or marks["loop_start"] is None:
+        return None
+    rest = n_pairs - first_step_pairs
+    before_loop = (marks["loop_start"] - start) * rest / n_pairs
+    return rest / (steps[-1] - steps[0] + before_loop)
+
+
+def executed_tokens(pairs: list[Any], variant: str, train_cfg: Any) -> int:
+    """Token positions the variant's layout computes, padding included, over its micro-batches:
+    TRL's and sdpo's padded rows repeat the prompt for each completion; sdpo's shared-prompt rows
+    hold it once."""
+    from sdpo_core.logprobs import collate, collate_pairs
+    from sdpo_core.train import batch_plan
+
+    total = 0
+    for step in batch_plan(len(pairs), train_cfg):
+        for mb in step:
+            chunk = [pairs[i] for i in mb]
+            if variant.startswith("trl"):
+                batch = collate_pairs(chunk, PAD_ID)
+            else:
+                batch = collate(chunk, PAD_ID, train_cfg.shared_prompt)
+            total += batch.input_ids.numel()
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,20 +590,45 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarise(runs: list[dict[str, Any]], rate: float) -> dict[str, dict[str, Any]]:
-    """Median over repeats per variant, with MFU."""
+def label(variant: str, checkpointing: bool) -> str:
+    """What a variant is, in words; TRL's own DPOConfig turns gradient checkpointing on by default."""
+    ckpt = "gradient checkpointing " + ("on" if checkpointing else "off")
+    names = {
+        "sdpo": "sdpo",
+        "trl": "TRL, reference model in memory",
+        "trl_precompute": "TRL, precomputed reference log-probs",
+        "sdpo_mask": "sdpo, 4-D mask (no split attention)",
+        "sdpo_lora": "sdpo with a LoRA adapter",
+    }
+    if variant.startswith("trl"):
+        default = "TRL's DPOConfig default" if checkpointing else "TRL's DPOConfig default is on"
+        return f"{names[variant]}, {ckpt} ({default})"
+    return f"{names[variant]}, {ckpt}"
+
+
+def summarise(
+    runs: list[dict[str, Any]], rate: float, peak: float | None = None, checkpointing: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Per variant: the round of median time (the lower median for an even count) gives speed,
+    steady speed and MFU alike; memory is the median over rounds."""
     out = {}
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
         if not mine:
             continue
-        med = {
-            k: statistics.median(r[k] for r in mine) for k in ("seconds", "pairs_per_s", "tokens_per_s", "peak_rss_mib")
-        }
+        chosen = next(r for r in mine if r["seconds"] == statistics.median_low(r["seconds"] for r in mine))
+        med = {k: chosen[k] for k in ("seconds", "pairs_per_s", "steady_pairs_per_s", "tokens_per_s", "trl_setup_s")}
+        med["label"] = label(variant, checkpointing)
+        med["median_round"] = chosen.get("round")
+        med["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in mine)
         med["final_loss"] = mine[0]["final_loss"]
         med["first_loss"] = mine[0]["first_loss"]
         med["losses"] = mine[0]["losses"]
-        med["mfu"] = mine[0]["train_flops"] / med["seconds"] / rate
+        med["useful_flops"] = chosen["useful_flops"]
+        med["executed_flops"] = chosen["executed_flops"]
+        med["mfu"] = chosen["useful_flops"] / chosen["seconds"] / rate
+        med["mfu_datasheet"] = chosen["useful_flops"] / chosen["seconds"] / peak if peak else None
+        med["executed_fu"] = chosen["executed_flops"] / chosen["seconds"] / rate
         med["params"] = mine[0]["params"]
         med["trainable_params"] = mine[0]["trainable_params"]
         med["tokens"] = mine[0]["tokens"]
@@ -522,9 +675,9 @@ def table(results: dict[str, Any]) -> str:
     """
     gpu = results["machine"]["device"] != "cpu"
     head = (
-        f"{'size':<6} {'variant':<16} {'pairs/s':>9} {'tokens/s':>10} {'peak GPU MiB' if gpu else 'peak RSS MiB':>13} "
-        f"{'step MiB':>9} {'MFU':>7} {'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9} "
-        f"{'step mem x trl':>14}"
+        f"{'size':<6} {'variant':<16} {'pairs/s':>9} {'steady':>8} {'tokens/s':>10} "
+        f"{'peak GPU MiB' if gpu else 'peak RSS MiB':>13} {'step MiB':>9} {'MFU':>7} {'MFU peak':>8} "
+        f"{'trl setup s':>11} {'final loss':>11} {'x trl':>6} {'x trl_pre':>9} {'mem x trl':>9} {'step mem x trl':>14}"
     )
     lines = [head, "-" * len(head)]
 
@@ -537,13 +690,24 @@ def table(results: dict[str, Any]) -> str:
             memory = r["peak_gpu_mib"] if gpu else r["peak_rss_mib"]
             memory_ratio = ratios.get("gpu_memory_vs_trl" if gpu else "memory_vs_trl")
             step = f"{r['step_rss_mib']:>9.0f}" if r.get("step_rss_mib") is not None else f"{'':>9}"
+            steady = r["steady_pairs_per_s"]
+            sheet = f"{r['mfu_datasheet']:.2%}" if r["mfu_datasheet"] is not None else ""
             lines.append(
-                f"{size:<6} {variant:<16} {r['pairs_per_s']:>9.2f} {r['tokens_per_s']:>10.0f} {memory:>13.0f} "
-                f"{step} {r['mfu']:>7.2%} {r['final_loss']:>11.5f} {ratio(ratios.get('speed_vs_trl'), 6)} "
+                f"{size:<6} {variant:<16} {r['pairs_per_s']:>9.2f} {ratio(steady, 8)} {r['tokens_per_s']:>10.0f} "
+                f"{memory:>13.0f} {step} {r['mfu']:>7.2%} "
+                f"{sheet:>8} "
+                f"{ratio(r['trl_setup_s'], 11)} {r['final_loss']:>11.5f} {ratio(ratios.get('speed_vs_trl'), 6)} "
                 f"{ratio(ratios.get('speed_vs_trl_precompute'), 9)} {ratio(memory_ratio, 9)} "
                 f"{ratio(ratios.get('step_memory_vs_trl'), 14)}"
             )
+    names = {v: r["label"] for per in results["sizes"].values() for v, r in per["variants"].items()}
+    lines += [f"{v}: {name}" for v, name in names.items()]
     for size, per in results["sizes"].items():
+        for v, r in per["variants"].items():
+            lines.append(
+                f"{size} {v}: {r['executed_flops'] / 1e12:.3f} TFLOP executed for {r['useful_flops'] / 1e12:.3f} useful "
+                f"(median round {r['median_round']})"
+            )
         for key, values in per["ratios"].get("sdpo", {}).items():
             if key.endswith("_by_round") and len(values) > 1:
                 other = key.removeprefix("speed_vs_").removesuffix("_by_round")
@@ -589,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dpo_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,20m", help="comma-separated: tiny, 20m, 0.5b")
     add_step_options(parser)
-    parser.add_argument("--repeats", type=int, default=1, help="alternating rounds; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating rounds; the round of median time is reported"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument(
         "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}"
@@ -658,8 +824,10 @@ def main(argv: list[str] | None = None) -> int:
             rates.append(matmul_rate(args.device, args.dtype))
     rate = max(rates)
     results["machine"]["matmul_flops"] = rate
+    peak = datasheet_peak(results["machine"]["device"], args.dtype)
+    results["machine"]["datasheet_peak_flops"] = peak
     for size, runs in runs_by_size.items():
-        per = summarise(runs, rate)
+        per = summarise(runs, rate, peak, args.gradient_checkpointing)
         ratios = {}
         if "sdpo" in per:
             ours = per["sdpo"]

@@ -34,6 +34,8 @@ def test_benchmark_runs_and_losses_match_trl(tmp_path):
             "96",
             "--max-prompt-length",
             "48",
+            "--repeats",
+            "1",
             "--out",
             str(out),
             "--scratch",
@@ -48,12 +50,22 @@ def test_benchmark_runs_and_losses_match_trl(tmp_path):
     result = json.loads(out.read_text())
     tiny = result["sizes"]["tiny"]
     assert set(tiny["variants"]) == {"sdpo", "trl", "trl_precompute"}
-    for variant in tiny["variants"].values():
+    for name, variant in tiny["variants"].items():
         assert len(variant["losses"]) == 4  # 16 pairs, 4 per optimizer step
         assert variant["pairs_per_s"] > 0 and variant["peak_rss_mib"] > 0 and 0 < variant["mfu"]
+        assert variant["steady_pairs_per_s"] > 0 and variant["median_round"] == 0
+        assert variant["mfu_datasheet"] is None  # no datasheet peak for a CPU
+        # Padded rows repeat the prompt and pad: more executed than useful; sdpo shares the prompt.
+        assert variant["executed_flops"] > variant["useful_flops"] > 0
+        # TRL's construction is timed outside its clock; sdpo builds no trainer.
+        assert (variant["trl_setup_s"] > 0) if name.startswith("trl") else variant["trl_setup_s"] is None
+        assert ("gradient checkpointing off" in variant["label"]) and (
+            ("DPOConfig default is on" in variant["label"]) == name.startswith("trl")
+        )
         # The step's own memory: measured in the step's window where Linux lets the peak be reset.
         if variant["step_rss_mib"] is not None:
             assert 0 < variant["step_rss_mib"] < variant["peak_rss_mib"]
+    assert tiny["variants"]["sdpo"]["executed_flops"] < tiny["variants"]["trl"]["executed_flops"]
     ratios = tiny["ratios"]["sdpo"]
     assert ratios["max_loss_diff_vs_trl"] < 1e-4
     assert ratios["max_loss_diff_vs_trl_precompute"] < 1e-4
@@ -63,7 +75,62 @@ def test_benchmark_runs_and_losses_match_trl(tmp_path):
     # The matmul rate: sampled before the first round and after each (one round here).
     samples = result["machine"]["matmul_flops_samples"]
     assert len(samples) == 2 and result["machine"]["matmul_flops"] == max(samples)
-    assert "sdpo" in proc.stdout and "x trl" in proc.stdout  # the table
+    assert result["machine"]["datasheet_peak_flops"] is None
+    assert "sdpo" in proc.stdout and "x trl" in proc.stdout and "steady" in proc.stdout  # the table
+
+
+def _run(variant, rnd, seconds, useful=8.0):
+    return {
+        "variant": variant, "round": rnd, "seconds": seconds, "pairs_per_s": 16 / seconds, "tokens_per_s": 1.0,
+        "steady_pairs_per_s": 20 / seconds, "trl_setup_s": None, "peak_rss_mib": 100.0 + rnd, "first_loss": 0.7,
+        "final_loss": 0.6, "losses": [0.7, 0.6], "useful_flops": useful, "executed_flops": 2 * useful,
+        "train_flops": useful, "params": 1, "trainable_params": 1, "tokens": 1, "modules_imported_in_step": 0,
+        "step_rss_mib": None,
+    }  # fmt: skip
+
+
+def test_speed_and_mfu_come_from_the_same_median_time_round():
+    from benchmarks.dpo_step import summarise
+
+    # Times 1, 4, 2: the median time is round 2's; a median of rates (16, 4, 8) would also give 8,
+    # but with 4 rounds the lower median must still be one round's own figures.
+    sdpo = summarise([_run("sdpo", 0, 1.0), _run("sdpo", 1, 4.0), _run("sdpo", 2, 2.0)], rate=4.0)["sdpo"]
+    assert sdpo["median_round"] == 2 and sdpo["seconds"] == 2.0
+    assert sdpo["pairs_per_s"] == 8.0 and sdpo["steady_pairs_per_s"] == 10.0
+    assert sdpo["mfu"] == 8.0 / 2.0 / 4.0 and sdpo["executed_fu"] == 2 * sdpo["mfu"]
+    assert sdpo["mfu_datasheet"] is None
+    runs = [_run("sdpo", i, s) for i, s in enumerate([1.0, 8.0, 2.0, 4.0])]
+    even = summarise(runs, rate=4.0, peak=8.0)["sdpo"]
+    assert even["median_round"] == 2 and even["pairs_per_s"] == 16 / 2.0  # the lower median round
+    assert even["mfu_datasheet"] == 8.0 / 2.0 / 8.0
+
+
+def test_datasheet_peak_is_known_for_h100_and_h200_in_bf16_only():
+    from benchmarks.dpo_step import datasheet_peak
+
+    assert datasheet_peak("NVIDIA H200", "bfloat16") == datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") > 9e14
+    assert datasheet_peak("NVIDIA H100 PCIe", "bfloat16") < datasheet_peak("NVIDIA H200", "bfloat16")
+    assert datasheet_peak("NVIDIA H200", "float32") is None
+    assert datasheet_peak("cpu", "bfloat16") is None
+
+
+def test_the_labels_say_which_checkpointing_trl_ran_with():
+    from benchmarks.dpo_step import label
+
+    assert label("trl", False) == (
+        "TRL, reference model in memory, gradient checkpointing off (TRL's DPOConfig default is on)"
+    )
+    assert label("trl_precompute", True).endswith("gradient checkpointing on (TRL's DPOConfig default)")
+    assert label("sdpo", True) == "sdpo, gradient checkpointing on"
+
+
+def test_steady_rate_leaves_out_the_first_step_and_shares_the_work_before_the_loop():
+    from benchmarks.dpo_step import steady_rate
+
+    # 16 pairs, 4 per step; 2 s before the loop (reference pass), steps end at 4, 5, 6, 7.
+    marks = {"loop_start": 2.0, "steps": [4.0, 5.0, 6.0, 7.0]}
+    assert steady_rate(16, 4, 0.0, marks) == 12 / (3.0 + 2.0 * 12 / 16)
+    assert steady_rate(16, 16, 0.0, {"loop_start": 2.0, "steps": [4.0]}) is None
 
 
 def test_round_ratios_pair_the_runs_of_each_round():
@@ -83,13 +150,17 @@ def test_with_gradient_checkpointing_on_both_sides_the_losses_still_match(tmp_pa
         [
             sys.executable, "-m", "benchmarks.dpo_step", "--sizes", "tiny", "--variants", "sdpo,trl",
             "--pairs", "8", "--batch-size", "4", "--max-length", "96", "--max-prompt-length", "48",
-            "--gradient-checkpointing", "--out", str(out), "--scratch", str(tmp_path / "scratch"),
+            "--gradient-checkpointing", "--repeats", "1", "--out", str(out), "--scratch", str(tmp_path / "scratch"),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["settings"]["gradient_checkpointing"] is True
+    trl = result["sizes"]["tiny"]["variants"]["trl"]
+    assert trl["label"].endswith("gradient checkpointing on (TRL's DPOConfig default)")
+    # The recomputed forward is executed work.
+    assert trl["executed_flops"] > trl["useful_flops"] * 10 / 8
     assert result["sizes"]["tiny"]["ratios"]["sdpo"]["max_loss_diff_vs_trl"] < 1e-4
 
 
@@ -100,7 +171,7 @@ def test_the_lora_variant_reports_its_memory_beside_full_training(tmp_path):
         [
             sys.executable, "-m", "benchmarks.dpo_step", "--sizes", "tiny", "--variants", "sdpo,sdpo_lora",
             "--pairs", "8", "--batch-size", "4", "--max-length", "96", "--max-prompt-length", "48", "--lora-r", "4",
-            "--out", str(out), "--scratch", str(tmp_path / "scratch"),
+            "--repeats", "1", "--out", str(out), "--scratch", str(tmp_path / "scratch"),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
