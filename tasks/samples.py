@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -63,9 +64,16 @@ def sample_generations(cfg: RunConfig, ctx: RunContext, eval_path: str, versions
     atomic_write_text(path, json.dumps(table, indent=2, ensure_ascii=False) + "\n")
 
     c = tracking.client(ctx.tracking_uri)
-    logged = {f.path for f in c.list_artifacts(ctx.parent_run_id, "samples")}
-    if TABLE_FILE not in logged:
-        c.log_table(ctx.parent_run_id, table, TABLE_FILE)
+    if ctx.s3 is None:
+        logged = {f.path for f in c.list_artifacts(ctx.parent_run_id, "samples")}
+        if TABLE_FILE not in logged:
+            c.log_table(ctx.parent_run_id, table, TABLE_FILE)
+    else:
+        # Credentials from a Prefect block reach S3 only through tasks.artifacts (MLflow's own
+        # artifact client would look for them in the environment): the same table file and tag
+        # log_table writes, uploaded with the block's credentials (an upload replaces, so a retry
+        # is safe).
+        log_table_file(c, ctx, table)
     publish(ctx, path)
     get_run_logger().info(
         "sample generations: %d prompt(s) x %d model(s), %d tokens each, logged as %s on MLflow run %s",
@@ -76,3 +84,20 @@ def sample_generations(cfg: RunConfig, ctx: RunContext, eval_path: str, versions
         ctx.parent_run_id,
     )
     return str(path)
+
+
+def log_table_file(c: Any, ctx: RunContext, table: dict[str, list[str]]) -> None:
+    """``table`` as MLflow's table artifact ``TABLE_FILE`` (pandas' split JSON, the run tag that
+    lists it as a table), uploaded through tasks.artifacts with the run's S3 credentials."""
+    import tempfile
+
+    import pandas as pd
+
+    from tasks import artifacts
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / Path(TABLE_FILE).parent
+        folder.mkdir(parents=True)
+        (folder / Path(TABLE_FILE).name).write_text(pd.DataFrame(table).to_json(orient="split", index=False))
+        artifacts.log_artifacts(c, ctx.parent_run_id, folder, str(Path(TABLE_FILE).parent), ctx.s3)
+    c.set_tag(ctx.parent_run_id, "mlflow.loggedArtifacts", json.dumps([{"path": TABLE_FILE, "type": "table"}]))

@@ -50,6 +50,8 @@ def configure_environment(root: Path | None = None) -> Path:
         # The temporary server needs ~13 s to start cold on 2 cores; Prefect's default limit is 20 s.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # matplotlib (the run's plots) keeps its font cache here, not in the home folder.
+        "MPLCONFIGDIR": str(root / "matplotlib"),
         # MLflow's HTTP client waits 120 s a request and retries 7 times with backoff (about 4 min
         # before a call to a server that is gone fails). Bounded here: a call fails within about
         # 50 s at worst (3 tries of 15 s, 1 + 2 s of backoff), in a few seconds when the server

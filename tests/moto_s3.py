@@ -28,7 +28,16 @@ def moto_s3(monkeypatch: Any, bucket: str) -> Iterator[Any]:
 
     s3 = client()
     s3.create_bucket(Bucket=bucket)
+    # moto keeps its buckets in the process, across servers: each test starts from an empty one.
+    _empty(s3, bucket)
     try:
         yield s3
     finally:
+        _empty(s3, bucket)
         server.stop()
+
+
+def _empty(s3: Any, bucket: str) -> None:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])

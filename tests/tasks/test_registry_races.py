@@ -94,7 +94,12 @@ def step(client: MlflowClient, tmp_path: Path) -> dict:
     model.mkdir()
     (model / "config.json").write_text("{}")
     run_id = tracking.start_run(client, experiment_id, "step-1-a", parent_id=parent)
-    chunk = ChunkInfo(step=1, label="a", path="a.jsonl", size=2, content_hash="abc", m0_accuracy=None)
+    from sdpo_core.pairs import PreferencePair, write_pairs
+
+    # The step's chunk on disk: registering records the content keys of the pairs it trained.
+    chunk_path = tmp_path / "run" / "chunks" / "step-1.jsonl"
+    write_pairs([PreferencePair(f"p{i}", "good", "bad", "a") for i in range(2)], chunk_path)
+    chunk = ChunkInfo(step=1, label="a", path=str(chunk_path), size=2, content_hash="abc", m0_accuracy=None)
     return {"cfg": cfg, "ctx": ctx, "chunk": chunk, "model_dir": str(model), "run_id": run_id}
 
 
