@@ -187,12 +187,12 @@ def compare(
     )
 
     # Fig. 3: the step-2 loss of the compared-to arm and of every arm starting from M0.
+    init = {arm.name: exp.arm_config(arm, first).train.init for arm in exp.arms}
     overlay = {
-        f"{arm.name} (init {exp.arm_config(arm, first).train.init})": results[arm.name][first].rows[LOSS_STEP - 1]["version"]
-        for arm in exp.arms
-        if len(results[arm.name][first].rows) >= LOSS_STEP
-        and (arm.name == exp.compare_to or exp.arm_config(arm, first).train.init == "base")
-    }  # fmt: skip
+        f"{name} (init {init[name]})": results[name][first].rows[LOSS_STEP - 1]["version"]
+        for name in init
+        if len(results[name][first].rows) >= LOSS_STEP and (name == exp.compare_to or init[name] == "base")
+    }
     curves = loss_curves(ctx, overlay, LOSS_STEP) if overlay else {}
 
     order = [row["chunk"] for row in reference_run.rows]
@@ -233,12 +233,16 @@ def sampled_outcomes(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per arm, (seeds, prompts) each: the sampled KL(pi_t || pi_0) on held-out prompts, and the
     gold-reward win rate against M0 when the recipe names gold prompts."""
+    from sdpo_core.data import read_pairs
     from sdpo_core.experiment_config import read_gold_prompts
-    from tasks.experiment import eval_prompts, gold_outcomes, sample_model, sampled_kl
+    from sdpo_core.generations import eval_prompts
+    from tasks.experiment import gold_outcomes, sample_model, sampled_kl
 
     e = exp.evaluation
     out: dict[str, dict[str, list[np.ndarray]]] = {arm: {} for arm in results}
-    kl_prompts = eval_prompts(prepared.eval_path, e.kl_prompts, keep) if e.kl_prompts else []
+    # The compared pairs only: the prompts set apart for ExPO's alpha are not sampled.
+    compared = [pair for pair, kept in zip(read_pairs(Path(prepared.eval_path)), keep, strict=True) if kept]
+    kl_prompts = eval_prompts(compared, e.kl_prompts) if e.kl_prompts else []
     if not all(isinstance(p, str) for p in kl_prompts):
         kl_prompts = []  # conversational prompts: sampling takes plain text (no KL then)
     gold_prompts = read_gold_prompts(e.gold_prompts) if e.gold_prompts else []

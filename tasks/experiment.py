@@ -31,20 +31,6 @@ def loss_curves(ctx: RunContext, versions: dict[str, str], step: int) -> dict[st
     return curves
 
 
-def eval_prompts(eval_path: str, limit: int, keep: np.ndarray | None = None) -> list[Any]:
-    """The first ``limit`` distinct prompts of the eval split, in file order (for sampling);
-    ``keep`` (a mask over the eval pairs) leaves out the pairs set apart for validation."""
-    from sdpo_core.data import read_pairs
-
-    seen: dict[str, Any] = {}
-    for i, pair in enumerate(read_pairs(Path(eval_path))):
-        if keep is None or keep[i]:
-            seen.setdefault(pair.prompt_key, pair.prompt)
-        if len(seen) >= limit:
-            break
-    return list(seen.values())
-
-
 def source_outcomes(cfg: RunConfig, ctx: RunContext, m0_uri: str, train_path: str) -> dict[str, np.ndarray]:
     """M0's preference (gamma > 0, as 0/1) per training pair, grouped by source."""
     from sdpo_core.data import read_pairs
