@@ -73,14 +73,28 @@ class TrainConfig(Section):
         0, description="Seed of shuffling and initialisation; a CPU run with the same seed repeats exactly."
     )
     device: StrictStr = Field("auto", description="cpu, cuda, cuda:N or auto (cuda when available).")
-    shared_prompt: Literal["auto"] | StrictBool = Field(
+    shared_prompt: Literal["auto", "packed"] | StrictBool = Field(
         "auto",
         description=one_line("""Compute each pair's prompt once for both completions (one row
         [prompt|chosen|rejected]) instead of two padded rows; the log-probs are the same. Attention is split
         in two calls per layer (prompt + chosen, causal; the rejected tokens over prompt + rejected) for
         models that dispatch it through transformers' attention interface, a 4-D mask for others (eager,
-        sdpa; set false for other implementations). auto is true on a CPU and false on a GPU, where it
-        measured slower than padded rows, split attention included (benchmarks/results/gpu)."""),
+        sdpa; set false for other implementations). packed: several pairs per row of packed_row_tokens
+        tokens, each as prompt, chosen, rejected, with FlexAttention block masks (no padding inside a row,
+        one shape per run). auto is true on a CPU and false on a GPU, where it measured slower than padded
+        rows, split attention included (benchmarks/results/gpu)."""),
+    )
+    packed_row_tokens: StrictInt = Field(
+        2048,
+        description=one_line("""Row length of the packed layout (shared_prompt: packed), fixed for the whole run so
+        that shapes repeat: a pass is a few such rows. A pair longer than this widens every row of the run to
+        the next multiple of 128 that holds it."""),
+    )
+    compile: StrictBool = Field(
+        False,
+        description=one_line("""Regional torch.compile: each decoder layer is compiled once (they share one
+        graph), the rest runs eagerly. Rows are padded to a few fixed widths so that shapes repeat; the first
+        passes pay the compilation."""),
     )
     max_pass_tokens: Literal["auto"] | StrictInt | None = Field(
         "auto",

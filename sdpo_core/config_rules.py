@@ -259,6 +259,8 @@ def value_problems(cfg: Any) -> list[str]:
         problems.append("train.lora.target_modules: LoRA needs at least one module name")
     if t.lora.r > 0 and t.parallelism == "fsdp" and t.num_processes > 1:
         problems.append("train.lora: LoRA under FSDP is not supported; use train.parallelism=ddp")
+    if t.packed_row_tokens < 16:
+        problems.append(f"train.packed_row_tokens: must be at least 16, got {t.packed_row_tokens}")
     if t.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every: must be 0 or more, got {t.checkpoint_every}")
     if cfg.evaluate.samples < 0:
