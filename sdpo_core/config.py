@@ -134,6 +134,12 @@ class TrainConfig(Section):
     eval_batch_size: StrictInt = Field(
         16, description="Pairs per batch when scoring (reference log-probs, evaluation)."
     )
+    score_pass_tokens: Literal["auto"] | StrictInt | None = Field(
+        "auto",
+        description=one_line("""Padded tokens per forward-only pass when scoring (reference log-probs,
+        evaluation): length-sorted pairs are taken while rows x longest row stay within it (a longer pair
+        goes alone). None scores eval_batch_size pairs per pass. auto is 32768 on a GPU and None on a CPU."""),
+    )
     checkpoint_every: StrictInt = Field(
         25,
         description=one_line("""Save a checkpoint of the train step (weights, optimizer, scheduler, data position,

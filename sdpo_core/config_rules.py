@@ -247,6 +247,7 @@ def value_problems(cfg: Any) -> list[str]:
         ("train.logprob_chunk_rows", t.logprob_chunk_rows),
         ("train.max_pass_tokens", t.max_pass_tokens if isinstance(t.max_pass_tokens, int) else 1),
         ("train.eval_batch_size", t.eval_batch_size),
+        ("train.score_pass_tokens", t.score_pass_tokens if isinstance(t.score_pass_tokens, int) else 1),
         ("train.num_processes", t.num_processes),
         ("data.eval_max_pairs", d.eval_max_pairs),
         ("data.min_pairs_per_step", d.min_pairs_per_step),

@@ -59,16 +59,18 @@ def score_model(
     tokenizer = load_tokenizer(cfg.model, model_dir)
     model = load_model(cfg.model, model_dir, device, precision.master)
     pairs = tokenized_file(pairs_path, tokenizer, cfg.data)
+    train = for_device(cfg.train, device)
     with precision.autocast(device):
         return score_pairs(
             model,
             pairs,
             pad_id(tokenizer),
-            cfg.train.eval_batch_size,
-            cfg.train.logprob_chunk_rows,
+            train.eval_batch_size,
+            train.logprob_chunk_rows,
             device,
-            for_device(cfg.train, device).shared_prompt,
+            train.shared_prompt,
             progress,
+            max_tokens=train.score_pass_tokens,
         )
 
 

@@ -22,7 +22,7 @@ from sdpo_core.carry import Carry, load_moments, shifted
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.collectives import max_over_processes
 from sdpo_core.config import LossConfig, TrainConfig
-from sdpo_core.logprobs import TokenizedPair, collate, pass_tokens
+from sdpo_core.layouts import TokenizedPair, collate, split_by_tokens, to_device
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
 from sdpo_core.precision import PRECISIONS, Precision
@@ -83,36 +83,12 @@ def batch_plan(num_pairs: int, cfg: TrainConfig) -> list[list[list[int]]]:
     return plan
 
 
-def split_by_tokens(
-    ids: list[int], pairs: Sequence[TokenizedPair], max_tokens: int | None, shared_prompt: bool = True
-) -> list[list[int]]:
-    """Split a micro-batch into length-sorted passes of at most ``max_tokens`` padded tokens.
-
-    A pass pads its rows to its longest row. Sorting by length first means short pairs are not
-    padded to long ones, and a token budget bounds the activations of one pass. The loss is a sum
-    over pairs, so the gradient of the micro-batch does not change (only the order of
-    floating-point additions does). A pair longer than the budget gets a pass of its own.
-    """
-    if max_tokens is None:
-        return [ids]
-    ordered = sorted(ids, key=lambda i: pass_tokens(pairs[i], shared_prompt)[1])
-    passes: list[list[int]] = []
-    current: list[int] = []
-    for i in ordered:
-        rows, width = pass_tokens(pairs[i], shared_prompt)  # sorted: the newest pair is the widest
-        if current and rows * (len(current) + 1) * width > max_tokens:
-            passes.append(current)
-            current = []
-        current.append(i)
-    passes.append(current)
-    return passes
-
-
 def for_device(cfg: TrainConfig, device: torch.device | str) -> TrainConfig:
     """``cfg`` with its ``auto`` layout settings made concrete for ``device``.
 
     On a CPU: the shared-prompt layout and passes of at most 1024 tokens (less padding and less
-    memory). On a GPU: two padded rows per pair, one pass per micro-batch. Measured on an H100
+    memory). On a GPU: two padded rows per pair, one pass per micro-batch, and scoring passes of
+    32768 tokens. Measured on an H100
     (bf16, 523M Llama, 16-pair micro-batches; benchmarks/results/gpu): the shared layout, even
     with split attention, trained 22.9 pairs/s against padded rows' 27.1 and 44.3, and passes of
     4096 tokens 13.9 (too small to keep the GPU busy).
@@ -123,6 +99,10 @@ def for_device(cfg: TrainConfig, device: torch.device | str) -> TrainConfig:
         changes["shared_prompt"] = not on_gpu
     if cfg.max_pass_tokens == "auto":
         changes["max_pass_tokens"] = None if on_gpu else 1024
+    if cfg.score_pass_tokens == "auto":
+        # Forward-only passes keep no activations: a large budget fills a GPU; on a CPU,
+        # eval_batch_size pairs a pass as before.
+        changes["score_pass_tokens"] = 32768 if on_gpu else None
     return cfg.model_copy(update=changes) if changes else cfg
 
 
@@ -204,7 +184,8 @@ def train_dpo(
         # + cosine over the whole chain; otherwise its own plan is the whole schedule.
         factor = lr_lambda(chain.total or len(plan), train_cfg.warmup_ratio, train_cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shifted(factor, chain.offset))
-        ref_chosen, ref_rejected = ref["chosen"].float(), ref["rejected"].float()
+        # (2, N) on the host: each optimizer step gathers its pairs' columns from it.
+        ref_table = torch.stack([ref["chosen"], ref["rejected"]]).float().to("cpu")
         history: list[dict[str, float]] = []
         done = 0
         resumed = checkpoints.restore(model, optimizer, scheduler, scaler) if checkpoints is not None else None
@@ -238,15 +219,19 @@ def train_dpo(
                 # as many passes. A process short of passes runs one pair with weight 0 (zero gradient).
                 needed = max_over_processes(len(passes), device) if sharded else 1
                 passes += [([micro_batches[0][0]], 0.0)] * (needed - len(passes))
+            # The step's reference log-probs, gathered on the host in pass order: one copy to the
+            # device per step, queued before any forward (not a blocking copy per pass).
+            step_ids = torch.tensor([j for ids, _ in passes for j in ids], dtype=torch.long)
+            step_ref = to_device(ref_table[:, step_ids], device)  # (2, n): chosen, rejected
+            done_pairs = 0
             for i, (ids, weight) in enumerate(passes):
                 batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
+                b = len(ids)
+                ref_c, ref_r = step_ref[:, done_pairs : done_pairs + b]
+                done_pairs += b
                 with gradient_sync(module, enabled=i == len(passes) - 1), precision.autocast(device):
                     logps, tokens = module(batch)  # (2b,) each
-                    b = len(ids)
-                    idx = torch.tensor(ids)
-                    lp = PairLogps(
-                        logps[:b], logps[b:], ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device)
-                    )
+                    lp = PairLogps(logps[:b], logps[b:], ref_c, ref_r)
                     losses, nll = pass_losses(lp, tokens, loss_cfg, mean_chosen)  # (b,) each
                     # Sum over the pass divided by the optimizer step's pair count: the update is the
                     # same for any split of the step into micro-batches and passes. DDP and FSDP
@@ -270,17 +255,22 @@ def train_dpo(
                 ).double()
             if world > 1:
                 torch.distributed.all_reduce(step_sums)
-            sums = dict(zip(METRIC_SUMS, step_sums.tolist(), strict=True))
-            loss_value = sums["loss"] / n_step
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if train_cfg.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # DTensor under FSDP
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # DTensor under FSDP
+            # The step's one host sync: the metric sums and the gradient norm, read together. The
+            # update is only queued after it, so a non-finite loss or norm still stops training
+            # before any weight changes. (Under fp16 the scaler adds its own: scaler.step reads
+            # whether the gradients overflowed, and get_scale the new scale.)
+            *values, grad_norm = torch.cat([step_sums, norm.detach().reshape(1).to(step_sums)]).tolist()
+            sums = dict(zip(METRIC_SUMS, values, strict=True))
+            loss_value = sums["loss"] / n_step
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"the loss is {loss_value} at optimizer step {step}; stopping")
             if not math.isfinite(grad_norm) and scaler is None:
                 raise TrainingError(f"the gradient norm is {grad_norm} at optimizer step {step}; stopping")
             lr = scheduler.get_last_lr()[0]

@@ -219,10 +219,10 @@ def test_lr_lambda_without_warmup() -> None:
 
 def test_layout_auto_is_concrete_per_device() -> None:
     cpu = for_device(TrainConfig(), "cpu")
-    assert (cpu.shared_prompt, cpu.max_pass_tokens) == (True, 1024)
+    assert (cpu.shared_prompt, cpu.max_pass_tokens, cpu.score_pass_tokens) == (True, 1024, None)
     gpu = for_device(TrainConfig(), "cuda:0")
-    assert (gpu.shared_prompt, gpu.max_pass_tokens) == (False, None)
-    chosen = TrainConfig(shared_prompt=True, max_pass_tokens=4096)
+    assert (gpu.shared_prompt, gpu.max_pass_tokens, gpu.score_pass_tokens) == (False, None, 32768)
+    chosen = TrainConfig(shared_prompt=True, max_pass_tokens=4096, score_pass_tokens=None)
     assert for_device(chosen, "cuda") == chosen
 
 
