@@ -1,0 +1,265 @@
+"""Attention for packed shared-prompt rows: FlexAttention over a block mask.
+
+A packed row holds several pairs, each as ``[prompt | chosen | rejected]``, then padding (see
+:mod:`sdpo_core.packed`). Every token carries its pair's slot in the row (``document``, -1 for
+padding) and its segment (:data:`PROMPT`, :data:`CHOSEN`, :data:`REJECTED`, :data:`PAD`). A query
+may attend to a key when both are in the same pair, the key is not after the query, and the
+query is not a rejected token looking at a chosen one (:func:`packed_mask_mod`). Positions
+(rotary) are the layout's ``position_ids``, so both completions continue from their prompt.
+
+The mask reaches the attention as the model's own ``attention_mask`` argument: transformers
+returns a 4-D mask or a ``BlockMask`` as it is, and builds none for :data:`PACKED_ATTENTION`,
+which is not an attention-mask implementation. The function is registered under that private
+name in transformers' ``AttentionInterface`` and selected by swapping the decoder's
+``config._attn_implementation`` for sdpo's forward only (:func:`swapped`). Nothing travels through
+a context variable, so the function can be traced inside compiled decoder layers.
+
+Two forms of the one mask: a ``BlockMask`` for ``flex_attention`` (blocks of other pairs and of
+padding are skipped; compiled once per process on CUDA, where eager flex is dense and slow), and
+where torch's flex cannot differentiate (:data:`NO_FLEX_BACKWARD`, CPUs) while gradients are on,
+a dense boolean ``(rows, 1, L, L)`` mask for SDPA, computed by the same mask function.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+PACKED_ATTENTION = "sdpo_packed"
+"""Private name of :func:`packed_attention_forward` in transformers' ``AttentionInterface``."""
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+"""Segment of each token of a packed row."""
+
+NO_FLEX_BACKWARD = ("cpu", "mps")
+"""Device types where torch's ``flex_attention`` refuses a backward pass (dense SDPA instead)."""
+
+# Implementations whose attention this replaces exactly (the same softmax attention).
+_REPLACEABLE = ("sdpa", "eager", "flex_attention")
+# Config attributes that, when set, mean an attention this does not reproduce (a sliding window
+# is checked apart: one at least as wide as the rows restricts nothing).
+_CONFIG_FEATURES = ("attention_chunk_size", "attn_logit_softcapping")
+_CONFIG_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+# Attention-call keyword arguments that, when not None, mean the same.
+_CALL_FEATURES = ("softcap", "s_aux", "sinks", "position_bias", "alibi", "window_size", "attention_chunk_size")
+
+
+class PackedUnsupported(ValueError):
+    """The model cannot compute packed rows exactly; the message names the model and the feature."""
+
+
+def packed_mask_mod(document: torch.Tensor, segment: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The mask function of packed rows (``flex_attention``'s ``mask_mod`` signature).
+
+    Args:
+        document: (rows, L) the pair slot of each token in its row; -1 for padding.
+        segment: (rows, L) :data:`PROMPT`, :data:`CHOSEN`, :data:`REJECTED` or :data:`PAD`.
+
+    Returns:
+        ``mask_mod(b, h, q, kv)``: True where query column q of row b may attend to key column kv.
+        Padding attends causally to the padding before it, so no query row is empty.
+    """
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        same_pair = document[b, q] == document[b, kv]
+        rejected_sees_chosen = (segment[b, q] == REJECTED) & (segment[b, kv] == CHOSEN)
+        return same_pair & (kv <= q) & ~rejected_sees_chosen
+
+    return mask_mod
+
+
+def block_mask(document: torch.Tensor, segment: torch.Tensor) -> BlockMask:
+    """The ``BlockMask`` of packed rows, built on their device (see :func:`packed_mask_mod`)."""
+    rows, width = document.shape
+    return create_block_mask(packed_mask_mod(document, segment), rows, None, width, width, device=document.device)
+
+
+def dense_mask(document: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, L, L) booleans of the same mask function, evaluated on broadcast indices."""
+    rows, width = document.shape
+    cols = torch.arange(width, device=document.device)
+    b = torch.arange(rows, device=document.device)[:, None, None, None]
+    return packed_mask_mod(document, segment)(b, 0, cols[None, None, :, None], cols[None, None, None, :])
+
+
+_COMPILED_FLEX: Callable[..., torch.Tensor] | None = None
+_COMPILE_LOCK = threading.Lock()
+
+
+def _flex(device_type: str) -> Callable[..., torch.Tensor]:
+    """``flex_attention``, compiled (once per process, on first use) on CUDA; eager elsewhere."""
+    global _COMPILED_FLEX
+    if device_type != "cuda":
+        return flex_attention
+    with _COMPILE_LOCK:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
+
+
+def _call_problem(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: Any,
+    dropout: float,
+    kwargs: dict[str, Any],
+) -> str | None:
+    """Why this attention call cannot attend over packed rows (None: it can)."""
+    name = type(module).__name__
+    for feature in _CALL_FEATURES:
+        if kwargs.get(feature) is not None:
+            return f"{name} passes {feature}"
+    window = kwargs.get("sliding_window")
+    if window is not None and window < query.shape[2]:
+        return f"{name} has a sliding window of {window} < {query.shape[2]}-token rows"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return f"{name} is not causal"
+    if hasattr(module, "sinks"):
+        return f"{name} has attention sinks"
+    if dropout:
+        return f"{name} uses attention dropout {dropout}"
+    rows, width = query.shape[0], query.shape[2]
+    if isinstance(attention_mask, BlockMask):
+        shape = attention_mask.shape
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        shape = tuple(attention_mask.shape)
+    else:
+        return f"{name} got attention_mask of type {type(attention_mask).__name__}, not the packed rows' mask"
+    if len(shape) != 4 or shape[0] != rows or shape[2:] != (width, key.shape[2]) or query.shape[1] % key.shape[1]:
+        return f"{name} attends with shapes {tuple(query.shape)}, {tuple(key.shape)} for a mask of {tuple(shape)}"
+    return None
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockMask | torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over packed rows (an ``AttentionInterface`` function).
+
+    Args:
+        module: the attention module calling.
+        query: (rows, H, L, D) rotated queries.
+        key, value: (rows, Hkv, L, D) rotated keys and the values; H is a multiple of Hkv (GQA).
+        attention_mask: the rows' ``BlockMask`` (flex) or (rows, 1, L, L) booleans (SDPA).
+        dropout: attention dropout probability; must be 0.
+        scaling: the softmax scale (None: 1 / sqrt(D)).
+        kwargs: the model's other attention arguments; none that changes the attention may be set.
+
+    Returns:
+        (rows, L, H, D) attention outputs and None for the weights, as transformers' SDPA gives.
+
+    Raises:
+        PackedUnsupported: the call has a feature this does not reproduce, or no packed mask.
+    """
+    problem = _call_problem(module, query, key, attention_mask, dropout, kwargs)
+    if problem is not None:
+        raise PackedUnsupported(f"the packed shared-prompt layout cannot run this model: {problem}")
+    gqa = query.shape[1] != key.shape[1]
+    if isinstance(attention_mask, BlockMask):
+        if query.device.type == "cuda":
+            out = _flex("cuda")(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        else:
+            with warnings.catch_warnings():  # eager flex is chosen here (tests, CPU scoring): no advice needed
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None  # (rows, L, H, D)
+
+
+def register() -> None:
+    """Register :func:`packed_attention_forward` as :data:`PACKED_ATTENTION` (once per process)."""
+    from transformers import AttentionInterface
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
+
+
+# Configs swapped to PACKED_ATTENTION: id -> (config, implementation before, forwards inside).
+# Counted, so concurrent forwards of one model in several threads restore the config once, last.
+_SWAPPED: dict[int, tuple[Any, str, int]] = {}
+_SWAP_LOCK = threading.Lock()
+
+
+def implementation_of(cfg: Any) -> str | None:
+    """``cfg``'s attention implementation, as it is outside packed forwards (which swap it)."""
+    with _SWAP_LOCK:
+        return _SWAPPED.get(id(cfg), (cfg, getattr(cfg, "_attn_implementation", None), 0))[1]
+
+
+@contextmanager
+def swapped(cfg: Any) -> Iterator[None]:
+    """``cfg._attn_implementation`` is :data:`PACKED_ATTENTION` within the block, restored after it
+    (so a saved config, generation and any later forward are as before)."""
+    with _SWAP_LOCK:
+        _, before, depth = _SWAPPED.get(id(cfg), (cfg, cfg._attn_implementation, 0))
+        _SWAPPED[id(cfg)] = (cfg, before, depth + 1)
+        cfg._attn_implementation = PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        with _SWAP_LOCK:
+            _, before, depth = _SWAPPED.pop(id(cfg))
+            if depth > 1:
+                _SWAPPED[id(cfg)] = (cfg, before, depth - 1)
+            else:
+                cfg._attn_implementation = before
+
+
+def refusal(decoder: torch.nn.Module, row_tokens: int) -> str | None:
+    """Why ``decoder`` cannot compute packed rows of ``row_tokens`` exactly (None: it can).
+
+    The rule: the decoder dispatches attention through transformers' ``AttentionInterface``
+    (``_supports_attention_backend``) with ``sdpa``, ``eager`` or ``flex_attention``; every module
+    reads the one config that is swapped; no feature this does not reproduce is on: a sliding
+    window narrower than the rows, chunked attention, attention logit softcapping, attention sinks,
+    non-causal attention, layers of other kinds, a sub-config, attention dropout while training,
+    or activation checkpointing while training with gradients (the backward pass would recompute
+    the layers after the config is restored). The attention calls check the rest.
+    """
+    name = type(decoder).__name__
+    if not getattr(decoder, "_supports_attention_backend", False):
+        return f"{name} does not dispatch attention through transformers' AttentionInterface"
+    cfg = getattr(decoder, "config", None)
+    implementation = implementation_of(cfg)
+    if implementation not in _REPLACEABLE:
+        return f"{name} uses attention implementation {implementation!r}, not one of {_REPLACEABLE}"
+    if getattr(cfg, "sub_configs", None):
+        return f"{name}'s config has sub-configs"
+    if not getattr(cfg, "is_causal", True):
+        return f"{name} is not causal"
+    for attr in _CONFIG_FEATURES:
+        if getattr(cfg, attr, None) not in (None, False, 0):
+            return f"{name}'s config sets {attr}={getattr(cfg, attr)!r}"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < row_tokens:
+        return f"{name}'s config sets sliding_window={window} < {row_tokens}-token rows"
+    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        return f"{name} has layers other than full or sliding-window attention: {sorted(kinds)}"
+    if decoder.training:
+        for attr in _CONFIG_DROPOUTS:
+            if getattr(cfg, attr, None):
+                return f"{name} trains with attention dropout ({attr}={getattr(cfg, attr)!r})"
+    for module in decoder.modules():
+        if getattr(module, "config", cfg) is not cfg:
+            return f"{type(module).__name__} in {name} has a config of its own"
+        if hasattr(module, "sinks"):
+            return f"{type(module).__name__} in {name} has attention sinks"
+        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+            return f"{name} recomputes its layers in the backward pass (gradient checkpointing)"
+    return None
