@@ -70,6 +70,38 @@ format: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.dpo_step $(ARGS)
 
+# The CPU suite's core tests under the lent GPU machine's versions (requirements/device-versions.txt:
+# torch 2.11, transformers 5.17; Python 3.12 where one is found, as on the device), every other
+# package at the lock's version. Not part of `make test`: torch 2.11's PyPI wheel is a CUDA build
+# of several GB. DEVICE_TESTS picks the tests (benchmarks/README.md has the last result).
+DEVICE_VENV := .venv-device
+DEVICE_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
+DEVICE_TESTS ?= tests/sdpo_core tests/benchmarks
+.PHONY: test-device-versions
+# pyproject.toml pins torch 2.13: its other requirements (and the test extra's) are installed beside
+# the device's pins, then the project itself without its requirements.
+$(DEVICE_VENV)/.installed: pyproject.toml $(LOCK) requirements/device-versions.txt
+	rm -rf $(DEVICE_VENV)
+	$(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
+	grep -vE '^(transformers|setuptools)==' $(LOCK) >$(DEVICE_VENV)/constraints.txt
+	$(DEVICE_VENV)/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print(*(d for d in p["dependencies"] + p["optional-dependencies"]["test"] if not d.startswith("torch")), sep="\n")' \
+	  >$(DEVICE_VENV)/project-requirements.txt
+	$(DEVICE_VENV)/bin/pip install --disable-pip-version-check -q -c $(DEVICE_VENV)/constraints.txt \
+	  -r requirements/device-versions.txt -r $(DEVICE_VENV)/project-requirements.txt
+	$(DEVICE_VENV)/bin/pip install --disable-pip-version-check -q --no-deps -e .
+	touch $@
+
+test-device-versions: $(DEVICE_VENV)/.installed
+	$(DEVICE_VENV)/bin/python -c 'import sys, torch, transformers, trl; print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "trl", trl.__version__)'
+	HF_HUB_OFFLINE=1 $(DEVICE_VENV)/bin/python -m pytest -q -p no:cacheprovider $(DEVICE_TESTS) $(PYTEST_ARGS)
+
+# The wheels the lent GPU machine lacks for the benchmark (trl, datasets, pydantic and theirs), for
+# CPython 3.12, into benchmarks/wheels (ignored), at most 56 MiB: benchmarks/carry_wheels.py.
+.PHONY: wheels
+wheels: | $(BIN)/python
+	$(BIN)/python -m benchmarks.carry_wheels
+
 ui-mlflow: $(VENV)/.installed-run
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(SDPO_HOME),.sdpo)/mlflow.db
 

@@ -77,6 +77,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("sdpo", "trl", "trl_precompute", "sdpo_mask", "sdpo_lora")
+# --layout: sdpo's train.shared_prompt for each ("auto" leaves it to for_device).
+LAYOUTS: dict[str, bool | str] = {"auto": "auto", "shared": True, "padded": False, "packed": "packed"}
 DEFAULT_VARIANTS = ("sdpo", "trl", "trl_precompute")
 PAD_ID = 2  # EOS of the shipped tokenizer, as load_tokenizer sets it
 # Model sizes: the shipped model, a ~20M-parameter Llama built from its config (random weights),
@@ -166,20 +168,24 @@ def datasheet_peak(device_name: str, dtype: str) -> float | None:
     return next((peak for name, peak in DATASHEET_PEAK if name in device_name), None)
 
 
-def warm_up(model: Any, pairs: list[Any], pad_id: int, device: str, group: int = 2) -> None:
+def warm_up(model: Any, pairs: list[Any], pad_id: int, device: str, group: int = 2, precision: Any = None) -> None:
     """Forward and backward passes on one micro-batch group (``group`` pairs), gradients dropped:
     once as TRL calls the model (padded rows with their padding mask), and once through sdpo's
     log-probs in each layout, so neither side's clock holds its first kernels or the allocator's
-    growth to a full micro-batch."""
+    growth to a full micro-batch. ``precision`` (sdpo_core.precision; None: none) gives the
+    autocast both sides train under."""
+    import contextlib
+
     from sdpo_core.logprobs import collate, collate_pairs, completion_logps
 
-    batch = collate_pairs(pairs[:group], pad_id).to(device)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    out.logits.float().mean().backward()
-    del out
-    for shared_prompt in (False, True):
-        logps, _ = completion_logps(model, collate(pairs[:group], pad_id, shared_prompt).to(device))
-        logps.sum().backward()
+    with precision.autocast(device) if precision is not None else contextlib.nullcontext():
+        batch = collate_pairs(pairs[:group], pad_id).to(device)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        out.logits.float().mean().backward()
+        del out
+        for shared_prompt in (False, True):
+            logps, _ = completion_logps(model, collate(pairs[:group], pad_id, shared_prompt).to(device))
+            logps.sum().backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -192,19 +198,65 @@ def run_sdpo(
     loss_cfg: Any,
     marks: dict[str, Any] | None = None,
 ) -> list[float]:
-    """sdpo's step; ``marks`` (if given) gets when the training loop began and when each optimizer
-    step ended."""
+    """sdpo's step, as the pipeline runs it (sdpo_core.scores, sdpo_core.step): the reference
+    log-probs in the training precision, then the training loop; ``marks`` (if given) gets when
+    the training loop began and when each optimizer step ended."""
     from sdpo_core.logprobs import score_pairs
     from sdpo_core.train import train_dpo
 
-    ref = score_pairs(
-        model, pairs, pad_id, args.batch_size, train_cfg.logprob_chunk_rows, args.device, train_cfg.shared_prompt
-    )
+    precision = precision_of(args)
+    # The reference pass's token budget, where this sdpo_core has one (issue 19).
+    budget = {"max_tokens": train_cfg.score_pass_tokens} if hasattr(train_cfg, "score_pass_tokens") else {}
+    with precision.autocast(args.device):
+        ref = score_pairs(
+            model,
+            pairs,
+            pad_id,
+            args.batch_size,
+            train_cfg.logprob_chunk_rows,
+            args.device,
+            train_cfg.shared_prompt,
+            **budget,
+        )
     marks = marks if marks is not None else {"steps": []}
     marks["loop_start"] = now(args.device)
     callback = lambda _step, _metrics: marks["steps"].append(now(args.device))  # noqa: E731
-    result = train_dpo(model, pairs, ref, pad_id, train_cfg, loss_cfg, args.device, callback=callback)
+    result = train_dpo(
+        model, pairs, ref, pad_id, train_cfg, loss_cfg, args.device, callback=callback, precision=precision
+    )
     return [h["loss"] for h in result.history]
+
+
+def compile_counts() -> dict[str, int] | None:
+    """``sdpo_core.compiling.compile_stats()`` (graphs compiled, recompiles so far in this
+    process), or None where this sdpo_core has no such module."""
+    try:
+        from sdpo_core.compiling import compile_stats
+    except ImportError:
+        return None
+    return compile_stats()
+
+
+def warm_up_step(model: Any, pairs: list[Any], args: argparse.Namespace, train_cfg: Any, loss_cfg: Any) -> float:
+    """sdpo's whole step on ``pairs`` before the clock, the weights put back after it; returns its
+    seconds.
+
+    Compiled (``--compile``), it runs on every pair of the timed step: the same micro-batches,
+    passes and padded widths, in training and in the reference pass, so every graph the timed
+    step needs is compiled here and the timed step meets no new shape. In the packed layout
+    without compiling, one micro-batch group warms up the layout's own kernels and masks.
+    """
+    import torch
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start = now(args.device)
+    run_sdpo(model, pairs, PAD_ID, args, train_cfg, loss_cfg)
+    seconds = now(args.device) - start
+    with torch.no_grad():
+        model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    del state
+    return seconds
 
 
 def now(device: str) -> float:
@@ -390,8 +442,26 @@ def sdpo_configs(args: argparse.Namespace) -> tuple[Any, Any]:
             update=dict(max_pass_tokens=None if args.pass_tokens < 0 else args.pass_tokens)
         )
     if args.layout != "auto":
-        train_cfg = train_cfg.model_copy(update=dict(shared_prompt=args.layout == "shared"))
+        train_cfg = train_cfg.model_copy(update=dict(shared_prompt=LAYOUTS[args.layout]))
+    if args.row_tokens:
+        train_cfg = train_cfg.model_copy(update=dict(packed_row_tokens=args.row_tokens))
+    if args.compile:
+        train_cfg = train_cfg.model_copy(update=dict(compile=True))
     return for_device(train_cfg, args.device), LossConfig(name="sigmoid", beta=args.beta)
+
+
+def precision_of(args: argparse.Namespace) -> Any:
+    """sdpo's precision for ``--precision``: bf16 autocast over fp32 weights, or none (the weights'
+    own dtype, ``--dtype``)."""
+    from sdpo_core.precision import PRECISIONS
+
+    return PRECISIONS["bf16-mixed" if args.precision == "bf16-mixed" else "fp32"]
+
+
+def weights_dtype(args: argparse.Namespace) -> str:
+    """The dtype the model's weights are built and trained in: fp32 master weights under
+    bf16-mixed, else ``--dtype`` (which is also the dtype the matmul rate is measured in)."""
+    return "float32" if args.precision == "bf16-mixed" else args.dtype
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -399,7 +469,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, weights_dtype(args))
     model = build_model(args.size, dtype, args.device)
     n_params = sum(p.numel() for p in model.parameters())
     pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
@@ -413,7 +483,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         from sdpo_core.lora import with_adapter
 
         model = with_adapter(model, LoraConfig(r=args.lora_r, alpha=2.0 * args.lora_r))
-    warm_up(model, pairs, PAD_ID, args.device, min(args.batch_size, len(pairs)))
+    group = min(args.batch_size, len(pairs))
+    warm_up(model, pairs, PAD_ID, args.device, group, precision_of(args))
+    sdpo_side = args.variant in ("sdpo", "sdpo_mask", "sdpo_lora")
+    # Compiled: the whole step once before the clock (every shape it meets); packed: one group.
+    warm_pairs = pairs if args.compile else pairs[:group] if args.layout == "packed" else []
+    warmup_step_s = warm_up_step(model, warm_pairs, args, train_cfg, loss_cfg) if sdpo_side and warm_pairs else None
     marks: dict[str, Any] = {"loop_start": None, "steps": []}
     trl_setup_s = None
 
@@ -424,7 +499,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         release_free_memory()
         return proc_status_mib("VmRSS"), reset_peak_rss()
 
-    if args.variant in ("sdpo", "sdpo_mask", "sdpo_lora"):
+    if sdpo_side:
         step = lambda: run_sdpo(model, pairs, PAD_ID, args, train_cfg, loss_cfg, marks)  # noqa: E731
         rss_before, step_peak_known = begin_memory_window()
     elif args.variant == "trl":
@@ -436,9 +511,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         step, trl_setup_s = prepare_trl(model, pairs, args, train_cfg, True, marks)
         rss_before, step_peak_known = begin_memory_window()
     modules_before = len(sys.modules)
+    compiled_before = compile_counts()
     start = now(args.device)
     losses = step()
     seconds = now(args.device) - start
+    compiled_after = compile_counts()
     step_peak = proc_status_mib("VmHWM") if step_peak_known else None
     # Tokens as DPO lays them out (the prompt once per completion): what tokens/s counts.
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
@@ -473,10 +550,44 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "executed_flops": (6 + 2 + 2 * args.gradient_checkpointing)
         * n_params
         * executed_tokens(pairs, args.variant, train_cfg),
+        "compile": compile_record(sdpo_side and args.compile, warmup_step_s, seconds, compiled_before, compiled_after),
+        "warmup_step_s": warmup_step_s,
     }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def compile_record(
+    compiled: bool,
+    warmup_step_s: float | None,
+    seconds: float,
+    before: dict[str, int] | None,
+    after: dict[str, int] | None,
+) -> dict[str, Any] | None:
+    """What compiling cost, outside the clock, and whether the timed step compiled anything more;
+    None for a variant that does not compile.
+
+    ``compile_s`` is the warm-up step's time less the timed step's (the warm-up runs the same
+    step and compiles on the way); ``graphs`` were compiled before the clock;
+    ``recompiles_in_step`` and ``graphs_in_step`` happened inside it (both should be 0). A count
+    is -1 where sdpo_core.compiling or this torch does not keep it.
+    """
+    if not compiled:
+        return None
+
+    def delta(key: str) -> int:
+        if before is None or after is None or before.get(key, -1) < 0 or after.get(key, -1) < 0:
+            return -1
+        return after[key] - before[key]
+
+    return {
+        "warmup_step_s": warmup_step_s,
+        "compile_s": max(warmup_step_s - seconds, 0.0) if warmup_step_s is not None else None,
+        "graphs": before.get("graphs", -1) if before is not None else -1,
+        "recompiles_in_step": delta("recompiles"),
+        "graphs_in_step": delta("graphs"),
+    }
 
 
 def steady_rate(n_pairs: int, first_step_pairs: int, start: float, marks: dict[str, Any]) -> float | None:
@@ -494,19 +605,35 @@ def steady_rate(n_pairs: int, first_step_pairs: int, start: float, marks: dict[s
 def executed_tokens(pairs: list[Any], variant: str, train_cfg: Any) -> int:
     """Token positions the variant's layout computes, padding included, over its micro-batches:
     TRL's and sdpo's padded rows repeat the prompt for each completion; sdpo's shared-prompt rows
-    hold it once."""
+    hold it once; packed rows hold several pairs each, at the run's fixed row length, in the passes
+    sdpo packs them into. Compiled, sdpo's rows are padded to the bucket of their width
+    (sdpo_core.compiling.bucket_width)."""
     from sdpo_core.logprobs import collate, collate_pairs
     from sdpo_core.train import batch_plan
 
+    if not variant.startswith("trl") and train_cfg.shared_prompt == "packed":
+        from sdpo_core.packed import collate_packed, pack_passes, run_row_tokens
+
+        row = run_row_tokens(pairs, train_cfg.packed_row_tokens)
+        return sum(
+            collate_packed([pairs[i] for i in one], PAD_ID, row).input_ids.numel()
+            for step in batch_plan(len(pairs), train_cfg)
+            for mb in step
+            for one in pack_passes(mb, pairs, row, train_cfg.max_pass_tokens)
+        )
     total = 0
     for step in batch_plan(len(pairs), train_cfg):
         for mb in step:
             chunk = [pairs[i] for i in mb]
             if variant.startswith("trl"):
-                batch = collate_pairs(chunk, PAD_ID)
-            else:
-                batch = collate(chunk, PAD_ID, train_cfg.shared_prompt)
-            total += batch.input_ids.numel()
+                total += collate_pairs(chunk, PAD_ID).input_ids.numel()
+                continue
+            rows, width = collate(chunk, PAD_ID, train_cfg.shared_prompt).input_ids.shape
+            if train_cfg.compile:
+                from sdpo_core.compiling import bucket_width
+
+                width = bucket_width(width)
+            total += rows * width
     return total
 
 
@@ -573,6 +700,11 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
         str(args.pass_tokens or 0),
         "--layout",
         args.layout,
+        "--row-tokens",
+        str(args.row_tokens or 0),
+        "--precision",
+        args.precision,
+        *(["--compile"] if args.compile else []),
         "--lora-r",
         str(args.lora_r),
         *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
@@ -590,8 +722,14 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def label(variant: str, checkpointing: bool) -> str:
-    """What a variant is, in words; TRL's own DPOConfig turns gradient checkpointing on by default."""
+def label(
+    variant: str, checkpointing: bool, *, compiled: bool = False, layout: str = "auto", precision: str | None = None
+) -> str:
+    """What a variant is, in words; TRL's own DPOConfig turns gradient checkpointing on by default.
+
+    ``compiled`` and ``layout`` (``--compile``, ``--layout``) apply to sdpo's variants only (TRL
+    runs eagerly, in its own padded layout); ``precision`` (how the weights train) to both.
+    """
     ckpt = "gradient checkpointing " + ("on" if checkpointing else "off")
     names = {
         "sdpo": "sdpo",
@@ -600,17 +738,35 @@ def label(variant: str, checkpointing: bool) -> str:
         "sdpo_mask": "sdpo, 4-D mask (no split attention)",
         "sdpo_lora": "sdpo with a LoRA adapter",
     }
+    parts = [names[variant]]
+    if variant.startswith("trl"):
+        parts += ["eager (not compiled)"] if compiled else []
+    else:
+        parts += ([f"{layout} layout"] if layout != "auto" else []) + (["compiled decoder layers"] if compiled else [])
+    parts += [precision] if precision else []
     if variant.startswith("trl"):
         default = "TRL's DPOConfig default" if checkpointing else "TRL's DPOConfig default is on"
-        return f"{names[variant]}, {ckpt} ({default})"
-    return f"{names[variant]}, {ckpt}"
+        return f"{', '.join(parts)}, {ckpt} ({default})"
+    return f"{', '.join(parts)}, {ckpt}"
+
+
+def precision_words(args: argparse.Namespace) -> str:
+    """How both sides train, in words, for the labels."""
+    if args.precision == "bf16-mixed":
+        return "fp32 weights with bf16 autocast (sdpo bf16-mixed, TRL bf16=True)"
+    return f"pure {args.dtype} weights" + (" (TRL bf16=True)" if args.dtype == "bfloat16" else "")
 
 
 def summarise(
-    runs: list[dict[str, Any]], rate: float, peak: float | None = None, checkpointing: bool = False
+    runs: list[dict[str, Any]],
+    rate: float,
+    peak: float | None = None,
+    checkpointing: bool = False,
+    described: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per variant: the round of median time (the lower median for an even count) gives speed,
-    steady speed and MFU alike; memory is the median over rounds."""
+    steady speed and MFU alike; memory is the median over rounds. ``described`` holds
+    :func:`label`'s keyword arguments (compiled, layout, precision)."""
     out = {}
     for variant in VARIANTS:
         mine = [r for r in runs if r["variant"] == variant]
@@ -618,7 +774,8 @@ def summarise(
             continue
         chosen = next(r for r in mine if r["seconds"] == statistics.median_low(r["seconds"] for r in mine))
         med = {k: chosen[k] for k in ("seconds", "pairs_per_s", "steady_pairs_per_s", "tokens_per_s", "trl_setup_s")}
-        med["label"] = label(variant, checkpointing)
+        med["label"] = label(variant, checkpointing, **(described or {}))
+        med["compile"] = chosen.get("compile")
         med["median_round"] = chosen.get("round")
         med["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in mine)
         med["final_loss"] = mine[0]["final_loss"]
@@ -708,6 +865,14 @@ def table(results: dict[str, Any]) -> str:
                 f"{size} {v}: {r['executed_flops'] / 1e12:.3f} TFLOP executed for {r['useful_flops'] / 1e12:.3f} useful "
                 f"(median round {r['median_round']})"
             )
+        for v, r in per["variants"].items():
+            c = r.get("compile")
+            if c:
+                lines.append(
+                    f"{size} {v}: compiled before the clock ({c['compile_s']:.1f} s beyond a step, "
+                    f"{c['graphs']} graphs); in the timed step {c['recompiles_in_step']} recompiles, "
+                    f"{c['graphs_in_step']} new graphs (-1: not counted)"
+                )
         for key, values in per["ratios"].get("sdpo", {}).items():
             if key.endswith("_by_round") and len(values) > 1:
                 other = key.removeprefix("speed_vs_").removesuffix("_by_round")
@@ -739,7 +904,26 @@ def add_step_options(parser: argparse.ArgumentParser) -> None:
         "--pass-tokens", type=int, default=0, help="sdpo's max_pass_tokens (0: default, -1: one pass per micro-batch)"
     )
     parser.add_argument(
-        "--layout", choices=["auto", "shared", "padded"], default="auto", help="sdpo's batch layout (auto: per device)"
+        "--layout",
+        choices=list(LAYOUTS),
+        default="auto",
+        help="sdpo's batch layout: auto (per device), shared (one row per pair), padded (two rows per pair), "
+        "packed (several pairs per fixed-width row, FlexAttention block masks)",
+    )
+    parser.add_argument(
+        "--row-tokens", type=int, default=0, help="the packed layout's row length (0: train.packed_row_tokens' default)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="sdpo's train.compile (regional torch.compile of the decoder layers); compiled in the warm-up",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["pure", "bf16-mixed"],
+        default="pure",
+        help="pure: both sides train the weights in --dtype (fp32, or pure bf16); bf16-mixed: fp32 weights "
+        "with bf16 autocast on both sides (sdpo's train.precision bf16-mixed, TRL's bf16=True); needs --dtype bfloat16",
     )
     parser.add_argument("--lora-r", type=int, default=8, help="the sdpo_lora variant's adapter rank")
     parser.add_argument(
@@ -766,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.precision == "bf16-mixed" and args.dtype != "bfloat16":
+        parser.error(f"--precision bf16-mixed computes in bfloat16: pass --dtype bfloat16, not {args.dtype}")
     if args.worker:
         args.variant = args.worker
         print(json.dumps(worker(args)))
@@ -789,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             "matmul_flops": None,  # filled in below: the highest of matmul_flops_samples
             "matmul_flops_samples": rates,
             "dtype": args.dtype,
+            "weights_dtype": weights_dtype(args),
         },
         "settings": {
             k: getattr(args, k)
@@ -803,6 +990,11 @@ def main(argv: list[str] | None = None) -> int:
                 "threads",
                 "gradient_checkpointing",
                 "lora_r",
+                "layout",
+                "row_tokens",
+                "pass_tokens",
+                "compile",
+                "precision",
             )
         },
         "sizes": {},
@@ -827,7 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = datasheet_peak(results["machine"]["device"], args.dtype)
     results["machine"]["datasheet_peak_flops"] = peak
     for size, runs in runs_by_size.items():
-        per = summarise(runs, rate, peak, args.gradient_checkpointing)
+        described = {"compiled": args.compile, "layout": args.layout, "precision": precision_words(args)}
+        per = summarise(runs, rate, peak, args.gradient_checkpointing, described)
         ratios = {}
         if "sdpo" in per:
             ours = per["sdpo"]
