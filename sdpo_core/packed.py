@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sdpo_core.logprobs import TokenizedPair
+from sdpo_core.layouts import TokenizedPair, to_device
 from sdpo_core.packed_attention import (
     CHOSEN,
     NO_FLEX_BACKWARD,
@@ -77,17 +77,9 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """The batch on ``device``; to CUDA through pinned memory with non-blocking copies."""
-        target = torch.device(device)
-        pin = target.type == "cuda"
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if pin and t.device.type == "cpu":
-                return t.pin_memory().to(target, non_blocking=True)
-            return t.to(target)
-
         tensors = (self.input_ids, self.position_ids, self.document, self.segment)
         targets = (self.seq, self.row, self.pos, self.labels, self.tokens)
-        return PackedBatch(*(move(t) for t in tensors + targets), self.num_pairs)
+        return PackedBatch(*(to_device(t, device) for t in tensors + targets), self.num_pairs)
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sequence, row, predicting column, label) of every scored token, each (N,)."""
