@@ -37,6 +37,7 @@ from sdpo_core.packed_attention import (
     dense_mask,
     refusal,
     register,
+    replaying,
     swapped,
 )
 
@@ -109,7 +110,7 @@ class PackedBatch:
             raise PackedUnsupported(f"the packed shared-prompt layout cannot run {type(net).__name__}: {problem}")
         register()
         mask = self.attention_mask()
-        with swapped(decoder.config):
+        with swapped(decoder.config), replaying(decoder):
             return net(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=mask, use_cache=False)
 
 

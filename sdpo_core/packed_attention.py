@@ -22,10 +22,11 @@ a dense boolean ``(rows, 1, L, L)`` mask for SDPA, computed by the same mask fun
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -170,12 +171,15 @@ def packed_attention_forward(
         raise PackedUnsupported(f"the packed shared-prompt layout cannot run this model: {problem}")
     gqa = query.shape[1] != key.shape[1]
     if isinstance(attention_mask, BlockMask):
-        if query.device.type == "cuda":
-            out = _flex("cuda")(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        args = (query, key, value)
+        if torch.compiler.is_compiling():  # inside compiled layers: traced into their graph
+            out = flex_attention(*args, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        elif query.device.type == "cuda":
+            out = _flex("cuda")(*args, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
         else:
             with warnings.catch_warnings():  # eager flex is chosen here (tests, CPU scoring): no advice needed
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+                out = flex_attention(*args, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     else:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None  # (rows, L, H, D)
@@ -228,8 +232,8 @@ def refusal(decoder: torch.nn.Module, row_tokens: int) -> str | None:
     reads the one config that is swapped; no feature this does not reproduce is on: a sliding
     window narrower than the rows, chunked attention, attention logit softcapping, attention sinks,
     non-causal attention, layers of other kinds, a sub-config, attention dropout while training,
-    or activation checkpointing while training with gradients (the backward pass would recompute
-    the layers after the config is restored). The attention calls check the rest.
+    or activation checkpointing other than torch's non-reentrant checkpoint while training with
+    gradients (:func:`replaying` needs its ``context_fn``). The attention calls check the rest.
     """
     name = type(decoder).__name__
     if not getattr(decoder, "_supports_attention_backend", False):
@@ -260,6 +264,69 @@ def refusal(decoder: torch.nn.Module, row_tokens: int) -> str | None:
             return f"{type(module).__name__} in {name} has a config of its own"
         if hasattr(module, "sinks"):
             return f"{type(module).__name__} in {name} has attention sinks"
-        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
-            return f"{name} recomputes its layers in the backward pass (gradient checkpointing)"
+        checkpointed = getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled()
+        if checkpointed and _checkpoint_settings(module) is None:
+            return (
+                f"{name} recomputes its layers in the backward pass with reentrant or custom activation "
+                "checkpointing (only torch's non-reentrant checkpoint can replay packed attention)"
+            )
     return None
+
+
+def _checkpoint_settings(module: torch.nn.Module) -> functools.partial | None:
+    """``module``'s checkpoint function where it is torch's non-reentrant checkpoint with settings
+    (transformers' ``partial(checkpoint, use_reentrant=False, ...)``), else None."""
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    if not isinstance(func, functools.partial) or func.keywords.get("use_reentrant") is not False:
+        return None
+    return func
+
+
+class _Replay:
+    """The recomputation context of one checkpointed layer call: the caller's own recomputation
+    context, and the config swapped as in the forward (entered anew each time: a graph kept with
+    ``retain_graph`` is recomputed per backward)."""
+
+    def __init__(self, cfg: Any, inner: Any) -> None:
+        self.cfg, self.inner = cfg, inner
+        self.entered: list[Any] = []
+
+    def __enter__(self) -> None:
+        self.inner.__enter__()
+        context = swapped(self.cfg)
+        context.__enter__()
+        self.entered.append(context)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.entered.pop().__exit__(*exc)
+        finally:
+            self.inner.__exit__(*exc)
+
+
+@contextmanager
+def replaying(decoder: torch.nn.Module) -> Iterator[None]:
+    """Within the block, ``decoder``'s checkpointed layers record a recomputation that swaps the
+    config again: activation checkpointing runs a layer's forward again in the backward pass,
+    after :func:`swapped` has ended; the packed mask is one of the layer's arguments, which the
+    checkpoint keeps. Each layer's own ``context_fn`` (e.g. split attention's replay) still runs.
+    The layers' checkpoint functions are restored after the block."""
+    cfg = decoder.config
+    saved = []
+    for module in decoder.modules():
+        func = _checkpoint_settings(module) if getattr(module, "gradient_checkpointing", False) else None
+        if func is None:
+            continue
+        own = func.keywords.get("context_fn") or (lambda: (nullcontext(), nullcontext()))
+
+        def context_fn(own: Callable[[], tuple[Any, Any]] = own) -> tuple[Any, Any]:
+            forward_context, recompute_context = own()
+            return forward_context, _Replay(cfg, recompute_context)
+
+        saved.append((module, func))
+        module._gradient_checkpointing_func = functools.partial(func, context_fn=context_fn)
+    try:
+        yield
+    finally:
+        for module, func in saved:
+            module._gradient_checkpointing_func = func

@@ -20,7 +20,7 @@ from torch.testing import assert_close
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sdpo_core import packed_attention
+from sdpo_core import attention, packed_attention
 from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps
 from sdpo_core.packed import PackedBatch, collate_packed, pack_passes, run_row_tokens
 from sdpo_core.packed_attention import CHOSEN, PAD, PROMPT, REJECTED, PackedUnsupported, packed_mask_mod
@@ -189,6 +189,38 @@ def test_whole_model_logits_match_and_the_config_is_restored(implementation: str
     assert model.config._attn_implementation == implementation
 
 
+def checkpointing(model: LlamaForCausalLM, **settings) -> None:
+    """Activation checkpointing of each decoder layer, with ``settings`` for torch's checkpoint."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; 5.17 has the older name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+
+
+def test_activation_checkpointing_recomputes_with_packed_attention(monkeypatch) -> None:
+    """Checkpointed layers (non-reentrant, with split attention's replay as sdpo trains) attend
+    over the packed mask again when the backward pass recomputes them, after the forward has
+    restored the config: an eager model would otherwise add the boolean mask to its scores. The
+    layers' checkpoint functions are restored after the forward."""
+    calls: list[int] = []
+    registered = packed_attention.packed_attention_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return registered(*args, **kwargs)
+
+    packed_attention.register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, packed_attention.PACKED_ATTENTION, counted)
+    model = random_llama(5, implementation="eager")
+    checkpointing(model, use_reentrant=False, context_fn=attention.replay_contexts)
+    before = [layer._gradient_checkpointing_func for layer in model.model.layers]
+    assert_matches_padded(model, make_pairs(random_lengths(5), seed=5), row_tokens=32)
+    # Training: a forward and a recomputation of each layer; then a forward without gradients.
+    assert len(calls) == 3 * model.config.num_hidden_layers
+    assert [layer._gradient_checkpointing_func for layer in model.model.layers] == before
+    assert model.config._attn_implementation == "eager"
+
+
 def test_pairs_do_not_attend_to_each_other_nor_rejected_to_chosen(monkeypatch) -> None:
     """Changing pair 1's tokens (same row) leaves pair 0's and pair 2's log-probs unchanged;
     changing pair 0's chosen tokens leaves its rejected log-prob unchanged. Without either part
@@ -277,11 +309,8 @@ def test_refusals_name_the_model_and_the_feature(monkeypatch) -> None:
         (random_llama(0, attention_dropout=0.1).train(), r"LlamaModel trains with attention dropout"),
     ]
     checkpointed = random_llama(0).train()
-    if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers >= 5.2x; 5.17 has the older name
-        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cases.append((checkpointed, "LlamaModel recomputes its layers in the backward pass"))
+    checkpointing(checkpointed, use_reentrant=True)
+    cases.append((checkpointed, "LlamaModel recomputes its layers in the backward pass with reentrant"))
     capped = random_llama(0)
     capped.config.attn_logit_softcapping = 50.0
     cases.append((capped, r"LlamaModel's config sets attn_logit_softcapping=50.0"))
