@@ -11,6 +11,7 @@ longer than the row, the passes of a micro-batch, and the models it refuses.
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -350,6 +351,48 @@ def test_attention_calls_with_features_are_refused() -> None:
         packed_attention.packed_attention_forward(attn, q, kv, kv, None)
     out, weights = packed_attention.packed_attention_forward(attn, q, kv, kv, mask)
     assert out.shape == (1, 8, 4, 16) and weights is None
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["dense-sdpa", "flex"])
+def test_a_decoder_layer_traces_without_graph_breaks(grad: bool) -> None:
+    """Compiled decoder layers (train.compile) trace the packed attention into one graph, with
+    either form of the mask (it is an argument of the layer, not a context variable)."""
+    model = random_llama(0)
+    batch = collate_packed(make_pairs(HAND), PAD_ID, 12)
+    layer, hidden = model.model.layers[0], torch.randn(2, 12, 64)
+    rotary = model.model.rotary_emb(hidden, batch.position_ids)
+    packed_attention.register()
+    with torch.set_grad_enabled(grad), packed_attention.swapped(model.config):
+        mask = batch.attention_mask()
+        assert isinstance(mask, torch.Tensor if grad else BlockMask)
+        run = lambda x, m: layer(x, attention_mask=m, position_embeddings=rotary, position_ids=batch.position_ids)  # noqa: E731
+        explained = torch._dynamo.explain(run)(hidden, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def test_concurrent_forwards_restore_the_config_once() -> None:
+    """Packed forwards of one model in several threads: each gets its own mask (an argument),
+    the same log-probs as alone, and the config is restored after the last one."""
+    model = random_llama(6).eval()
+    batches = [collate_packed(make_pairs(random_lengths(seed), seed=seed), PAD_ID, 32) for seed in range(4)]
+    with torch.no_grad():
+        alone = [packed_logps(model, b) for b in batches]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(2):
+                results[k] = packed_logps(model, batches[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, expected in enumerate(alone):
+        assert_close(results[k], expected, **TOL)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_to_keeps_the_batch() -> None:
