@@ -264,8 +264,9 @@ def train_dpo(
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # DTensor under FSDP
             # The step's one host sync: the metric sums and the gradient norm, read together. The
             # update is only queued after it, so a non-finite loss or norm still stops training
-            # before any weight changes. (Under fp16 the scaler adds its own: scaler.step reads
-            # whether the gradients overflowed, and get_scale the new scale.)
+            # before any weight changes. (Under fp16 the scaler adds its own, accepted: get_scale
+            # reads the new scale, and scaler.step whether the gradients overflowed unless the
+            # optimizer is fused, which takes that flag on the device.)
             *values, grad_norm = torch.cat([step_sums, norm.detach().reshape(1).to(step_sums)]).tolist()
             sums = dict(zip(METRIC_SUMS, values, strict=True))
             loss_value = sums["loss"] / n_step

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from sdpo_core.data import load_source, tokenize_pairs
 from sdpo_core.layouts import PairBatch, TokenizedPair, collate, collate_pairs, pass_tokens
 from sdpo_core.logprobs import _forward, completion_logps, score_passes, token_logps
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
+from sdpo_core.precision import PRECISIONS
 from sdpo_core.train import batch_plan, train_dpo
 
 # The tiny model, a few train steps of 8 pairs each: seconds, no service.
@@ -163,8 +165,13 @@ def _count_reads(monkeypatch) -> dict[str, int]:
     return count
 
 
-@pytest.mark.parametrize("shared_prompt", [False, True])
-def test_one_host_sync_per_optimizer_step(setup, shared_prompt, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("shared_prompt", "precision", "reads"),
+    # fp16: the loss scaler's new scale is read too (get_scale, the loss_scale metric), accepted;
+    # with torch's fused AdamW its overflow check stays on the device.
+    [(False, "fp32", 1), (True, "fp32", 1), (True, "fp16-mixed", 2)],
+)
+def test_one_host_sync_per_optimizer_step(setup, shared_prompt, precision, reads, monkeypatch) -> None:
     """4 optimizer steps, each of several passes: sdpo reads the device once per step, counted from
     after the data plan (its shuffle is made on the host) to each step's metrics callback.
 
@@ -196,8 +203,35 @@ def test_one_host_sync_per_optimizer_step(setup, shared_prompt, monkeypatch) -> 
         per_step.append((count["ours"], count["transformers"]))
         count.update(ours=0, transformers=0)
 
-    train_dpo(model, pairs, ref, pid, cfg, LossConfig(), callback=callback)
-    assert per_step == [(1, 0 if shared_prompt else len(p)) for p in passes]
+    train_dpo(model, pairs, ref, pid, cfg, LossConfig(), callback=callback, precision=PRECISIONS[precision])
+    assert per_step == [(reads, 0 if shared_prompt else len(p)) for p in passes]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_cuda_names_one_synchronizing_call_per_optimizer_step(setup, shared_prompt) -> None:
+    """On a GPU, torch's sync debug mode warns at every synchronizing call (a read-back, a blocking
+    copy, ``nonzero``...): sdpo's own are one per step. Step 1 is left out (it holds the setup's
+    copies); transformers' read per padded pass is counted apart (see the test above)."""
+    pairs, ref, pid = setup
+    cfg = BASE.model_copy(update=dict(shared_prompt=shared_prompt, max_pass_tokens=None))
+    model = load_model(MODEL).to("cuda")
+    per_step: list[list[str]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def callback(_step: int, _metrics: dict[str, float]) -> None:
+            per_step.append([w.filename for w in caught if "synchronizing CUDA operation" in str(w.message)])
+            caught.clear()
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_dpo(model, pairs, ref, pid, cfg, LossConfig(), device="cuda", callback=callback)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len(per_step) == 4
+    ours = [[f for f in files if f"{os.sep}transformers{os.sep}" not in f] for files in per_step[1:]]
+    assert [len(files) for files in ours] == [1, 1, 1], ours
 
 
 def test_a_non_finite_loss_still_stops_before_any_update(setup) -> None:
