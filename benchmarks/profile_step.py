@@ -4,7 +4,7 @@
         --batch-size 16 --max-length 512 --max-prompt-length 256
 
 The first run pays what happens once per process (kernel selection, the allocator growing to
-its peak), as the benchmark's timed step does; the second, on the same pairs, shows the steady
+its peak, compilation under ``--compile``), as the benchmark's warm-up does; the second, on the same pairs, shows the steady
 state. The third runs on the first ``--profile-pairs`` pairs only, under torch.profiler (a
 trace of the whole step takes minutes to summarise on a GPU). Prints the wall times as they
 come and the operations that took the most time, as JSON (``--out``) and a table. The model,
@@ -19,7 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.dpo_step import PAD_ID, add_step_options, build_model, real_pairs, run_sdpo, sdpo_configs, warm_up
+from benchmarks.dpo_step import (
+    PAD_ID,
+    add_step_options,
+    build_model,
+    compile_counts,
+    precision_of,
+    real_pairs,
+    run_sdpo,
+    sdpo_configs,
+    warm_up,
+    weights_dtype,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25, help="operations listed")
     parser.add_argument("--out", default="benchmarks/results/profile_step.json")
     args = parser.parse_args(argv)
+    if args.precision == "bf16-mixed" and args.dtype != "bfloat16":
+        parser.error(f"--precision bf16-mixed computes in bfloat16: pass --dtype bfloat16, not {args.dtype}")
     result = profile(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -46,10 +59,10 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity
 
     on_gpu = args.device.startswith("cuda")
-    model = build_model(args.size, getattr(torch, args.dtype), args.device)
+    model = build_model(args.size, getattr(torch, weights_dtype(args)), args.device)
     pairs = real_pairs(args.pairs, args.max_length, args.max_prompt_length, model.config.vocab_size)
     train_cfg, loss_cfg = sdpo_configs(args)
-    warm_up(model, pairs, PAD_ID, args.device)
+    warm_up(model, pairs, PAD_ID, args.device, precision=precision_of(args))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def timed(chosen: list[Any]) -> float:
@@ -68,8 +81,10 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name}: {runs[name]:.2f} s ({len(pairs)} pairs)", flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     profiled = pairs[: args.profile_pairs]
+    before = compile_counts()
     with torch.profiler.profile(activities=activities) as prof:
         runs["profiled_run_s"] = timed(profiled)
+    after = compile_counts()
     # Operations only: the kernels they launch are listed too, and their time is already each
     # operation's self device time (summing both would count the GPU's time twice).
     ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
@@ -88,9 +103,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "python -m benchmarks.profile_step "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if not isinstance(v, bool))
-        + (" --gradient-checkpointing" if args.gradient_checkpointing else ""),
+        + "".join(f" --{k.replace('_', '-')}" for k, v in settings.items() if v is True),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "layout": {"shared_prompt": train_cfg.shared_prompt, "max_pass_tokens": train_cfg.max_pass_tokens},
+        "compile": train_cfg.compile,
+        # The profiled pairs form other micro-batches than the whole run's: under --compile a new
+        # padded width compiles inside the profile (-1: not counted).
+        "graphs_in_profiled_run": after["graphs"] - before["graphs"] if before and after else -1,
+        "precision": args.precision,
         **runs,
         "profiled_pairs": len(profiled),
         "total_ms": sum(getattr(e, key) for e in ops) / 1e3,
