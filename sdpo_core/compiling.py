@@ -159,14 +159,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def compile_stats() -> dict[str, int]:
-    """Dynamo's counts so far in this process (since the last ``torch._dynamo.reset``), for a
-    benchmark's record.
+    """Dynamo's counts so far in this process, for a benchmark's record.
 
     Returns:
-        ``graphs``: graphs compiled; ``recompiles``: graphs compiled for code that had a graph
-        already (a guard failed: a new shape, train/eval mode, grad mode or dtype), counted from
-        dynamo's cache entries; ``graph_breaks``: graph breaks met. A count that this version of
-        torch does not keep is -1.
+        ``graphs``: graphs compiled and ``graph_breaks``: graph breaks met (dynamo's counters,
+        which ``torch._dynamo.reset`` keeps); ``recompiles``: graphs that dynamo's caches hold for
+        code that had one already (a guard failed: a new shape, train/eval mode, grad mode or
+        dtype; emptied by ``torch._dynamo.reset``). A count this version of torch does not keep
+        is -1.
     """
     try:
         from torch._dynamo.utils import counters

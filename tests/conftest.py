@@ -74,6 +74,8 @@ TIER_TABLE = {
     "flows/test_pipeline.py::test_cli_unreachable_tracking_server": "integration",  # MLflow's client
     "flows/test_pipeline.py::test_cli_storage_failure_is_a_clear_message_with_how_to_resume": "integration",
     "sdpo_core/test_checkpoint.py::test_a_second_process_cannot_train_the_same_step": "integration",
+    "sdpo_core/test_compiling.py::test_inductor_backend_equals_eager": "integration",  # builds C++ kernels: ~45 s
+    "sdpo_core/test_compiling.py::test_bucketed_widths_compile_one_graph_per_bucket": "integration",  # compiles: seconds
     "sdpo_core/test_distributed.py": "integration",  # torchrun
     "sdpo_core/test_lora.py": "integration",  # peft, three LoRA train steps: seconds
     "sdpo_core/test_trl_parity.py": "integration",  # TRL's DPOTrainer
