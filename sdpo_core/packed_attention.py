@@ -39,6 +39,9 @@ PACKED_ATTENTION = "sdpo_packed"
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 """Segment of each token of a packed row."""
 
+COMPILED_FLEX_DEVICES = ("cuda",)
+"""Device types where the block mask goes to the compiled ``flex_attention`` (eager elsewhere)."""
+
 NO_FLEX_BACKWARD = ("cpu", "mps")
 """Device types where torch's ``flex_attention`` refuses a backward pass (dense SDPA instead)."""
 
@@ -94,11 +97,12 @@ _COMPILED_FLEX: Callable[..., torch.Tensor] | None = None
 _COMPILE_LOCK = threading.Lock()
 
 
-def _flex(device_type: str) -> Callable[..., torch.Tensor]:
-    """``flex_attention``, compiled (once per process, on first use) on CUDA; eager elsewhere."""
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """``flex_attention`` compiled once per process, on first use (for :data:`COMPILED_FLEX_DEVICES`
+    outside compiled layers: eager flex materializes the whole score matrix). The row length is fixed per
+    run; a second row count makes torch mark the batch dimension dynamic, so it compiles about
+    twice, not once per count."""
     global _COMPILED_FLEX
-    if device_type != "cuda":
-        return flex_attention
     with _COMPILE_LOCK:
         if _COMPILED_FLEX is None:
             _COMPILED_FLEX = torch.compile(flex_attention)
@@ -174,8 +178,8 @@ def packed_attention_forward(
         args = (query, key, value)
         if torch.compiler.is_compiling():  # inside compiled layers: traced into their graph
             out = flex_attention(*args, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
-        elif query.device.type == "cuda":
-            out = _flex("cuda")(*args, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        elif query.device.type in COMPILED_FLEX_DEVICES:
+            out = _compiled_flex()(*args, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
         else:
             with warnings.catch_warnings():  # eager flex is chosen here (tests, CPU scoring): no advice needed
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

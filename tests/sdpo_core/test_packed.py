@@ -222,6 +222,22 @@ def test_activation_checkpointing_recomputes_with_packed_attention(monkeypatch) 
     assert model.config._attn_implementation == "eager"
 
 
+def test_compiled_flex_matches_the_padded_layout(monkeypatch) -> None:
+    """The compiled flex attention that CUDA gets, run here on the CPU (forward only: torch's
+    flex has no CPU backward), over passes of different row counts. Integration tier: compiles."""
+    monkeypatch.setattr(packed_attention, "COMPILED_FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(packed_attention, "_COMPILED_FLEX", None)
+    model = random_llama(7).eval()
+    for seed, rows in ((7, 1), (8, 3)):
+        pairs = make_pairs(random_lengths(seed, n=3 * rows), seed=seed)
+        batch = collate_packed(pairs, PAD_ID, 64)
+        assert batch.input_ids.shape[0] == rows
+        with torch.no_grad():
+            expected, _ = completion_logps(model, collate_pairs(pairs, PAD_ID))
+            assert_close(packed_logps(model, batch), expected, **TOL)
+    assert packed_attention._COMPILED_FLEX is not None
+
+
 def test_pairs_do_not_attend_to_each_other_nor_rejected_to_chosen(monkeypatch) -> None:
     """Changing pair 1's tokens (same row) leaves pair 0's and pair 2's log-probs unchanged;
     changing pair 0's chosen tokens leaves its rejected log-prob unchanged. Without either part
