@@ -165,7 +165,7 @@ def test_layout_settings_take_auto_or_a_value() -> None:
     assert cfg.train.max_pass_tokens is None
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "recipes" / "default.yaml", ["train.shared_prompt=sometimes", "train.max_pass_tokens=lots"])
-    assert "train.shared_prompt: expected 'auto' or true or false, got str 'sometimes'" in str(err.value)
+    assert "train.shared_prompt: expected 'auto' or 'packed' or true or false, got str 'sometimes'" in str(err.value)
     assert "train.max_pass_tokens: expected 'auto' or an integer or null, got str 'lots'" in str(err.value)
     with pytest.raises(ConfigError, match="train.max_pass_tokens: must be at least 1, got 0"):
         load_config(REPO / "recipes" / "default.yaml", ["train.max_pass_tokens=0"])
