@@ -150,12 +150,13 @@ def _drop_context_fn(layer: torch.nn.Module) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """The innermost cause of ``exc``: its type and first line (a backend's failure wraps another)."""
+    """The innermost cause of ``exc``: its type and first lines (a backend's failure wraps another)."""
     inner = getattr(exc, "inner_exception", None) or exc
     while inner.__cause__ is not None:
         inner = inner.__cause__
     lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
-    return f"{type(inner).__name__}: {lines[0] if lines else '(no message)'}"
+    # Dynamo's Unsupported says what in its first line and why in its second ("Explanation: ...").
+    return f"{type(inner).__name__}: {' '.join(lines[:2]) if lines else '(no message)'}"
 
 
 def compile_stats() -> dict[str, int]:

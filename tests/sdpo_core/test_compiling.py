@@ -149,6 +149,18 @@ def test_compiled_logps_and_gradients_equal_eager(model, checkpointing):
         disable_activation_checkpointing(model)
 
 
+def test_compiled_scoring_under_inference_mode_equals_eager(model):
+    """The reference pass's setting: eval mode, inference_mode (a graph of its own)."""
+    batch = collate_pairs(random_pairs(4), pad_id=0)
+    model.eval()
+    with torch.inference_mode():
+        expected, _ = completion_logps(model, batch)
+        with compiled_layers(model, True, backend="aot_eager"):
+            logps, _ = completion_logps(model, batch)
+    assert compile_stats() == {"graphs": 1, "recompiles": 0, "graph_breaks": 0}
+    assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_inductor_backend_equals_eager(model):
     """The real backend: inductor's generated C++ kernels on the CPU."""
     pairs = random_pairs(3)
