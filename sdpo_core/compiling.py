@@ -4,14 +4,20 @@ Eager Hugging Face decoders launch many small kernels per layer (norms, rotary e
 activations, residual adds); on a GPU a train step is bound by the host that launches them.
 Compiling the decoder layers fuses those into few kernels. Only the layers are compiled, not the
 whole model: every layer of a decoder runs the same code with the same shapes, so one graph
-serves them all and compiles once (``nn.Module.compile`` compiles the module's ``_call_impl``,
-one code object shared by every module, and dynamo treats each layer's parameters as inputs
-rather than constants), while the embeddings, the log-prob head and sdpo's own indexing stay
+serves them all and compiles once (dynamo caches graphs by code object, which the layers of one
+class share, and treats each layer's parameters as inputs rather than constants: 5 layers of the
+tiny Llama give 1 graph), while the embeddings, the log-prob head and sdpo's own indexing stay
 eager and free to vary.
 
 Shapes. Graphs are compiled for static shapes by default (each new (rows, width) of the
 layers' input compiles once more; :func:`compile_stats` counts them), so rows should be padded
-to a few widths (:func:`bucket_width`) for shapes to repeat.
+to a few widths (:func:`bucket_width`) for shapes to repeat. Train mode, eval mode, grad mode
+and autocast each get graphs of their own too.
+
+Attention. The compiled region holds the attention call, so what it calls must trace without a
+graph break: SDPA's causal path does, and so does FlexAttention with its block mask passed in
+the attention arguments; sdpo's split attention (:mod:`sdpo_core.attention`) reads its layout
+from a context variable, which dynamo cannot trace, and fails here with a :class:`CompileError`.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def bucket_width(width: int) -> int:
     at least :data:`MIN_BUCKET`: two per doubling, so rows up to 512 tokens take at most 7 shapes
     and 4096 at most 13. Above 64 the padding is under a third of the padded width (worst just
     past a power of two p: p + 1 padded to 1.5p) and under a quarter just past 1.5p; averaged
-    over widths spread evenly in a doubling it is about 14%. Each bucket is a multiple of 32 (of
+    over widths spread evenly in a doubling it is about 14.5%. Each bucket is a multiple of 32 (of
     64 from 128 on), which suits the matmul tiles of GPUs.
 
     Args:
@@ -89,13 +95,15 @@ def compiled_layers(
     whatever happened, each is plain again.
 
     ``nn.Module.compile`` puts a compiled call in each layer; nothing else about the model
-    changes (its parameters, state dict, hooks and class stay), so it composes with DDP (which
-    wraps the whole policy) and FSDP (whose hooks on each layer run inside the compiled call)
-    applied before or after it, and with activation checkpointing: transformers' checkpointing
-    wraps the layer's forward, which dynamo traces as one checkpointed region.
+    changes (its parameters, state dict, hooks and class stay), so DDP (which wraps the whole
+    policy) and FSDP's ``fully_shard`` (which hooks each layer) may be applied before or after
+    the block is entered (both orders checked with one-process groups: same log-probs and
+    gradients, one graph, no graph break). Activation checkpointing is turned on before the
+    block: under transformers 5.17 the checkpoint wraps the compiled call and runs eagerly; from
+    5.24 on it is inside the layer's forward and dynamo traces it (see :func:`_drop_context_fn`).
 
     Args:
-        model: a Hugging Face causal LM (or a module holding its layers).
+        model: the Hugging Face model itself (it names its layer classes), not a wrapper of it.
         enabled: compile (``train.compile``); False makes the block a no-op.
         backend: torch.compile's backend ("inductor"; "aot_eager" traces without generating
             kernels, for tests).
