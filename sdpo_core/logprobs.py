@@ -33,6 +33,8 @@ from sdpo_core.layouts import (  # noqa: F401
     split_by_tokens,
     to_device,
 )
+from sdpo_core.packed import PackedBatch
+from sdpo_core.passes import PassLayout
 
 
 def token_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_rows: int) -> torch.Tensor:
@@ -75,13 +77,16 @@ def _has_plain_head(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch) -> Any:
+def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch | PackedBatch) -> Any:
     """``net``'s output on ``batch`` (``net`` is ``model`` or its decoder).
 
     A shared-prompt batch takes split attention (two calls, no (B, 1, T, T) mask) where the decoder
     allows it, and the 4-D mask otherwise; a forward in which split attention turned out not to
-    apply is done again with the mask, and the decoder is not tried again.
+    apply is done again with the mask, and the decoder is not tried again. A packed batch runs
+    its own forward, with its block mask (:meth:`~sdpo_core.packed.PackedBatch.forward`).
     """
+    if isinstance(batch, PackedBatch):
+        return batch.forward(net)
     if isinstance(batch, SharedPromptBatch):
         out = _split_forward(model, net, batch)
         if out is not None:
@@ -137,7 +142,9 @@ def _fsdp_units(decoder: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in decoder.modules())
 
 
-def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(
+    model: torch.nn.Module, batch: Batch | PackedBatch, chunk_rows: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and completion token counts for each sequence.
 
     Nothing here reads a value back to the host: the scored tokens and the counts come with the
@@ -168,17 +175,21 @@ def completion_logps(model: torch.nn.Module, batch: Batch, chunk_rows: int = 204
 
 
 def score_passes(
-    pairs: Sequence[TokenizedPair], batch_size: int, max_tokens: int | None, shared_prompt: bool
+    pairs: Sequence[TokenizedPair], batch_size: int, max_tokens: int | None, layout: PassLayout | bool
 ) -> list[list[int]]:
     """Pair indices of each forward-only pass, length-sorted (short pairs are not padded to long ones).
 
     With ``max_tokens``, a pass takes pairs while its rows times its widest row stay within the
-    budget (a pair over it goes alone), whatever ``batch_size``; else ``batch_size`` pairs a pass.
+    budget (a pair over it goes alone; packed: ``max_tokens // row_tokens`` rows), whatever
+    ``batch_size``; else ``batch_size`` pairs a pass. A bool ``layout`` is ``shared_prompt``.
     """
+    if isinstance(layout, bool):
+        layout = PassLayout("shared" if layout else "padded")
+    order = layout.order(range(len(pairs)), pairs)
     if max_tokens is not None:
-        return split_by_tokens(list(range(len(pairs))), pairs, max_tokens, shared_prompt)
-    order = sorted(range(len(pairs)), key=lambda i: pass_tokens(pairs[i], shared_prompt)[1])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        return layout.passes(order, pairs, max_tokens)
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [piece for chunk in chunks for piece in layout.passes(chunk, pairs, None)]
 
 
 def score_pairs(
@@ -188,14 +199,16 @@ def score_pairs(
     batch_size: int,
     chunk_rows: int = 2048,
     device: torch.device | str = "cpu",
-    shared_prompt: bool = False,
+    shared_prompt: bool | str = False,
     progress: Callable[[int, int], None] | None = None,
     max_tokens: int | None = None,
+    row_tokens: int = 2048,
 ) -> dict[str, torch.Tensor]:
     """Forward-only log-probs of every pair, in passes (used for reference log-probs and eval).
 
-    ``shared_prompt`` picks the batch layout (:class:`SharedPromptBatch` or :class:`PairBatch`);
-    ``max_tokens`` (else ``batch_size`` pairs) sizes the passes (:func:`score_passes`).
+    ``shared_prompt`` picks the batch layout (true: :class:`SharedPromptBatch`, false:
+    :class:`PairBatch`, ``"packed"``: :class:`~sdpo_core.packed.PackedBatch` in rows of at least
+    ``row_tokens``); ``max_tokens`` (else ``batch_size`` pairs) sizes the passes (:func:`score_passes`).
     ``progress(done, total)`` is called with the pairs scored so far after each pass is queued.
     The passes run under ``inference_mode``; their log-probs stay on the device and reach the
     host in one copy at the end.
@@ -210,7 +223,8 @@ def score_pairs(
         return {"chosen": empty, "rejected": empty, "chosen_tokens": empty.long(), "rejected_tokens": empty.long()}
     was_training = model.training
     model.eval()
-    passes = score_passes(pairs, batch_size, max_tokens, shared_prompt)
+    layout = PassLayout.of(shared_prompt, pairs, row_tokens)
+    passes = score_passes(pairs, batch_size, max_tokens, layout)
     n = len(pairs)
     order = torch.tensor([i for ids in passes for i in ids], dtype=torch.long)  # pass order -> pair
     tokens = torch.empty(2, n, dtype=torch.long)  # (chosen, rejected) x pass order, from the host batches
@@ -220,7 +234,7 @@ def score_pairs(
             done = 0
             for ids in passes:
                 b = len(ids)
-                host = collate([pairs[i] for i in ids], pad_id, shared_prompt)
+                host = layout.collate([pairs[i] for i in ids], pad_id)
                 tokens[:, done : done + b] = host.tokens.view(2, b)
                 logps[:, done : done + b] = completion_logps(model, host.to(device), chunk_rows)[0].view(2, b)
                 done += b

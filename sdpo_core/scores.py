@@ -71,6 +71,7 @@ def score_model(
             train.shared_prompt,
             progress,
             max_tokens=train.score_pass_tokens,
+            row_tokens=train.packed_row_tokens,
         )
 
 

@@ -21,10 +21,12 @@ from sdpo_core import attention
 from sdpo_core.carry import Carry, load_moments, shifted
 from sdpo_core.checkpoint import Checkpoints
 from sdpo_core.collectives import max_over_processes
+from sdpo_core.compiling import compiled_layers
 from sdpo_core.config import LossConfig, TrainConfig
-from sdpo_core.layouts import TokenizedPair, collate, split_by_tokens, to_device
+from sdpo_core.layouts import TokenizedPair, to_device
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
+from sdpo_core.passes import PassLayout
 from sdpo_core.precision import PRECISIONS, Precision
 from sdpo_core.state import full_state, is_sharded
 
@@ -157,11 +159,17 @@ def train_dpo(
     scaler = torch.amp.GradScaler(torch.device(device).type) if precision.scaled else None
     with (
         activation_checkpointing(model, train_cfg.gradient_checkpointing),
+        compiled_layers(model, train_cfg.compile),  # after checkpointing: it compiles the checkpointed layers
         dropout_off(model, train_cfg.disable_dropout),
     ):
         seed_everything(train_cfg.seed)
         get_loss(loss_cfg.name)  # an unknown loss fails before any work
         plan = batch_plan(len(pairs), train_cfg)
+        layout = PassLayout.of(train_cfg.shared_prompt, pairs, train_cfg.packed_row_tokens, train_cfg.compile)
+        if train_cfg.compile and layout.kind == "shared" and hasattr(model, "get_decoder"):
+            # Split attention finds its layout in a context variable, which a compiled graph cannot
+            # read: shared-prompt rows take the 4-D mask (same log-probs) from now on.
+            attention.refuse(model.get_decoder(), "train.compile: split attention would break the compiled graph")
         world, rank = world_and_rank()
         # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
         # shards, so the optimizer is built after).
@@ -211,7 +219,7 @@ def train_dpo(
                 (piece, 1.0)
                 for mb in micro_batches
                 if mb[rank::world]
-                for piece in split_by_tokens(mb[rank::world], pairs, train_cfg.max_pass_tokens, train_cfg.shared_prompt)
+                for piece in layout.passes(mb[rank::world], pairs, train_cfg.max_pass_tokens)
             ]
             if world > 1:
                 # DDP reduces gradients in each process's last pass, so each needs at least one; FSDP
@@ -225,7 +233,7 @@ def train_dpo(
             step_ref = to_device(ref_table[:, step_ids], device)  # (2, n): chosen, rejected
             done_pairs = 0
             for i, (ids, weight) in enumerate(passes):
-                batch = collate([pairs[j] for j in ids], pad_id, train_cfg.shared_prompt).to(device)
+                batch = layout.collate([pairs[j] for j in ids], pad_id).to(device)
                 b = len(ids)
                 ref_c, ref_r = step_ref[:, done_pairs : done_pairs + b]
                 done_pairs += b

@@ -15,9 +15,10 @@ import torch
 from sdpo_core import attention
 from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig, TrainConfig
 from sdpo_core.data import load_source, tokenize_pair
+from sdpo_core.layouts import split_by_tokens
 from sdpo_core.logprobs import SharedPromptBatch, collate, completion_logps, score_pairs
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
-from sdpo_core.train import split_by_tokens, train_dpo
+from sdpo_core.train import train_dpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
