@@ -552,6 +552,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         * executed_tokens(pairs, args.variant, train_cfg),
         "compile": compile_record(sdpo_side and args.compile, warmup_step_s, seconds, compiled_before, compiled_after),
         "warmup_step_s": warmup_step_s,
+        # The weights' dtype after training: fp32 under bf16-mixed on both sides (neither casts).
+        "trained_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     if args.device.startswith("cuda"):
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -776,6 +778,7 @@ def summarise(
         med = {k: chosen[k] for k in ("seconds", "pairs_per_s", "steady_pairs_per_s", "tokens_per_s", "trl_setup_s")}
         med["label"] = label(variant, checkpointing, **(described or {}))
         med["compile"] = chosen.get("compile")
+        med["trained_dtype"] = chosen.get("trained_dtype")
         med["median_round"] = chosen.get("round")
         med["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in mine)
         med["final_loss"] = mine[0]["final_loss"]

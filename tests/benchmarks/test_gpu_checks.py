@@ -126,6 +126,7 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert set(runs["defaults"]["sizes"]["tiny"]["variants"]) == {"sdpo", "trl"}
     for run in runs.values():
         assert run["settings"]["precision"] == "bf16-mixed" and run["machine"]["weights_dtype"] == "float32"
+        assert {v["trained_dtype"] for v in run["sizes"]["tiny"]["variants"].values()} == {"float32"}
     assert runs["defaults"]["settings"]["compile"] is False
     assert runs["compile"]["settings"]["compile"] is runs["packed"]["settings"]["compile"] is True
     packed = runs["packed"]["sizes"]["tiny"]["variants"]["sdpo"]
