@@ -43,6 +43,12 @@ MFU and the ceiling still count 6 N per policy token, not the recomputation. TRL
 ``DPOConfig`` turns checkpointing on by default (TRL 1.16), so without the flag the TRL variants
 are TRL with checkpointing off; each variant's ``label`` in the JSON and the table says which.
 
+Issue 19's flags: ``--compile`` (sdpo's ``train.compile``; the whole step runs once before the
+clock so that every graph is compiled there, and the JSON's ``compile`` gives the compile time and
+the recompiles inside the clock), ``--layout packed`` (``--row-tokens``) and ``--precision
+bf16-mixed`` (fp32 weights with bf16 autocast on both sides; the default, ``pure``, trains the
+weights in ``--dtype``). TRL runs eagerly in its own padded layout whatever these say.
+
 Fairness (issue 19): TRL's trainer construction (its lazy imports, the reference model's copy)
 runs before TRL's clock and is reported beside it as ``trl_setup_s``; only ``trl_precompute``
 still builds a trainer inside its clock, because TRL precomputes the reference log-probs there,

@@ -186,3 +186,66 @@ def test_the_lora_variant_reports_its_memory_beside_full_training(tmp_path):
     assert "max_loss_diff_vs_sdpo_lora" not in tiny["ratios"]["sdpo"], "LoRA's losses are its own"
     assert tiny["ratios"]["sdpo"]["memory_vs_sdpo_lora"] > 0
     assert "tiny: LoRA trains" in proc.stdout and "against" in proc.stdout
+
+
+def test_compile_record_says_what_compiled_before_and_inside_the_clock():
+    from benchmarks.dpo_step import compile_record
+
+    before, after = {"graphs": 6, "recompiles": 5}, {"graphs": 7, "recompiles": 6}
+    record = compile_record(True, 12.5, 2.5, before, after)
+    assert record == {
+        "warmup_step_s": 12.5,
+        "compile_s": 10.0,
+        "graphs": 6,
+        "recompiles_in_step": 1,
+        "graphs_in_step": 1,
+    }
+    assert compile_record(False, None, 2.5, before, after) is None  # a variant that does not compile
+    # Counts this sdpo_core or torch does not keep are -1, never a made-up 0.
+    unknown = compile_record(True, 3.0, 2.5, None, None)
+    assert (unknown["graphs"], unknown["recompiles_in_step"], unknown["graphs_in_step"]) == (-1, -1, -1)
+    partly = compile_record(True, 3.0, 2.5, {"graphs": 2, "recompiles": -1}, {"graphs": 2, "recompiles": -1})
+    assert (partly["graphs_in_step"], partly["recompiles_in_step"]) == (0, -1)
+
+
+def test_labels_name_compiling_the_layout_and_the_precision():
+    from benchmarks.dpo_step import label
+
+    words = "fp32 weights with bf16 autocast"
+    assert label("sdpo", False, compiled=True, layout="packed", precision=words) == (
+        f"sdpo, packed layout, compiled decoder layers, {words}, gradient checkpointing off"
+    )
+    # TRL runs eagerly in its own layout whatever sdpo's flags are.
+    assert label("trl", True, compiled=True, layout="packed", precision=words) == (
+        f"TRL, reference model in memory, eager (not compiled), {words}, gradient checkpointing on "
+        "(TRL's DPOConfig default)"
+    )
+
+
+def test_bf16_mixed_precision_needs_bfloat16_compute(capsys):
+    from benchmarks.dpo_step import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--precision", "bf16-mixed", "--dtype", "float32"])
+    assert exit_info.value.code == 2
+    assert "--precision bf16-mixed computes in bfloat16: pass --dtype bfloat16, not float32" in capsys.readouterr().err
+
+
+def test_the_layout_and_compile_flags_reach_sdpos_train_config():
+    import argparse
+
+    from benchmarks.dpo_step import add_step_options, precision_of, sdpo_configs, weights_dtype
+
+    parser = argparse.ArgumentParser()
+    add_step_options(parser)
+    args = parser.parse_args(["--layout", "packed", "--row-tokens", "512", "--compile", "--dtype", "bfloat16",
+                              "--precision", "bf16-mixed"])  # fmt: skip
+    train_cfg, _ = sdpo_configs(args)
+    assert (train_cfg.shared_prompt, train_cfg.packed_row_tokens, train_cfg.compile) == ("packed", 512, True)
+    assert precision_of(args).name == "bf16-mixed" and weights_dtype(args) == "float32"
+    plain, _ = sdpo_configs(parser.parse_args(["--layout", "padded"]))
+    assert (plain.shared_prompt, plain.compile) == (False, False)
+    assert (
+        precision_of(parser.parse_args([])).name == "fp32"
+        and weights_dtype(parser.parse_args(["--dtype", "bfloat16"])) == "bfloat16"
+    )
