@@ -37,7 +37,6 @@ gathers stay paired).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -47,6 +46,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from sdpo_core.attn_swap import implementation_of, swapped
 
 SPLIT_ATTENTION = "sdpo_shared_prompt"
 """Private name of :func:`split_attention_forward` in transformers' ``AttentionInterface``."""
@@ -123,10 +124,6 @@ class _Run:
 
 
 _ACTIVE: ContextVar[_Run | None] = ContextVar("sdpo_split_attention", default=None)
-# Configs swapped to SPLIT_ATTENTION: id -> (config, implementation before, forwards inside).
-# Counted, so concurrent forwards of one model in several threads restore the config once, last.
-_SWAPPED: dict[int, tuple[Any, str, int]] = {}
-_SWAP_LOCK = threading.Lock()
 # Decoders found unable to take the split path during a forward, with the reason.
 _REFUSED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
@@ -254,8 +251,7 @@ def refusal(decoder: torch.nn.Module, width: int) -> str | None:
         return f"{name} does not dispatch attention through transformers' AttentionInterface"
     cfg = getattr(decoder, "config", None)
     implementation = getattr(cfg, "_attn_implementation", None)
-    with _SWAP_LOCK:  # swapped by a forward in another thread: what it was before counts
-        implementation = _SWAPPED.get(id(cfg), (cfg, implementation, 0))[1]
+    implementation = implementation_of(cfg)  # swapped by a forward in another thread: what it was before counts
     if implementation not in _REPLACEABLE:
         return f"{name} uses attention implementation {implementation!r}, not one of {_REPLACEABLE}"
     if getattr(cfg, "sub_configs", None):
@@ -320,28 +316,10 @@ def _active(run: _Run) -> Iterator[None]:
     """Within the block, ``run`` is this context's split-attention run and its config is swapped."""
     token = _ACTIVE.set(run)
     try:
-        with _swapped(run.config):
+        with swapped(run.config, SPLIT_ATTENTION):
             yield
     finally:
         _ACTIVE.reset(token)
-
-
-@contextmanager
-def _swapped(cfg: Any) -> Iterator[None]:
-    """``cfg._attn_implementation`` is :data:`SPLIT_ATTENTION` within the block (counted, see _SWAPPED)."""
-    with _SWAP_LOCK:
-        _, before, depth = _SWAPPED.get(id(cfg), (cfg, cfg._attn_implementation, 0))
-        _SWAPPED[id(cfg)] = (cfg, before, depth + 1)
-        cfg._attn_implementation = SPLIT_ATTENTION
-    try:
-        yield
-    finally:
-        with _SWAP_LOCK:
-            _, before, depth = _SWAPPED.pop(id(cfg))
-            if depth > 1:
-                _SWAPPED[id(cfg)] = (cfg, before, depth - 1)
-            else:
-                cfg._attn_implementation = before
 
 
 def replay_contexts() -> tuple[Any, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from sdpo_core import attention
+from sdpo_core.causal_attention import causal_attention
 from sdpo_core.collectives import max_over_processes
 
 # The batch layouts live in sdpo_core.layouts; they are importable from here as before.
@@ -83,7 +84,8 @@ def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch | Packed
     A shared-prompt batch takes split attention (two calls, no (B, 1, T, T) mask) where the decoder
     allows it, and the 4-D mask otherwise; a forward in which split attention turned out not to
     apply is done again with the mask, and the decoder is not tried again. A packed batch runs
-    its own forward, with its block mask (:meth:`~sdpo_core.packed.PackedBatch.forward`).
+    its own forward, with its block mask (:meth:`~sdpo_core.packed.PackedBatch.forward`); padded
+    rows take causal SDPA with no mask prepared (:mod:`sdpo_core.causal_attention`).
     """
     if isinstance(batch, PackedBatch):
         return batch.forward(net)
@@ -99,6 +101,10 @@ def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch | Packed
         allowed = inputs["attention_mask"]
         blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         inputs["attention_mask"] = blocked.masked_fill(~allowed, torch.finfo(dtype).min)
+    if isinstance(batch, PairBatch):  # causal SDPA with no mask prepared (and no host read) where it applies
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        with causal_attention(decoder, batch.input_ids.shape[1]):
+            return net(**inputs, use_cache=False)
     return net(**inputs, use_cache=False)
 
 

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
+from sdpo_core.attn_swap import swapped
 from sdpo_core.layouts import TokenizedPair, to_device
 from sdpo_core.packed_attention import (
     CHOSEN,
     NO_FLEX_BACKWARD,
+    PACKED_ATTENTION,
     PAD,
     PROMPT,
     REJECTED,
@@ -38,7 +40,6 @@ from sdpo_core.packed_attention import (
     refusal,
     register,
     replaying,
-    swapped,
 )
 
 ROW_ALIGN = 128
@@ -110,7 +111,7 @@ class PackedBatch:
             raise PackedUnsupported(f"the packed shared-prompt layout cannot run {type(net).__name__}: {problem}")
         register()
         mask = self.attention_mask()
-        with swapped(decoder.config), replaying(decoder):
+        with swapped(decoder.config, PACKED_ATTENTION), replaying(decoder):
             return net(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=mask, use_cache=False)
 
 

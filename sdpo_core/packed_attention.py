@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from sdpo_core.attn_swap import implementation_of, swapped
+
 PACKED_ATTENTION = "sdpo_packed"
 """Private name of :func:`packed_attention_forward` in transformers' ``AttentionInterface``."""
 
@@ -197,37 +199,6 @@ def register() -> None:
         AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
 
 
-# Configs swapped to PACKED_ATTENTION: id -> (config, implementation before, forwards inside).
-# Counted, so concurrent forwards of one model in several threads restore the config once, last.
-_SWAPPED: dict[int, tuple[Any, str, int]] = {}
-_SWAP_LOCK = threading.Lock()
-
-
-def implementation_of(cfg: Any) -> str | None:
-    """``cfg``'s attention implementation, as it is outside packed forwards (which swap it)."""
-    with _SWAP_LOCK:
-        return _SWAPPED.get(id(cfg), (cfg, getattr(cfg, "_attn_implementation", None), 0))[1]
-
-
-@contextmanager
-def swapped(cfg: Any) -> Iterator[None]:
-    """``cfg._attn_implementation`` is :data:`PACKED_ATTENTION` within the block, restored after it
-    (so a saved config, generation and any later forward are as before)."""
-    with _SWAP_LOCK:
-        _, before, depth = _SWAPPED.get(id(cfg), (cfg, cfg._attn_implementation, 0))
-        _SWAPPED[id(cfg)] = (cfg, before, depth + 1)
-        cfg._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        with _SWAP_LOCK:
-            _, before, depth = _SWAPPED.pop(id(cfg))
-            if depth > 1:
-                _SWAPPED[id(cfg)] = (cfg, before, depth - 1)
-            else:
-                cfg._attn_implementation = before
-
-
 def refusal(decoder: torch.nn.Module, row_tokens: int) -> str | None:
     """Why ``decoder`` cannot compute packed rows of ``row_tokens`` exactly (None: it can).
 
@@ -297,7 +268,7 @@ class _Replay:
 
     def __enter__(self) -> None:
         self.inner.__enter__()
-        context = swapped(self.cfg)
+        context = swapped(self.cfg, PACKED_ATTENTION)
         context.__enter__()
         self.entered.append(context)
 

@@ -23,7 +23,7 @@ import sdpo_core.parallel
 import sdpo_core.train
 from sdpo_core.config import DataConfig, LossConfig, ModelConfig, SourceConfig, TrainConfig
 from sdpo_core.data import load_source, tokenize_pairs
-from sdpo_core.layouts import PairBatch, TokenizedPair, collate, collate_pairs, pass_tokens
+from sdpo_core.layouts import PairBatch, TokenizedPair, collate, collate_pairs, pass_tokens, split_by_tokens
 from sdpo_core.logprobs import _forward, completion_logps, score_passes, token_logps
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
 from sdpo_core.precision import PRECISIONS
@@ -175,17 +175,18 @@ def test_one_host_sync_per_optimizer_step(setup, shared_prompt, precision, reads
     """4 optimizer steps, each of several passes: sdpo reads the device once per step, counted from
     after the data plan (its shuffle is made on the host) to each step's metrics callback.
 
-    Padded rows go to the model without an attention mask, and transformers (5.x) then looks for
-    packed sequences in the position ids it made, with a read of its own: one per pass
-    (``masking_utils.find_packed_sequence_indices``). The shared-prompt layout's split attention
-    builds no mask, so it has none.
+    transformers' own code reads nothing either: given no mask under ``sdpa``, it would look for
+    packed sequences in the position ids it made, with a read per pass
+    (``masking_utils.find_packed_sequence_indices``); padded rows go through sdpo's causal SDPA
+    (:mod:`sdpo_core.causal_attention`) and the shared layout's split attention, for which it
+    prepares no mask.
     """
     pairs, ref, pid = setup
     cfg = BASE.model_copy(update=dict(micro_batch_size=2, grad_accum_steps=1, shared_prompt=shared_prompt))
     cfg = cfg.model_copy(update=dict(max_pass_tokens=120 if shared_prompt else 200))
     plan = batch_plan(len(pairs), cfg)
     assert len(plan) == 4
-    passes = [sdpo_core.train.split_by_tokens(mb, pairs, cfg.max_pass_tokens, shared_prompt) for [mb] in plan]
+    passes = [split_by_tokens(mb, pairs, cfg.max_pass_tokens, shared_prompt) for [mb] in plan]
     assert all(len(p) > 1 for p in passes), "want steps of several passes"
     model = load_model(MODEL)
     count = _count_reads(monkeypatch)
@@ -204,7 +205,7 @@ def test_one_host_sync_per_optimizer_step(setup, shared_prompt, precision, reads
         count.update(ours=0, transformers=0)
 
     train_dpo(model, pairs, ref, pid, cfg, LossConfig(), callback=callback, precision=PRECISIONS[precision])
-    assert per_step == [(reads, 0 if shared_prompt else len(p)) for p in passes]
+    assert per_step == [(reads, 0)] * len(passes)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -212,7 +213,7 @@ def test_one_host_sync_per_optimizer_step(setup, shared_prompt, precision, reads
 def test_cuda_names_one_synchronizing_call_per_optimizer_step(setup, shared_prompt) -> None:
     """On a GPU, torch's sync debug mode warns at every synchronizing call (a read-back, a blocking
     copy, ``nonzero``...): sdpo's own are one per step. Step 1 is left out (it holds the setup's
-    copies); transformers' read per padded pass is counted apart (see the test above)."""
+    copies); transformers' reads are counted apart (there should be none: see the test above)."""
     pairs, ref, pid = setup
     cfg = BASE.model_copy(update=dict(shared_prompt=shared_prompt, max_pass_tokens=None))
     model = load_model(MODEL).to("cuda")

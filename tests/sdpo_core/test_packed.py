@@ -22,6 +22,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sdpo_core import attention, packed_attention
+from sdpo_core.attn_swap import swapped
 from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps
 from sdpo_core.packed import PackedBatch, collate_packed, pack_passes, run_row_tokens
 from sdpo_core.packed_attention import CHOSEN, PAD, PROMPT, REJECTED, PackedUnsupported, packed_mask_mod
@@ -378,7 +379,7 @@ def test_a_decoder_layer_traces_without_graph_breaks(grad: bool) -> None:
     layer, hidden = model.model.layers[0], torch.randn(2, 12, 64)
     rotary = model.model.rotary_emb(hidden, batch.position_ids)
     packed_attention.register()
-    with torch.set_grad_enabled(grad), packed_attention.swapped(model.config):
+    with torch.set_grad_enabled(grad), swapped(model.config, packed_attention.PACKED_ATTENTION):
         mask = batch.attention_mask()
         assert isinstance(mask, torch.Tensor if grad else BlockMask)
         run = lambda x, m: layer(x, attention_mask=m, position_embeddings=rotary, position_ids=batch.position_ids)  # noqa: E731

@@ -20,7 +20,7 @@ import torch
 from torch.testing import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sdpo_core import attention
+from sdpo_core import attention, attn_swap
 from sdpo_core.attention import SPLIT_ATTENTION
 from sdpo_core.logprobs import SharedPromptBatch, TokenizedPair, collate_pairs, collate_shared, completion_logps
 
@@ -435,5 +435,5 @@ def test_checkpointed_layers_replay_split_attention_in_every_backward() -> None:
         for got in grads:
             assert_close(got[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert model.config._attn_implementation == "sdpa"
-    assert not attention._SWAPPED
+    assert not attn_swap._SWAPPED
     assert not getattr(model, "_require_grads_hooks", None), "the embeddings' hook is removed"
