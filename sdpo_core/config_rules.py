@@ -260,6 +260,13 @@ def value_problems(cfg: Any) -> list[str]:
         problems.append("train.lora.target_modules: LoRA needs at least one module name")
     if t.lora.r > 0 and t.parallelism == "fsdp" and t.num_processes > 1:
         problems.append("train.lora: LoRA under FSDP is not supported; use train.parallelism=ddp")
+    if t.shared_prompt == "packed" and t.compile and t.gradient_checkpointing:
+        # Packed attention's recomputation swaps the attention back in with a checkpoint context,
+        # which torch.compile refuses inside a compiled layer.
+        problems.append(
+            "train.shared_prompt: packed rows with both train.compile and train.gradient_checkpointing are not "
+            "supported; turn one of them off"
+        )
     if t.packed_row_tokens < 16:
         problems.append(f"train.packed_row_tokens: must be at least 16, got {t.packed_row_tokens}")
     if t.checkpoint_every < 0:

@@ -347,3 +347,14 @@ def test_settings_types_accept_but_values_do_not(override: str, message: str) ->
 def test_devices_torch_knows_are_accepted() -> None:
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
         assert load_config(REPO / "recipes" / "default.yaml", [f"train.device={device}"]).train.device == device
+
+
+def test_packed_rows_refuse_compile_with_checkpointing() -> None:
+    with pytest.raises(ConfigError, match="packed rows with both train.compile and train.gradient_checkpointing"):
+        load_config(
+            REPO / "recipes" / "default.yaml",
+            ["train.shared_prompt=packed", "train.compile=true", "train.gradient_checkpointing=true"],
+        )
+    for pair in (["train.compile=true"], ["train.gradient_checkpointing=true"]):
+        cfg = load_config(REPO / "recipes" / "default.yaml", ["train.shared_prompt=packed", *pair])
+        assert cfg.train.shared_prompt == "packed"
