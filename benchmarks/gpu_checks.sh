@@ -27,14 +27,17 @@
 # log-probs, 2 rounds), layouts, memory (checkpointing on both sides), pipeline (a two-step sDPO
 # pipeline on the GPU); see benchmarks/results/gpu/README.md.
 #
-# DRY_RUN=1 runs the same parts on the CPU with the tiny model and 8 pairs, without nvidia-smi
-# (tests/benchmarks/test_gpu_checks.py), to try the script before spending device time.
+# DRY_RUN=1 runs the same parts on the CPU with the tiny model and 8 pairs, without nvidia-smi,
+# under a CPU's limits (1500 s in all) (tests/benchmarks/test_gpu_checks.py), to try the script
+# before spending device time.
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 parts=" ${2:-versions defaults compile packed best profile} "
 python=${PYTHON:-python3}
 dry=${DRY_RUN:-0}
-budget=${TOTAL_BUDGET:-420}
+# Limits on a 2-core CPU (the dry run compiles with inductor there: a minute or two a process).
+if [ "$dry" = 1 ]; then limits=(60 150 300 300 600 200 300 1500); else limits=(45 90 100 100 240 90 150 420); fi
+budget=${TOTAL_BUDGET:-${limits[7]}}
 wheels=${WHEELS:-benchmarks/wheels}
 mkdir -p "$out"
 log="$out/checks.log"
@@ -45,9 +48,11 @@ failed=""
 
 if [ "$dry" = 1 ]; then
     device=cpu
-    shape=(--device cpu --dtype bfloat16 --sizes tiny --pairs 8 --batch-size 4 --max-length 96 --max-prompt-length 48)
+    # Packed rows of 256 tokens: the tiny pairs take at most 192, and the CPU computes the mask densely.
+    shape=(--device cpu --dtype bfloat16 --sizes tiny --pairs 8 --batch-size 4 --max-length 96 --max-prompt-length 48
+        --row-tokens 256)
     profile_shape=(--device cpu --dtype bfloat16 --size tiny --pairs 8 --batch-size 4 --max-length 96
-        --max-prompt-length 48 --profile-pairs 4)
+        --max-prompt-length 48 --row-tokens 256 --profile-pairs 4)
 else
     device=cuda
     shape=(--device cuda --dtype bfloat16 --sizes 0.5b --pairs 384 --batch-size 16 --max-length 512 --max-prompt-length 256)
@@ -67,7 +72,7 @@ part() {
     shift 2
     left=$((budget - (SECONDS - t0)))
     if [[ $name != best && $parts == *" best "* && -z ${best_done:-} ]]; then
-        reserve=${BEST_RESERVE:-150}
+        reserve=${BEST_RESERVE:-${limits[6]}}
     fi
     ((limit > left - reserve)) && limit=$((left - reserve))
     if ((limit < ${MIN_PART:-20})); then
@@ -115,15 +120,15 @@ fi
 
 if [[ $parts == *" versions "* ]]; then
     export python device wheels
-    part versions "${VERSIONS_TIMEOUT:-45}" bash -c "$(declare -f versions); versions"
+    part versions "${VERSIONS_TIMEOUT:-${limits[0]}}" bash -c "$(declare -f versions); versions"
     cp "$log" "$out/versions.txt"
 fi
 [[ $parts == *" defaults "* ]] &&
-    part defaults "${DEFAULTS_TIMEOUT:-90}" "${bench[@]}" --repeats 1 --variants sdpo,trl --out "$out/defaults.json"
+    part defaults "${DEFAULTS_TIMEOUT:-${limits[1]}}" "${bench[@]}" --repeats 1 --variants sdpo,trl --out "$out/defaults.json"
 [[ $parts == *" compile "* ]] &&
-    part compile "${COMPILE_TIMEOUT:-100}" "${bench[@]}" --repeats 1 --variants sdpo --compile --out "$out/compile.json"
+    part compile "${COMPILE_TIMEOUT:-${limits[2]}}" "${bench[@]}" --repeats 1 --variants sdpo --compile --out "$out/compile.json"
 [[ $parts == *" packed "* ]] &&
-    part packed "${PACKED_TIMEOUT:-100}" "${bench[@]}" --repeats 1 --variants sdpo --compile --layout packed \
+    part packed "${PACKED_TIMEOUT:-${limits[3]}}" "${bench[@]}" --repeats 1 --variants sdpo --compile --layout packed \
         --out "$out/packed.json"
 best_flags=()
 if [[ $parts == *" best "* || $parts == *" profile "* ]]; then
@@ -131,12 +136,12 @@ if [[ $parts == *" best "* || $parts == *" profile "* ]]; then
         "$out/packed.json" 2> >(tee -a "$log" >&2))"
 fi
 if [[ $parts == *" best "* ]]; then
-    part best "${BEST_TIMEOUT:-240}" "${bench[@]}" --repeats "${BEST_ROUNDS:-3}" --variants sdpo,trl \
+    part best "${BEST_TIMEOUT:-${limits[4]}}" "${bench[@]}" --repeats "${BEST_ROUNDS:-3}" --variants sdpo,trl \
         ${best_flags[@]+"${best_flags[@]}"} --out "$out/best.json"
     best_done=1
 fi
 [[ $parts == *" profile "* ]] &&
-    part profile "${PROFILE_TIMEOUT:-90}" "$python" -m benchmarks.profile_step "${profile_shape[@]}" \
+    part profile "${PROFILE_TIMEOUT:-${limits[5]}}" "$python" -m benchmarks.profile_step "${profile_shape[@]}" \
         ${best_flags[@]+"${best_flags[@]}"} --top 30 --out "$out/profile.json"
 
 # The parts measured before issue 19 (benchmarks/results/gpu/README.md), on request.
