@@ -211,8 +211,8 @@ def run_sdpo(
     from sdpo_core.train import train_dpo
 
     precision = precision_of(args)
-    # The reference pass's token budget, where this sdpo_core has one (issue 19).
-    budget = {"max_tokens": train_cfg.score_pass_tokens} if hasattr(train_cfg, "score_pass_tokens") else {}
+    # As sdpo_core.scores does: the training's layout, token budget and compiled layers, so that
+    # h = 0 at the first update in bf16 too.
     with precision.autocast(args.device):
         ref = score_pairs(
             model,
@@ -222,7 +222,9 @@ def run_sdpo(
             train_cfg.logprob_chunk_rows,
             args.device,
             train_cfg.shared_prompt,
-            **budget,
+            max_tokens=train_cfg.score_pass_tokens,
+            row_tokens=train_cfg.packed_row_tokens,
+            compiled=train_cfg.compile,
         )
     marks = marks if marks is not None else {"steps": []}
     marks["loop_start"] = now(args.device)

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from sdpo_core import attention
 from sdpo_core.causal_attention import causal_attention
 from sdpo_core.collectives import max_over_processes
+from sdpo_core.compiling import compiled_layers
 
 # The batch layouts live in sdpo_core.layouts; they are importable from here as before.
 from sdpo_core.layouts import (  # noqa: F401
@@ -35,7 +36,7 @@ from sdpo_core.layouts import (  # noqa: F401
     to_device,
 )
 from sdpo_core.packed import PackedBatch
-from sdpo_core.passes import PassLayout
+from sdpo_core.passes import PassLayout, prepare_compiled
 
 
 def token_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_rows: int) -> torch.Tensor:
@@ -209,12 +210,16 @@ def score_pairs(
     progress: Callable[[int, int], None] | None = None,
     max_tokens: int | None = None,
     row_tokens: int = 2048,
+    compiled: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Forward-only log-probs of every pair, in passes (used for reference log-probs and eval).
 
     ``shared_prompt`` picks the batch layout (true: :class:`SharedPromptBatch`, false:
     :class:`PairBatch`, ``"packed"``: :class:`~sdpo_core.packed.PackedBatch` in rows of at least
     ``row_tokens``); ``max_tokens`` (else ``batch_size`` pairs) sizes the passes (:func:`score_passes`).
+    ``compiled`` (``train.compile``) runs the decoder layers compiled, on bucketed widths, as the
+    policy trains: in bf16 the compiled kernels round otherwise than eager ones, and a reference
+    scored eagerly would not give h = 0 at the start of a step.
     ``progress(done, total)`` is called with the pairs scored so far after each pass is queued.
     The passes run under ``inference_mode``; their log-probs stay on the device and reach the
     host in one copy at the end.
@@ -229,13 +234,14 @@ def score_pairs(
         return {"chosen": empty, "rejected": empty, "chosen_tokens": empty.long(), "rejected_tokens": empty.long()}
     was_training = model.training
     model.eval()
-    layout = PassLayout.of(shared_prompt, pairs, row_tokens)
+    layout = PassLayout.of(shared_prompt, pairs, row_tokens, bucketed=compiled)
+    prepare_compiled(model, layout, compiled)
     passes = score_passes(pairs, batch_size, max_tokens, layout)
     n = len(pairs)
     order = torch.tensor([i for ids in passes for i in ids], dtype=torch.long)  # pass order -> pair
     tokens = torch.empty(2, n, dtype=torch.long)  # (chosen, rejected) x pass order, from the host batches
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), compiled_layers(model, compiled):
             logps = torch.empty(2, n, dtype=torch.float32, device=device)  # (chosen, rejected) x pass order
             done = 0
             for ids in passes:

@@ -35,6 +35,8 @@ def scores_key(cfg: RunConfig, fingerprint: str, pairs_path: str | Path) -> str:
     }
     if cfg.train.precision != "auto":  # auto follows model.dtype, already in the key
         parts["precision"] = cfg.train.precision
+    if cfg.train.compile:  # compiled kernels round otherwise (bf16): scores made to match the policy's
+        parts["compile"] = True
     return sha256_json(parts)[:24]
 
 
@@ -72,6 +74,7 @@ def score_model(
             progress,
             max_tokens=train.score_pass_tokens,
             row_tokens=train.packed_row_tokens,
+            compiled=train.compile,
         )
 
 

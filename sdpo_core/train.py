@@ -26,7 +26,7 @@ from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.layouts import TokenizedPair, to_device
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
-from sdpo_core.passes import PassLayout
+from sdpo_core.passes import PassLayout, prepare_compiled
 from sdpo_core.precision import PRECISIONS, Precision
 from sdpo_core.state import full_state, is_sharded
 
@@ -166,10 +166,7 @@ def train_dpo(
         get_loss(loss_cfg.name)  # an unknown loss fails before any work
         plan = batch_plan(len(pairs), train_cfg)
         layout = PassLayout.of(train_cfg.shared_prompt, pairs, train_cfg.packed_row_tokens, train_cfg.compile)
-        if train_cfg.compile and layout.kind == "shared" and hasattr(model, "get_decoder"):
-            # Split attention finds its layout in a context variable, which a compiled graph cannot
-            # read: shared-prompt rows take the 4-D mask (same log-probs) from now on.
-            attention.refuse(model.get_decoder(), "train.compile: split attention would break the compiled graph")
+        prepare_compiled(model, layout, train_cfg.compile)
         world, rank = world_and_rank()
         # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
         # shards, so the optimizer is built after).

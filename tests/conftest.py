@@ -80,6 +80,7 @@ TIER_TABLE = {
     "sdpo_core/test_lora.py": "integration",  # peft, three LoRA train steps: seconds
     "sdpo_core/test_packed.py::test_compiled_flex_matches_the_padded_layout": "integration",  # compiles flex: a minute
     "sdpo_core/test_passes.py::test_compiled_training_follows_eager_training": "integration",  # traces 3 layouts: ~20 s
+    "sdpo_core/test_passes.py::test_compiled_scoring_follows_eager_scoring": "integration",  # traces: seconds
     "sdpo_core/test_trl_parity.py": "integration",  # TRL's DPOTrainer
     "sdpo_core/test_tokenization_trl.py": "integration",  # TRL's DPOTrainer
     "tasks/test_registry_races.py": "integration",  # MLflow's registry on SQLite

@@ -107,3 +107,31 @@ def test_compiled_training_follows_eager_training(setup, monkeypatch, layout) ->
     for got, want in zip(compiled.history, eager.history, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
     assert max((weights[k] - eager_weights[k]).abs().max().item() for k in weights) < 2e-4
+
+
+@pytest.mark.parametrize("layout", [False, "packed"])
+def test_compiled_scoring_follows_eager_scoring(setup, monkeypatch, layout) -> None:
+    # The reference is scored in compiled layers when the policy trains in them (bf16 rounds
+    # otherwise in compiled kernels: an eager reference would not give h = 0 at the first update).
+    from sdpo_core import logprobs
+
+    monkeypatch.setattr(logprobs, "compiled_layers", functools.partial(compiling.compiled_layers, backend="aot_eager"))
+    pairs, ref, pid = setup
+    model = load_model(MODEL_CFG)
+    graphs = compiling.compile_stats()["graphs"]
+    got = score_pairs(model, pairs, pid, 3, shared_prompt=layout, row_tokens=256, compiled=True)
+    assert compiling.compile_stats()["graphs"] > graphs, "compiled scoring compiled nothing"
+    for key in ("chosen", "rejected"):
+        assert_close(got[key], ref[key], rtol=0, atol=1e-4)
+    assert not model.model.layers[0]._compiled_call_impl, "the layers stay compiled after scoring"
+
+
+def test_scores_cache_tells_compiled_scores_apart(tmp_path) -> None:
+    from sdpo_core.config import RunConfig
+    from sdpo_core.scores import scores_key
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("{}\n")
+    cfg = RunConfig.model_validate({"data": {"sources": [{"path": str(data)}]}})
+    compiled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
+    assert scores_key(cfg, "fp", data) != scores_key(compiled, "fp", data)

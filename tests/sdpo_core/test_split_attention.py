@@ -233,6 +233,13 @@ def _set(model, attr, value) -> None:
 
 
 # Each: what to change in a random GQA model, and a word of the reason it must give.
+def _checkpointing(model, on: bool) -> None:
+    """transformers' own activation checkpointing on or off (no replay), by either name: 5.24's
+    activation_checkpointing_* or 5.17's gradient_checkpointing_* (the GPU machine's)."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{'enable' if on else 'disable'}")()
+
+
 FALLBACKS = {
     "sliding window": (lambda m: _set(m, "sliding_window", 4), "sliding_window"),
     "chunked attention": (lambda m: _set(m, "attention_chunk_size", 4), "attention_chunk_size"),
@@ -241,7 +248,7 @@ FALLBACKS = {
     "not causal": (lambda m: _set(m, "is_causal", False), "not causal"),
     "flex attention": (lambda m: _set(m, "_attn_implementation_internal", "flex_attention"), "flex_attention"),
     "dropout while training": (lambda m: (_set(m, "attention_dropout", 0.1), m.train()), "dropout"),
-    "gradient checkpointing": (lambda m: (m.activation_checkpointing_enable(), m.train()), "gradient checkpointing"),
+    "gradient checkpointing": (lambda m: (_checkpointing(m, True), m.train()), "gradient checkpointing"),
     "attention sinks": (
         lambda m: setattr(m.model.layers[1].self_attn, "sinks", torch.nn.Parameter(torch.zeros(4))),
         "sinks",
@@ -268,7 +275,7 @@ def test_the_mask_is_kept_when_the_model_cannot_split(case, split_runs) -> None:
         # The backward pass recomputes the layers: still the padded rows' gradients.
         (logps.sum() / tokens.sum()).backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.activation_checkpointing_disable()
+        _checkpointing(model, False)
         expected = logps_and_grads(model, collate_pairs(PAIRS, PAD))
         assert_close(logps.detach(), expected[0], atol=2e-5, rtol=1e-5)
         for param, grad in expected[2].items():

@@ -20,6 +20,7 @@ from sdpo_core.config import ModelConfig, SourceConfig  # noqa: E402
 from sdpo_core.data import PreferencePair, load_source  # noqa: E402
 from sdpo_core.model_io import load_model, load_tokenizer  # noqa: E402
 from sdpo_core.tokenization import encode_pair, render_prompt  # noqa: E402
+from tests.sdpo_core.conftest import no_checkpointing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CFG = ModelConfig(name_or_path=str(REPO / "models" / "stories260K"))
@@ -52,7 +53,7 @@ def trl_ids(tokenizer: Any, examples: list[dict[str, Any]], tmp_path: Path) -> l
     """(prompt_ids, chosen_ids, rejected_ids) of each example as TRL's DPOTrainer prepares them."""
     args = DPOConfig(
         output_dir=str(tmp_path / "trl"), max_length=None, bf16=False, fp16=False, use_cpu=True,
-        activation_checkpointing=False, report_to=[], precompute_ref_log_probs=False,
+        **no_checkpointing(DPOConfig), report_to=[], precompute_ref_log_probs=False,
     )  # fmt: skip
     model = load_model(MODEL_CFG)
     trainer = DPOTrainer(

@@ -64,6 +64,7 @@ from sdpo_core.data import load_source, tokenize_pair  # noqa: E402
 from sdpo_core.logprobs import TokenizedPair, collate_pairs, completion_logps, token_logps  # noqa: E402
 from sdpo_core.losses import PairLogps, implicit_rewards, pass_losses  # noqa: E402
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id  # noqa: E402
+from tests.sdpo_core.conftest import no_checkpointing  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -165,7 +166,7 @@ def make_trainer(setup: Setup, tmp_path_factory: pytest.TempPathFactory):
             bf16=False,
             fp16=False,
             use_cpu=True,
-            activation_checkpointing=False,
+            **no_checkpointing(DPOConfig),
             report_to=[],
             seed=0,
         )
