@@ -47,25 +47,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdpo_core.attn_swap import implementation_of, swapped
+from sdpo_core.attn_swap import CALL_FEATURES, decoder_refusal, swapped
 
 SPLIT_ATTENTION = "sdpo_shared_prompt"
 """Private name of :func:`split_attention_forward` in transformers' ``AttentionInterface``."""
 
-# Config attributes that, when set, mean an attention this does not reproduce (a sliding window
-# is checked apart: one at least as wide as the rows restricts nothing).
-_CONFIG_FEATURES = ("attention_chunk_size", "attn_logit_softcapping")
-_CONFIG_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-# Attention-call keyword arguments that, when not None, mean the same.
-_CALL_FEATURES = (
-    "softcap",
-    "s_aux",
-    "sinks",
-    "position_bias",
-    "alibi",
-    "window_size",
-    "attention_chunk_size",
-)
 _REPLACEABLE = ("sdpa", "eager")
 RECTANGLE_DEVICES = ("cpu",)
 """Device types on which the rejected queries attend alone (a masked rectangle, see above)."""
@@ -138,7 +124,7 @@ def _call_problem(
     layout: SplitLayout,
 ) -> str | None:
     """Why this attention call cannot be split in two (None: it can)."""
-    for name in _CALL_FEATURES:
+    for name in CALL_FEATURES:
         if kwargs.get(name) is not None:
             return f"{type(module).__name__} passes {name}"
     window = kwargs.get("sliding_window")
@@ -246,40 +232,7 @@ def refusal(decoder: torch.nn.Module, width: int) -> str | None:
     """
     if decoder in _REFUSED:
         return _REFUSED[decoder]
-    name = type(decoder).__name__
-    if not getattr(decoder, "_supports_attention_backend", False):
-        return f"{name} does not dispatch attention through transformers' AttentionInterface"
-    cfg = getattr(decoder, "config", None)
-    implementation = getattr(cfg, "_attn_implementation", None)
-    implementation = implementation_of(cfg)  # swapped by a forward in another thread: what it was before counts
-    if implementation not in _REPLACEABLE:
-        return f"{name} uses attention implementation {implementation!r}, not one of {_REPLACEABLE}"
-    if getattr(cfg, "sub_configs", None):
-        return f"{name}'s config has sub-configs"
-    if not getattr(cfg, "is_causal", True):
-        return f"{name} is not causal"
-    for attr in _CONFIG_FEATURES:
-        if getattr(cfg, attr, None) not in (None, False, 0):
-            return f"{name}'s config sets {attr}={getattr(cfg, attr)!r}"
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < width:
-        return f"{name}'s config sets sliding_window={window} < {width} columns"
-    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
-    if kinds:
-        return f"{name} has layers other than full or sliding-window attention: {sorted(kinds)}"
-    if decoder.training:
-        for attr in _CONFIG_DROPOUTS:
-            if getattr(cfg, attr, None):
-                return f"{name} trains with attention dropout ({attr}={getattr(cfg, attr)!r})"
-    for module in decoder.modules():
-        if getattr(module, "config", cfg) is not cfg:
-            return f"{type(module).__name__} in {name} has a config of its own"
-        if hasattr(module, "sinks"):
-            return f"{type(module).__name__} in {name} has attention sinks"
-        checkpointed = getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled()
-        if checkpointed and not replays_split_attention(module):
-            return f"{name} recomputes its layers in the backward pass (gradient checkpointing)"
-    return None
+    return decoder_refusal(decoder, width, _REPLACEABLE, replays_split_attention, "gradient checkpointing")
 
 
 def refuse(decoder: torch.nn.Module, reason: str) -> None:

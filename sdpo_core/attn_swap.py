@@ -14,7 +14,7 @@ fails loudly rather than running the other thread's attention.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,3 +55,66 @@ def swapped(cfg: Any, name: str) -> Iterator[None]:
                 _SWAPPED[id(cfg)] = (cfg, before, name, depth - 1)
             else:
                 cfg._attn_implementation = before
+
+
+# Config attributes that, when set, mean an attention sdpo's functions do not reproduce (a sliding
+# window is checked apart: one at least as wide as the rows restricts nothing).
+CONFIG_FEATURES = ("attention_chunk_size", "attn_logit_softcapping")
+CONFIG_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+# Attention-call keyword arguments that, when not None, mean the same.
+CALL_FEATURES = ("softcap", "s_aux", "sinks", "position_bias", "alibi", "window_size", "attention_chunk_size")
+
+
+def decoder_refusal(
+    decoder: Any,
+    width: int,
+    implementations: tuple[str, ...],
+    replays: Callable[[Any], bool],
+    checkpointing: str,
+) -> str | None:
+    """Why ``decoder`` cannot swap in one of sdpo's attention functions for rows of ``width``
+    tokens (None: it can); the rule split and packed attention share.
+
+    The decoder dispatches attention through transformers' ``AttentionInterface``
+    (``_supports_attention_backend``) with one of ``implementations``, every module of it reads
+    the one config that is swapped, and no feature the functions do not reproduce is on: a sliding
+    window narrower than the rows, chunked attention, attention logit softcapping, attention sinks,
+    non-causal attention, layers of other kinds, a sub-config, attention dropout while training,
+    or activation checkpointing (while training with gradients) of a layer for which ``replays``
+    is false (``checkpointing`` says why that matters).
+    """
+    import torch
+
+    name = type(decoder).__name__
+    if not getattr(decoder, "_supports_attention_backend", False):
+        return f"{name} does not dispatch attention through transformers' AttentionInterface"
+    cfg = getattr(decoder, "config", None)
+    implementation = implementation_of(cfg)  # swapped by a forward in another thread: what it was before counts
+    if implementation not in implementations:
+        return f"{name} uses attention implementation {implementation!r}, not one of {implementations}"
+    if getattr(cfg, "sub_configs", None):
+        return f"{name}'s config has sub-configs"
+    if not getattr(cfg, "is_causal", True):
+        return f"{name} is not causal"
+    for attr in CONFIG_FEATURES:
+        if getattr(cfg, attr, None) not in (None, False, 0):
+            return f"{name}'s config sets {attr}={getattr(cfg, attr)!r}"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < width:
+        return f"{name}'s config sets sliding_window={window} < {width} columns"
+    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        return f"{name} has layers other than full or sliding-window attention: {sorted(kinds)}"
+    if decoder.training:
+        for attr in CONFIG_DROPOUTS:
+            if getattr(cfg, attr, None):
+                return f"{name} trains with attention dropout ({attr}={getattr(cfg, attr)!r})"
+    for module in decoder.modules():
+        if getattr(module, "config", cfg) is not cfg:
+            return f"{type(module).__name__} in {name} has a config of its own"
+        if hasattr(module, "sinks"):
+            return f"{type(module).__name__} in {name} has attention sinks"
+        checkpointed = getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled()
+        if checkpointed and not replays(module):
+            return f"{name} recomputes its layers in the backward pass ({checkpointing})"
+    return None

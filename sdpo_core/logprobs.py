@@ -241,7 +241,9 @@ def score_pairs(
     order = torch.tensor([i for ids in passes for i in ids], dtype=torch.long)  # pass order -> pair
     tokens = torch.empty(2, n, dtype=torch.long)  # (chosen, rejected) x pass order, from the host batches
     try:
-        with torch.inference_mode(), compiled_layers(model, compiled):
+        # Scoring passes are cut by a token budget, so their row counts vary: a shape that changes
+        # becomes symbolic (dynamic=None) instead of compiling once per (rows, width).
+        with torch.inference_mode(), compiled_layers(model, compiled, dynamic=None):
             logps = torch.empty(2, n, dtype=torch.float32, device=device)  # (chosen, rejected) x pass order
             done = 0
             for ids in passes:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from sdpo_core.attn_swap import implementation_of, swapped
+from sdpo_core.attn_swap import CALL_FEATURES, decoder_refusal, swapped
 
 PACKED_ATTENTION = "sdpo_packed"
 """Private name of :func:`packed_attention_forward` in transformers' ``AttentionInterface``."""
@@ -49,12 +49,6 @@ NO_FLEX_BACKWARD = ("cpu", "mps")
 
 # Implementations whose attention this replaces exactly (the same softmax attention).
 _REPLACEABLE = ("sdpa", "eager", "flex_attention")
-# Config attributes that, when set, mean an attention this does not reproduce (a sliding window
-# is checked apart: one at least as wide as the rows restricts nothing).
-_CONFIG_FEATURES = ("attention_chunk_size", "attn_logit_softcapping")
-_CONFIG_DROPOUTS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-# Attention-call keyword arguments that, when not None, mean the same.
-_CALL_FEATURES = ("softcap", "s_aux", "sinks", "position_bias", "alibi", "window_size", "attention_chunk_size")
 
 
 class PackedUnsupported(ValueError):
@@ -121,7 +115,7 @@ def _call_problem(
 ) -> str | None:
     """Why this attention call cannot attend over packed rows (None: it can)."""
     name = type(module).__name__
-    for feature in _CALL_FEATURES:
+    for feature in CALL_FEATURES:
         if kwargs.get(feature) is not None:
             return f"{name} passes {feature}"
     window = kwargs.get("sliding_window")
@@ -210,42 +204,14 @@ def refusal(decoder: torch.nn.Module, row_tokens: int) -> str | None:
     or activation checkpointing other than torch's non-reentrant checkpoint while training with
     gradients (:func:`replaying` needs its ``context_fn``). The attention calls check the rest.
     """
-    name = type(decoder).__name__
-    if not getattr(decoder, "_supports_attention_backend", False):
-        return f"{name} does not dispatch attention through transformers' AttentionInterface"
-    cfg = getattr(decoder, "config", None)
-    implementation = implementation_of(cfg)
-    if implementation not in _REPLACEABLE:
-        return f"{name} uses attention implementation {implementation!r}, not one of {_REPLACEABLE}"
-    if getattr(cfg, "sub_configs", None):
-        return f"{name}'s config has sub-configs"
-    if not getattr(cfg, "is_causal", True):
-        return f"{name} is not causal"
-    for attr in _CONFIG_FEATURES:
-        if getattr(cfg, attr, None) not in (None, False, 0):
-            return f"{name}'s config sets {attr}={getattr(cfg, attr)!r}"
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < row_tokens:
-        return f"{name}'s config sets sliding_window={window} < {row_tokens}-token rows"
-    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
-    if kinds:
-        return f"{name} has layers other than full or sliding-window attention: {sorted(kinds)}"
-    if decoder.training:
-        for attr in _CONFIG_DROPOUTS:
-            if getattr(cfg, attr, None):
-                return f"{name} trains with attention dropout ({attr}={getattr(cfg, attr)!r})"
-    for module in decoder.modules():
-        if getattr(module, "config", cfg) is not cfg:
-            return f"{type(module).__name__} in {name} has a config of its own"
-        if hasattr(module, "sinks"):
-            return f"{type(module).__name__} in {name} has attention sinks"
-        checkpointed = getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled()
-        if checkpointed and _checkpoint_settings(module) is None:
-            return (
-                f"{name} recomputes its layers in the backward pass with reentrant or custom activation "
-                "checkpointing (only torch's non-reentrant checkpoint can replay packed attention)"
-            )
-    return None
+    return decoder_refusal(
+        decoder,
+        row_tokens,
+        _REPLACEABLE,
+        lambda module: _checkpoint_settings(module) is not None,
+        "with reentrant or custom activation checkpointing: only torch's non-reentrant checkpoint can replay "
+        "packed attention",
+    )
 
 
 def _checkpoint_settings(module: torch.nn.Module) -> functools.partial | None:

@@ -323,12 +323,12 @@ def test_refusals_name_the_model_and_the_feature(monkeypatch) -> None:
     pairs = make_pairs([(3, 3, 3)])
     batch = collate_packed(pairs, PAD_ID, 32)
     cases = [
-        (random_llama(0, sliding_window=16), "LlamaModel's config sets sliding_window=16 < 32-token rows"),
+        (random_llama(0, sliding_window=16), "LlamaModel's config sets sliding_window=16 < 32 columns"),
         (random_llama(0, attention_dropout=0.1).train(), r"LlamaModel trains with attention dropout"),
     ]
     checkpointed = random_llama(0).train()
     checkpointing(checkpointed, use_reentrant=True)
-    cases.append((checkpointed, "LlamaModel recomputes its layers in the backward pass with reentrant"))
+    cases.append((checkpointed, "LlamaModel recomputes its layers in the backward pass .with reentrant"))
     capped = random_llama(0)
     capped.config.attn_logit_softcapping = 50.0
     cases.append((capped, r"LlamaModel's config sets attn_logit_softcapping=50.0"))
