@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdpo_core.attn_swap import CALL_FEATURES, decoder_refusal, swapped
+from sdpo_core.attn_swap import call_refusal, decoder_refusal, swapped
 
 SPLIT_ATTENTION = "sdpo_shared_prompt"
 """Private name of :func:`split_attention_forward` in transformers' ``AttentionInterface``."""
@@ -124,18 +124,9 @@ def _call_problem(
     layout: SplitLayout,
 ) -> str | None:
     """Why this attention call cannot be split in two (None: it can)."""
-    for name in CALL_FEATURES:
-        if kwargs.get(name) is not None:
-            return f"{type(module).__name__} passes {name}"
-    window = kwargs.get("sliding_window")
-    if window is not None and window < query.shape[2]:
-        return f"{type(module).__name__} has a sliding window of {window} < {query.shape[2]} columns"
-    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
-        return f"{type(module).__name__} is not causal"
-    if hasattr(module, "sinks"):
-        return f"{type(module).__name__} has attention sinks"
-    if dropout:
-        return f"{type(module).__name__} uses attention dropout {dropout}"
+    problem = call_refusal(module, query.shape[2], dropout, kwargs)
+    if problem is not None:
+        return problem
     if attention_mask is not None:
         return f"{type(module).__name__} got an attention mask of its own"
     b, t = layout.output_index.shape

@@ -118,3 +118,23 @@ def decoder_refusal(
         if checkpointed and not replays(module):
             return f"{name} recomputes its layers in the backward pass ({checkpointing})"
     return None
+
+
+def call_refusal(module: Any, width: int, dropout: float, kwargs: dict[str, Any]) -> str | None:
+    """Why one attention call (of ``module``, over rows of ``width`` tokens) has a feature sdpo's
+    attention functions do not reproduce (None: it has none); each function checks its own
+    mask and shapes after this."""
+    name = type(module).__name__
+    for feature in CALL_FEATURES:
+        if kwargs.get(feature) is not None:
+            return f"{name} passes {feature}"
+    window = kwargs.get("sliding_window")
+    if window is not None and window < width:
+        return f"{name} has a sliding window of {window} < {width} columns"
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        return f"{name} is not causal"
+    if hasattr(module, "sinks"):
+        return f"{name} has attention sinks"
+    if dropout:
+        return f"{name} uses attention dropout {dropout}"
+    return None

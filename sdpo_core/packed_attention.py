@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from sdpo_core.attn_swap import CALL_FEATURES, decoder_refusal, swapped
+from sdpo_core.attn_swap import call_refusal, decoder_refusal, swapped
 
 PACKED_ATTENTION = "sdpo_packed"
 """Private name of :func:`packed_attention_forward` in transformers' ``AttentionInterface``."""
@@ -115,18 +115,9 @@ def _call_problem(
 ) -> str | None:
     """Why this attention call cannot attend over packed rows (None: it can)."""
     name = type(module).__name__
-    for feature in CALL_FEATURES:
-        if kwargs.get(feature) is not None:
-            return f"{name} passes {feature}"
-    window = kwargs.get("sliding_window")
-    if window is not None and window < query.shape[2]:
-        return f"{name} has a sliding window of {window} < {query.shape[2]}-token rows"
-    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
-        return f"{name} is not causal"
-    if hasattr(module, "sinks"):
-        return f"{name} has attention sinks"
-    if dropout:
-        return f"{name} uses attention dropout {dropout}"
+    problem = call_refusal(module, query.shape[2], dropout, kwargs)
+    if problem is not None:
+        return problem
     rows, width = query.shape[0], query.shape[2]
     if isinstance(attention_mask, BlockMask):
         shape = attention_mask.shape

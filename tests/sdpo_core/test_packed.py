@@ -360,7 +360,7 @@ def test_attention_calls_with_features_are_refused() -> None:
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
     with pytest.raises(PackedUnsupported, match="LlamaAttention passes softcap"):
         packed_attention.packed_attention_forward(attn, q, kv, kv, mask, softcap=30.0)
-    with pytest.raises(PackedUnsupported, match="LlamaAttention has a sliding window of 4 < 8-token rows"):
+    with pytest.raises(PackedUnsupported, match="LlamaAttention has a sliding window of 4 < 8 columns"):
         packed_attention.packed_attention_forward(attn, q, kv, kv, mask, sliding_window=4)
     with pytest.raises(PackedUnsupported, match="LlamaAttention uses attention dropout 0.1"):
         packed_attention.packed_attention_forward(attn, q, kv, kv, mask, dropout=0.1)
