@@ -55,6 +55,7 @@ SERVICE_FIXTURES = {"prefect_harness", "s3_server", "s3_store", "flaky_s3", "sig
 TIER_TABLE = {
     "benchmarks/test_kernels_benchmark.py": "integration",  # times kernels: seconds
     "benchmarks/test_profile_step.py": "integration",  # profiles train steps: seconds
+    "benchmarks/test_step_phases.py": "integration",  # trains the tiny model twice: seconds
     "docker/test_docker.py::test_hadolint_passes": "integration",  # runs hadolint
     "docker/test_docker.py::test_compose_matches_the_compose_specification": "integration",  # subprocess
     "docker/test_docker.py::test_docker_compose_config": "e2e",  # runs the docker CLI
