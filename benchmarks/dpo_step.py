@@ -732,6 +732,16 @@ def spawn(args: argparse.Namespace, variant: str, size: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """``data`` as indented JSON at ``path`` (written whole: a reader never sees half of it)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
 def label(
     variant: str, checkpointing: bool, *, compiled: bool = False, layout: str = "auto", precision: str | None = None
 ) -> str:
@@ -1024,6 +1034,9 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 runs.append(run)
+                # Every run so far, in case the rest is cut short (a device call's time limit): the
+                # finished JSON below replaces it.
+                write_json(args.out, {**results, "partial": True, "runs": runs_by_size})
             rates.append(matmul_rate(args.device, args.dtype))
     rate = max(rates)
     results["machine"]["matmul_flops"] = rate
@@ -1056,9 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["speed_bound_vs_trl"] = per["trl"]["seconds"] / ours["flops_floor_seconds"]
             ratios["sdpo"] = r
         results["sizes"][size] = {"variants": per, "ratios": ratios}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_json(args.out, results)
     print(table(results))
     for size, per in results["sizes"].items():
         print(lora_line(size, per))

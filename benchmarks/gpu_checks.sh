@@ -3,19 +3,21 @@
 #
 # Needs one NVIDIA GPU, torch and transformers; trl, datasets and pydantic, where missing, are
 # installed from the wheels in benchmarks/wheels (`make wheels` here; carry that folder). The
-# default PARTS (issue 19) fit in TOTAL_BUDGET seconds (420: one 10-minute device call):
-#   versions  Python, torch, transformers, trl and the card; the carried wheels installed if trl
-#             is missing; the measured bf16 matmul rate. `nvidia-smi dmon -s u` logs SM busy %
-#             each second, for every part, to dmon.log (time-stamped, as are checks.log's parts).
+# default PARTS (issue 19) fit in TOTAL_BUDGET seconds (540: one 10-minute device call; the
+# carried wheels' install, into /tmp/site on PYTHONPATH, counts in it):
+#   versions  Python, torch, transformers, trl and the card; the measured bf16 matmul rate.
+#             `nvidia-smi dmon -s u` logs SM busy % each second, for every part, to dmon.log
+#             (time-stamped, as are checks.log's parts).
 #   defaults  sdpo's defaults against TRL's default (reference model in memory), one round.
 #   compile   sdpo with --compile (regional torch.compile, compiled before the clock), one round.
 #   packed    sdpo with --compile --layout packed, one round.
 #   best      the fastest sdpo of defaults/compile/packed (benchmarks.pick_best) against TRL's
 #             default, 3 alternating rounds: the figure to quote.
 #   profile   the best setting's step under torch.profiler (32 pairs), if time is left.
-# Every part runs at the bench shape: the "0.5b" Llama (523M), 384 real pairs, micro-batches of
-# 16, rows of at most 512 tokens, PRECISION (bf16-mixed: fp32 weights with bf16 autocast on both
-# sides, sdpo's default for a bf16 model; pure: bf16 weights on both sides, as on 2026-11-27).
+# Every part runs at the bench shape: the "0.5b" Llama (523M), 384 real pairs (defaults, compile
+# and packed on EXPLORE_PAIRS, 192: they only choose the setting), micro-batches of 16, rows of
+# at most 512 tokens, PRECISION (bf16-mixed: fp32 weights with bf16 autocast on both sides,
+# sdpo's default for a bf16 model; pure: bf16 weights on both sides, as on 2026-11-27).
 # Each part has its own limit (VERSIONS_TIMEOUT, DEFAULTS_TIMEOUT, COMPILE_TIMEOUT,
 # PACKED_TIMEOUT, BEST_TIMEOUT, PROFILE_TIMEOUT), cut to what is left of TOTAL_BUDGET; until
 # "best" has run, BEST_RESERVE seconds of the budget are kept for it. The script exits non-zero
@@ -36,7 +38,8 @@ parts=" ${2:-versions defaults compile packed best profile} "
 python=${PYTHON:-python3}
 dry=${DRY_RUN:-0}
 # Limits on a 2-core CPU (the dry run compiles with inductor there: a minute or two a process).
-if [ "$dry" = 1 ]; then limits=(60 150 300 300 600 200 300 1500); else limits=(45 90 100 100 240 90 150 420); fi
+# versions, defaults, compile, packed, best, profile (limits); best's reserve; the whole budget.
+if [ "$dry" = 1 ]; then limits=(60 150 300 300 600 200 300 1500); else limits=(45 75 75 75 240 90 240 540); fi
 budget=${TOTAL_BUDGET:-${limits[7]}}
 wheels=${WHEELS:-benchmarks/wheels}
 mkdir -p "$out"
@@ -62,8 +65,25 @@ fi
 shape+=(--precision "${PRECISION:-bf16-mixed}")
 profile_shape+=(--precision "${PRECISION:-bf16-mixed}")
 bench=("$python" -m benchmarks.dpo_step "${shape[@]}")
+# defaults, compile and packed choose the setting: on fewer pairs (the compiled ones run their step
+# twice, once before the clock), all three alike so that pick_best compares them; best runs them all.
+if [ "$dry" = 1 ]; then explore=(--pairs 8); else explore=(--pairs "${EXPLORE_PAIRS:-192}"); fi
 
 note() { echo "== $(date -u +%T) $*" | tee -a "$log"; }
+
+# The carried wheels (make wheels), where trl is missing: into a folder of their own on PYTHONPATH,
+# as the device machine's notes prescribe (its own environment is left as it is), before any part
+# and outside their limits.
+if ! "$python" -c 'import trl, datasets, pydantic' 2>/dev/null; then
+    site=${SITE:-/tmp/site}
+    note "installing the carried wheels from $wheels into $site"
+    if timeout "${WHEELS_TIMEOUT:-120}" "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps \
+        --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl 2>&1 | tee -a "$log"; then
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        failed+=" wheels"
+    fi
+fi
 
 # part NAME LIMIT COMMAND...: runs COMMAND under the part's limit, cut to the budget left (less
 # BEST_RESERVE while "best" is still to run), its output appended to checks.log.
@@ -92,13 +112,6 @@ versions() {
     if [ "$device" = cuda ]; then
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     fi
-    if ! "$python" -c 'import trl, datasets, pydantic' 2>/dev/null; then
-        echo "installing the carried wheels from $wheels"
-        # pip keeps the device's own packages where they meet the requirements; if it cannot
-        # resolve, every carried wheel goes in as it is.
-        "$python" -m pip install -q --disable-pip-version-check --no-index --find-links "$wheels" trl datasets pydantic ||
-            "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps "$wheels"/*.whl || return 1
-    fi
     "$python" - "$device" <<'EOF'
 import platform, sys
 import torch, transformers, trl, datasets, pydantic
@@ -124,11 +137,11 @@ if [[ $parts == *" versions "* ]]; then
     cp "$log" "$out/versions.txt"
 fi
 [[ $parts == *" defaults "* ]] &&
-    part defaults "${DEFAULTS_TIMEOUT:-${limits[1]}}" "${bench[@]}" --repeats 1 --variants sdpo,trl --out "$out/defaults.json"
+    part defaults "${DEFAULTS_TIMEOUT:-${limits[1]}}" "${bench[@]}" "${explore[@]}" --repeats 1 --variants sdpo,trl --out "$out/defaults.json"
 [[ $parts == *" compile "* ]] &&
-    part compile "${COMPILE_TIMEOUT:-${limits[2]}}" "${bench[@]}" --repeats 1 --variants sdpo --compile --out "$out/compile.json"
+    part compile "${COMPILE_TIMEOUT:-${limits[2]}}" "${bench[@]}" "${explore[@]}" --repeats 1 --variants sdpo --compile --out "$out/compile.json"
 [[ $parts == *" packed "* ]] &&
-    part packed "${PACKED_TIMEOUT:-${limits[3]}}" "${bench[@]}" --repeats 1 --variants sdpo --compile --layout packed \
+    part packed "${PACKED_TIMEOUT:-${limits[3]}}" "${bench[@]}" "${explore[@]}" --repeats 1 --variants sdpo --compile --layout packed \
         --out "$out/packed.json"
 best_flags=()
 if [[ $parts == *" best "* || $parts == *" profile "* ]]; then

@@ -12,7 +12,7 @@ kernels and numbers as ``sdpa`` skipping its all-ones mask, without the read.
 The name is set on the decoder's config for the forward only (:func:`sdpo_core.attn_swap.swapped`,
 counted across threads). A layer recomputed by activation checkpointing after the forward meets
 ``sdpa`` again with the mask it was given, None: causal SDPA, the same thing. Decoders that
-:func:`sdpo_core.attention.refusal` turns away (a sliding window narrower than the rows, softcapping,
+:func:`sdpo_core.attn_swap.decoder_refusal` turns away (a sliding window narrower than the rows, softcapping,
 sinks, ...) and implementations other than ``sdpa`` keep transformers' own path.
 """
 
@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from sdpo_core import attention
-from sdpo_core.attn_swap import swapped
+from sdpo_core.attn_swap import decoder_refusal, swapped
 
 CAUSAL_ATTENTION = "sdpo_causal"
 """Private name of :func:`causal_attention_forward` in transformers' ``AttentionInterface``."""
@@ -50,10 +49,16 @@ def causal_attention_forward(
 
 
 def applies(decoder: torch.nn.Module | None, width: int) -> bool:
-    """Whether rows of ``width`` columns may take :func:`causal_attention_forward` in ``decoder``."""
-    if decoder is None or attention.refusal(decoder, width) is not None:
+    """Whether rows of ``width`` columns may take :func:`causal_attention_forward` in ``decoder``.
+
+    The rule of :func:`sdpo_core.attn_swap.decoder_refusal` for ``sdpa`` decoders, with any
+    activation checkpointing: a layer recomputed after the forward attends through ``sdpa`` with
+    the mask it was given, None, which is causal SDPA again (no replay is needed, unlike split
+    attention; a decoder split attention refused, e.g. under ``train.compile``, is not refused here).
+    """
+    if decoder is None:
         return False
-    return getattr(getattr(decoder, "config", None), "_attn_implementation", None) == "sdpa"
+    return decoder_refusal(decoder, width, ("sdpa",), lambda _layer: True, "") is None
 
 
 def causal_attention(decoder: torch.nn.Module | None, width: int) -> Any:

@@ -39,7 +39,7 @@ RESULT_FILE = "train_result.json"
 # changing them on a rerun still continues the step from its checkpoint.
 OPERATIONAL_TRAIN_KEYS = (
     "checkpoint_every", "device", "num_threads", "eval_batch_size", "deployment", "num_processes",
-    "distributed_backend", "parallelism", "gradient_checkpointing", "compile", "score_pass_tokens",
+    "distributed_backend", "parallelism", "gradient_checkpointing", "score_pass_tokens",
 )  # fmt: skip
 
 

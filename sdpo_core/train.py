@@ -157,15 +157,19 @@ def train_dpo(
     # fp16's narrow range needs the loss scaled; a step whose gradients overflow is skipped by the
     # scaler, which then lowers the scale (its state is checkpointed, so a resume keeps the scale).
     scaler = torch.amp.GradScaler(torch.device(device).type) if precision.scaled else None
+    layout = PassLayout.of(train_cfg.shared_prompt, pairs, train_cfg.packed_row_tokens, train_cfg.compile)
+    # Padded and shared rows come in few bucketed shapes: one static graph each. Packed passes hold
+    # a varying number of rows: a shape that changes becomes symbolic instead of compiling per count.
+    dynamic = None if layout.kind == "packed" else False
     with (
         activation_checkpointing(model, train_cfg.gradient_checkpointing),
-        compiled_layers(model, train_cfg.compile),  # after checkpointing: it compiles the checkpointed layers
+        # after checkpointing: it compiles the checkpointed layers
+        compiled_layers(model, train_cfg.compile, dynamic=dynamic),
         dropout_off(model, train_cfg.disable_dropout),
     ):
         seed_everything(train_cfg.seed)
         get_loss(loss_cfg.name)  # an unknown loss fails before any work
         plan = batch_plan(len(pairs), train_cfg)
-        layout = PassLayout.of(train_cfg.shared_prompt, pairs, train_cfg.packed_row_tokens, train_cfg.compile)
         prepare_compiled(model, layout, train_cfg.compile)
         world, rank = world_and_rank()
         # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by

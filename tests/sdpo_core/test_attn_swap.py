@@ -93,3 +93,22 @@ def test_causal_sdpa_where_it_applies_and_the_same_numbers() -> None:
     per_token = logits[row, pos].log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
     expected = torch.zeros(len(pairs) * 2).index_add(0, seq, per_token)
     assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_causal_sdpa_survives_checkpointing_and_a_split_refusal() -> None:
+    # A layer recomputed after the forward attends through sdpa with no mask: causal again, so
+    # checkpointing (with or without split attention's replay) does not send padded rows back to
+    # transformers' mask preparation, nor does split attention being refused (train.compile).
+    from sdpo_core import attention
+    from sdpo_core.train import activation_checkpointing
+
+    model = _llama().train()
+    decoder = model.get_decoder()
+    with torch.enable_grad(), activation_checkpointing(model, True):
+        assert causal_attention.applies(decoder, 64)
+        for layer in decoder.layers:  # a checkpoint without split attention's replay (as under compile)
+            layer._gradient_checkpointing_func = torch.utils.checkpoint.checkpoint
+        assert attention.refusal(decoder, 64) is not None and causal_attention.applies(decoder, 64)
+    attention.refuse(decoder, "test: split attention refused")
+    assert causal_attention.applies(decoder, 64)
+    assert not causal_attention.applies(_llama(sliding_window=8).get_decoder(), 64)
