@@ -219,10 +219,16 @@ def refusal(decoder: torch.nn.Module, width: int) -> str | None:
     non-causal attention, a sub-config, attention dropout while training, or activation
     checkpointing while training with gradients, unless it recomputes with
     :func:`replay_contexts` (otherwise the backward pass would recompute the layers after the
-    config is restored). The attention calls check the rest during the forward.
+    config is restored). Nor can compiled layers (``train.compile``): the context variable that
+    carries the layout breaks their graph; the 4-D mask compiles. The attention calls check the
+    rest during the forward.
     """
     if decoder in _REFUSED:
         return _REFUSED[decoder]
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in decoder.modules()):
+        return (
+            f"{type(decoder).__name__}'s layers are compiled (train.compile): split attention would break their graph"
+        )
     return decoder_refusal(decoder, width, _REPLACEABLE, replays_split_attention, "gradient checkpointing")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from sdpo_core.layouts import (  # noqa: F401
     to_device,
 )
 from sdpo_core.packed import PackedBatch
-from sdpo_core.passes import PassLayout, prepare_compiled
+from sdpo_core.passes import PassLayout
 
 
 def token_logps(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_rows: int) -> torch.Tensor:
@@ -102,11 +103,13 @@ def _forward(model: torch.nn.Module, net: torch.nn.Module, batch: Batch | Packed
         allowed = inputs["attention_mask"]
         blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         inputs["attention_mask"] = blocked.masked_fill(~allowed, torch.finfo(dtype).min)
+    attend = nullcontext()
     if isinstance(batch, PairBatch):  # causal SDPA with no mask prepared (and no host read) where it applies
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        with causal_attention(decoder, batch.input_ids.shape[1]):
-            return net(**inputs, use_cache=False)
-    return net(**inputs, use_cache=False)
+        attend = causal_attention(
+            model.get_decoder() if hasattr(model, "get_decoder") else None, batch.input_ids.shape[1]
+        )
+    with attend:
+        return net(**inputs, use_cache=False)
 
 
 def _split_forward(model: torch.nn.Module, net: torch.nn.Module, batch: SharedPromptBatch) -> Any | None:
@@ -182,16 +185,14 @@ def completion_logps(
 
 
 def score_passes(
-    pairs: Sequence[TokenizedPair], batch_size: int, max_tokens: int | None, layout: PassLayout | bool
+    pairs: Sequence[TokenizedPair], batch_size: int, max_tokens: int | None, layout: PassLayout
 ) -> list[list[int]]:
     """Pair indices of each forward-only pass, length-sorted (short pairs are not padded to long ones).
 
     With ``max_tokens``, a pass takes pairs while its rows times its widest row stay within the
     budget (a pair over it goes alone; packed: ``max_tokens // row_tokens`` rows), whatever
-    ``batch_size``; else ``batch_size`` pairs a pass. A bool ``layout`` is ``shared_prompt``.
+    ``batch_size``; else ``batch_size`` pairs a pass.
     """
-    if isinstance(layout, bool):
-        layout = PassLayout("shared" if layout else "padded")
     order = layout.order(range(len(pairs)), pairs)
     if max_tokens is not None:
         return layout.passes(order, pairs, max_tokens)
@@ -235,7 +236,6 @@ def score_pairs(
     was_training = model.training
     model.eval()
     layout = PassLayout.of(shared_prompt, pairs, row_tokens, bucketed=compiled)
-    prepare_compiled(model, layout, compiled)
     passes = score_passes(pairs, batch_size, max_tokens, layout)
     n = len(pairs)
     order = torch.tensor([i for ids in passes for i in ids], dtype=torch.long)  # pass order -> pair

@@ -21,9 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
-from sdpo_core import attention
 from sdpo_core.compiling import bucket_width
 from sdpo_core.layouts import PairBatch, SharedPromptBatch, TokenizedPair, collate, pass_tokens, split_by_tokens
 from sdpo_core.packed import PackedBatch, collate_packed, pack_passes, run_row_tokens
@@ -88,14 +85,3 @@ class PassLayout:
         if self.bucketed:
             width = bucket_width(max(pass_tokens(p, self.shared)[1] for p in pairs))
         return collate(pairs, pad_id, self.shared, width)
-
-
-def prepare_compiled(model: torch.nn.Module, layout: PassLayout, compiled: bool) -> None:
-    """Ready ``model`` for ``layout`` in compiled layers (``train.compile``).
-
-    Split attention finds its layout in a context variable, which a compiled graph cannot read:
-    under ``compiled``, shared-prompt rows of ``model`` take the 4-D mask (the same log-probs)
-    from now on. Padded and packed rows compile as they are.
-    """
-    if compiled and layout.kind == "shared" and hasattr(model, "get_decoder"):
-        attention.refuse(model.get_decoder(), "train.compile: split attention would break the compiled graph")

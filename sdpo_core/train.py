@@ -26,7 +26,7 @@ from sdpo_core.config import LossConfig, TrainConfig
 from sdpo_core.layouts import TokenizedPair, to_device
 from sdpo_core.losses import PairLogps, get_loss, implicit_rewards, pass_losses
 from sdpo_core.parallel import gradient_sync, wrap
-from sdpo_core.passes import PassLayout, prepare_compiled
+from sdpo_core.passes import PassLayout
 from sdpo_core.precision import PRECISIONS, Precision
 from sdpo_core.state import full_state, is_sharded
 
@@ -170,7 +170,6 @@ def train_dpo(
         seed_everything(train_cfg.seed)
         get_loss(loss_cfg.name)  # an unknown loss fails before any work
         plan = batch_plan(len(pairs), train_cfg)
-        prepare_compiled(model, layout, train_cfg.compile)
         world, rank = world_and_rank()
         # Under several processes, DDP or FSDP wraps the policy (FSDP replaces its parameters by
         # shards, so the optimizer is built after).

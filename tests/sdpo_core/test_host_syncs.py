@@ -26,6 +26,7 @@ from sdpo_core.data import load_source, tokenize_pairs
 from sdpo_core.layouts import PairBatch, TokenizedPair, collate, collate_pairs, pass_tokens, split_by_tokens
 from sdpo_core.logprobs import _forward, completion_logps, score_passes, token_logps
 from sdpo_core.model_io import load_model, load_tokenizer, pad_id
+from sdpo_core.passes import PassLayout
 from sdpo_core.precision import PRECISIONS
 from sdpo_core.train import batch_plan, train_dpo
 
@@ -250,7 +251,7 @@ def test_token_budgeted_scoring_equals_pair_batches_in_order(setup, shared_promp
     pairs, _, pid = setup
     model = load_model(MODEL).train()  # scoring puts it in eval mode, and back
     budget = 300
-    passes = score_passes(pairs, 3, budget, shared_prompt)
+    passes = score_passes(pairs, 3, budget, PassLayout.of(shared_prompt, pairs, 2048))
     assert sorted(i for p in passes for i in p) == list(range(len(pairs)))
     assert 1 < len(passes) < len(pairs), "want passes of a few pairs"
     for ids in passes:

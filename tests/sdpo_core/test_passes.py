@@ -54,12 +54,12 @@ def test_score_passes_cover_every_pair_once(setup) -> None:
     for layout, budget in (
         (PassLayout("packed", 256), 512),
         (PassLayout("packed", 256), None),
-        (True, 300),
-        (False, None),
+        (PassLayout("shared"), 300),
+        (PassLayout("padded"), None),
     ):
         passes = score_passes(pairs, 3, budget, layout)
         assert sorted(i for ids in passes for i in ids) == list(range(len(pairs)))
-        if budget is None and layout is not False:
+        if budget is None and layout.kind != "padded":
             assert all(len(ids) <= 3 for ids in passes)
     # Packed passes under a budget hold at most budget // row_tokens rows.
     packed = PassLayout("packed", 256)
